@@ -44,8 +44,14 @@ class ModelSource:
     gguf_file: str | None = None
 
 
+HF_SUBDIR = "hf_model"
+
+
 def resolve_source(name: str) -> ModelSource:
-    """Classify a model name without loading anything (so config errors come first)."""
+    """Classify a model name without loading anything (so config errors come first).
+
+    A training run directory (holding ``hf_model/``) stands for the model saved in it.
+    """
     if name == TINY:
         return ModelSource("tiny", TINY)
     if name in _EMBEDDED_GGUF:
@@ -63,6 +69,8 @@ def resolve_source(name: str) -> ModelSource:
         if not path.is_file():
             raise ModelSourceError(f"GGUF file '{name}' does not exist; give an existing .gguf path")
         return ModelSource("gguf", str(path))
+    if (path / HF_SUBDIR / "config.json").is_file():
+        return ModelSource("local", str(path / HF_SUBDIR))
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelSourceError(

@@ -1,0 +1,106 @@
+"""LightningDataModule serving packed chunks (SFT, EBFT) with a held-out split.
+
+Training order is a seeded permutation per epoch, sharded by rank, and it is
+resumable: the sampler starts at the batch the restored trainer has reached, so
+a run resumed from a mid-epoch checkpoint sees exactly the batches an
+uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ebft.data.packing import PackedChunks, pack_rows
+from ebft.data.sources import load_rows, train_val_split
+
+log = logging.getLogger(__name__)
+
+
+class ChunkDataset(Dataset):
+    """Indexable view of packed chunks: each item is ``{input_ids, answer_mask}``."""
+
+    def __init__(self, chunks: PackedChunks):
+        self.chunks = chunks
+
+    def __len__(self) -> int:
+        return self.chunks.input_ids.shape[0]
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.chunks.input_ids[i], "answer_mask": self.chunks.answer_mask[i]}
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Batches of a seeded per-epoch permutation, sharded over ranks, starting at ``start_batch``.
+
+    Batch ``b`` of the infinite stream is batch ``b % per_epoch`` of epoch ``b // per_epoch``;
+    each rank takes every ``world_size``-th index of the global batch, so all ranks
+    run the same number of steps. Incomplete trailing batches are dropped.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 start_batch: int = 0):
+        global_batch = batch_size * world_size
+        if size < global_batch:
+            raise ValueError(
+                f"only {size} training chunks for a global batch of {global_batch} "
+                f"(batch_size={batch_size} x {world_size} devices): lower method.batch_size or add data")
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
+        self.per_epoch = size // global_batch
+
+    def __len__(self) -> int:
+        return self.per_epoch - self.start_batch % self.per_epoch
+
+    def __iter__(self):
+        epoch, first = divmod(self.start_batch, self.per_epoch)
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
+        global_batch = self.batch_size * self.world_size
+        for b in range(first, self.per_epoch):
+            ids = order[b * global_batch:(b + 1) * global_batch]
+            yield ids[self.rank::self.world_size].tolist()
+        self.start_batch = (epoch + 1) * self.per_epoch
+
+
+class ChunkDataModule(L.LightningDataModule):
+    """Rows -> held-out split -> packed chunks of ``task.seq_len`` tokens."""
+
+    def __init__(self, cfg, tokenizer):
+        super().__init__()
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.batch_size = int(cfg.method.batch_size)
+        self.train_chunks: PackedChunks | None = None
+        self.val_chunks: PackedChunks | None = None
+        self.val_rows: list[dict] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_chunks is not None:
+            return
+        rows = load_rows(self.cfg.data, self.cfg.task.name)
+        train_rows, self.val_rows = train_val_split(rows, int(self.cfg.data.val_size), int(self.cfg.data.seed))
+        seq_len = int(self.cfg.task.seq_len)
+        self.train_chunks = pack_rows(train_rows, self.tokenizer, seq_len)
+        self.val_chunks = pack_rows(self.val_rows, self.tokenizer, seq_len)
+        log.info("data: %d train rows -> %d chunks, %d held-out rows -> %d chunks of %d tokens",
+                 len(train_rows), len(self.train_chunks.input_ids), len(self.val_rows),
+                 len(self.val_chunks.input_ids), seq_len)
+
+    def _consumed_batches(self) -> int:
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        return trainer.global_step * trainer.accumulate_grad_batches
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = ResumableBatchSampler(len(self.train_chunks.input_ids), self.batch_size,
+                                        int(self.cfg.seed), rank, world, self._consumed_batches())
+        return DataLoader(ChunkDataset(self.train_chunks), batch_sampler=sampler,
+                          num_workers=int(self.cfg.data.get("num_workers", 0)))
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(ChunkDataset(self.val_chunks), batch_size=self.batch_size, shuffle=False)

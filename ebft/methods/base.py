@@ -1,0 +1,126 @@
+"""Shared LightningModule plumbing for every method (SFT, EBFT, RLVR).
+
+A method is one subclass of :class:`FineTuneModule` implementing
+``training_step`` plus one YAML file in ``conf/method/`` whose ``module`` key
+names the class. The base class owns: the generator (loaded from ``model.name``
+or the ``init_from`` warm start), AdamW with betas (0.9, 0.95) and a warmup +
+constant / cosine schedule, validation cross-entropy (all tokens and answer
+tokens), and saving the final model in Hugging Face format.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ebft.data.datamodule import ChunkDataModule
+from ebft.models.loading import load_model, resolve_attn, resolve_dtype
+from ebft.objectives.losses import cross_entropy_term
+
+
+def lr_lambda(warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float):
+    """Multiplier of the peak lr at optimizer step ``t``: linear warmup, then
+    ``constant`` (1) or ``cosine`` (from 1 down to ``min_lr_ratio`` at ``total_steps``)."""
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def generator_source(cfg: DictConfig) -> str:
+    """The generator's weights: the warm start when given, else the base model."""
+    return str(cfg.init_from) if cfg.get("init_from") else str(cfg.model.name)
+
+
+class FineTuneModule(L.LightningModule):
+    """Base class: generator, optimizer, validation CE, HF export."""
+
+    def __init__(self, cfg: DictConfig, tokenizer, datamodule=None):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.save_hyperparameters({"cfg": OmegaConf.to_container(cfg, resolve=True)})
+        self.generator = self.load_generator()
+        self.train_dtype = next(self.generator.parameters()).dtype
+
+    @classmethod
+    def make_datamodule(cls, cfg: DictConfig, tokenizer):
+        """The data this method trains on; packed chunks unless a method says otherwise."""
+        return ChunkDataModule(cfg, tokenizer)
+
+    # ----------------------------------------------------------------- model
+    def device_kind(self) -> str:
+        accel = str(self.cfg.trainer.get("accelerator", "auto"))
+        if accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available()):
+            return "cuda"
+        return "cpu"
+
+    def load_generator(self):
+        """The trainable model, in fp32 weights (Lightning's bf16-mixed autocasts on GPU)."""
+        device = self.device_kind()
+        dtype = resolve_dtype(str(self.cfg.model.dtype), device)
+        train_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+        model = load_model(generator_source(self.cfg), dtype=train_dtype,
+                           attn_implementation=resolve_attn(str(self.cfg.model.attn_implementation), device),
+                           vocab_size=len(self.tokenizer))
+        if self.cfg.method.get("gradient_checkpointing", False):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        return model
+
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Last hidden states of a plain causal forward (batch, T, H)."""
+        return self.generator.get_decoder()(input_ids=input_ids).last_hidden_state
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.generator.get_output_embeddings().weight
+
+    def chunk_ce(self, input_ids: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
+        """Mean next-token cross-entropy over the target tokens that ``loss_mask`` marks."""
+        return cross_entropy_term(self.hidden(input_ids), self.lm_head_weight(), input_ids, loss_mask)
+
+    # ------------------------------------------------------------ optimizer
+    def configure_optimizers(self):
+        m = self.cfg.method
+        params = [p for p in self.generator.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=float(m.lr), betas=tuple(float(b) for b in m.betas),
+                                weight_decay=float(m.weight_decay))
+        total = int(self.trainer.estimated_stepping_batches) if self.trainer is not None else 1
+        warmup = max(1, math.ceil(float(m.warmup_ratio) * total)) if float(m.warmup_ratio) > 0 else 0
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(warmup, total, str(m.schedule), float(m.get("min_lr_ratio", 0.1))))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ----------------------------------------------------------- validation
+    def validation_step(self, batch, batch_idx):
+        ids = batch["input_ids"]
+        ce_all = self.chunk_ce(ids, None)
+        ce_answer = self.chunk_ce(ids, batch["answer_mask"])
+        self.log("val/ce", ce_all, prog_bar=True, sync_dist=True, batch_size=ids.shape[0])
+        self.log("val/ce_answer", ce_answer, sync_dist=True, batch_size=ids.shape[0])
+
+    # --------------------------------------------------------------- export
+    def save_hf(self, directory: str | os.PathLike) -> Path:
+        """Write generator + tokenizer with ``save_pretrained`` atomically (tmp dir, rename)."""
+        target = Path(directory)
+        tmp = target.with_name(target.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        self.generator.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        return target

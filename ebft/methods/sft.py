@@ -1,0 +1,18 @@
+"""Supervised fine-tuning: next-token cross-entropy on packed chunks.
+
+``method.loss_on=answer`` (default, the paper's main text) counts only answer
+tokens as targets; ``all`` trains on every token of the chunk.
+"""
+
+from __future__ import annotations
+
+from ebft.methods.base import FineTuneModule
+
+
+class SFTModule(FineTuneModule):
+    def training_step(self, batch, batch_idx):
+        ids = batch["input_ids"]
+        mask = batch["answer_mask"] if self.cfg.method.loss_on == "answer" else None
+        loss = self.chunk_ce(ids, mask)
+        self.log("train/ce", loss, prog_bar=True, batch_size=ids.shape[0])
+        return loss

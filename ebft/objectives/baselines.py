@@ -1,0 +1,82 @@
+"""Baselines and advantages: the corrected RLOO of paper eq. 94 (EBFT) and group
+normalisation (GRPO, for RLVR).
+
+RLOO for feature matching (paper §E). With ``T1_j = AT_j`` and ``T2_j = DT_j`` (eq. 90), the
+naive leave-one-out mean of the rewards is not independent of sample ``j``: every other
+``DT_j'`` contains ``phi_j . phi_j'``. Eq. 93 replaces ``DT_j'`` by its leave-two-out version
+``DT_(j',j) = 2/(n-2) sum_{j'' not in {j', j}} phi_j'' . phi_j'``, and eq. 94 sums up to
+
+    b_j = 1/(n-1) sum_{j'!=j} AT_j'  -  alpha/(n-2) * (sum_{j'!=j} DT_j'  -  DT_j).
+
+The ``alpha`` factor is eq. 67's alignment bias applied to eq. 94 (whose derivation has
+alpha = 1); it is the ``-1/(n-2) sum T2 + 1/(n-2) T2_j`` of eq. 94 times alpha, so
+``DESIGN.md``'s formula and eq. 94 agree. ``sum_{j'!=j} DT_j' - DT_j`` equals
+``2/(n-1)`` times the sum of ``phi_a . phi_b`` over ordered pairs ``a != b`` that avoid ``j``,
+so ``b_j`` does not depend on ``phi_j`` (without whitening; whitening mixes all ``n``
+samples into every feature, as in the authors' code). For ``n = 2`` no pair avoids ``j``:
+the diversity part of the baseline is 0. For ``n = 1`` there is no other sample: ``b = 0``
+(plain REINFORCE).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ebft.objectives.rewards import FMRewards, check_alpha
+
+SCALE_REWARDS = ("none", "group", "batch")
+
+
+def rloo_baseline(alignment: Tensor, diversity: Tensor, alpha: float) -> Tensor:
+    """Leave-one-out baseline ``b_j`` of eq. 94 (diversity part scaled by ``alpha``), ``(..., n)``."""
+    alpha = check_alpha(alpha)
+    if alignment.shape != diversity.shape or alignment.ndim < 1:
+        raise ValueError(f"alignment {tuple(alignment.shape)} and diversity {tuple(diversity.shape)} "
+                         "must have the same shape (..., n)")
+    n = alignment.shape[-1]
+    if n == 1:
+        return torch.zeros_like(alignment)
+    baseline = (alignment.sum(-1, keepdim=True) - alignment) / (n - 1)
+    if n > 2:
+        others = diversity.sum(-1, keepdim=True) - diversity  # sum_{j' != j} DT_j'
+        baseline = baseline - alpha * (others - diversity) / (n - 2)
+    return baseline
+
+
+def rloo_advantages(rewards: FMRewards, alpha: float) -> Tensor:
+    """Advantages ``A_j = r_j - b_j`` (eqs. 92, 94), ``(..., n)``, no normalisation.
+
+    The reward is recomposed as ``AT - alpha * DT`` with the ``alpha`` given here, so reward
+    and baseline can never use different weights; it equals ``rewards.reward - b`` when
+    ``alpha`` is the one the rewards were computed with. For ``n > 2`` the advantages of a
+    group sum to zero for every ``alpha``; for ``n = 2`` only the alignment part does.
+    """
+    alpha = check_alpha(alpha)
+    reward = rewards.alignment - alpha * rewards.diversity
+    return reward - rloo_baseline(rewards.alignment, rewards.diversity, alpha)
+
+
+def group_normalized_advantages(rewards: Tensor, scale_rewards: str = "group", eps: float = 1e-4) -> Tensor:
+    """GRPO advantages ``(r_j - mean_group r) / (std + eps)`` for rewards ``(..., n)``.
+
+    ``scale_rewards`` follows TRL: ``"group"`` divides by the standard deviation of each
+    group, ``"batch"`` by the standard deviation of all rewards, ``"none"`` does not divide.
+    Standard deviations are unbiased (as ``torch.std``) and taken as 0 for a single value,
+    so equal rewards give zero advantages, never NaN.
+    """
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards={scale_rewards!r} is not supported; use one of {SCALE_REWARDS}")
+    if rewards.ndim < 1:
+        raise ValueError(f"rewards must have shape (..., n); got a scalar {rewards!r}")
+    if eps <= 0:
+        raise ValueError(f"eps={eps!r} must be > 0 so that equal rewards give zero advantages")
+    rewards = rewards.float()
+    centred = rewards - rewards.mean(-1, keepdim=True)
+    if scale_rewards == "none":
+        return centred
+    if scale_rewards == "batch":
+        std = rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())
+    else:
+        std = rewards.std(-1, keepdim=True) if rewards.shape[-1] > 1 else torch.zeros_like(rewards)
+    return centred / (std + eps)

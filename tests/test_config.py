@@ -1,0 +1,64 @@
+"""Config composition for every task x method x model, and one clear error per mistake."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
+from omegaconf import open_dict
+
+from ebft.config import ConfigError, validate
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def make(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.output_dir = "unused"
+    return cfg
+
+
+@pytest.mark.parametrize("task", options("task"))
+@pytest.mark.parametrize("method", options("method"))
+@pytest.mark.parametrize("model", options("model"))
+def test_every_combination_composes(task, method, model):
+    cfg = make(f"task={task}", f"method={method}", f"model={model}")
+    assert cfg.task.name == task and cfg.method.name == method
+    if method == "rlvr" and task == "unstructured_code":
+        with pytest.raises(ConfigError, match="use method=ebft"):
+            validate(cfg)
+        return
+    if model in ("tiny", "smollm2"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("group,name", [("task", "qa_cod"), ("method", "ebfttt"), ("model", "gpt5")])
+def test_unknown_group_option_lists_the_choices(group, name):
+    with pytest.raises(MissingConfigException) as err:
+        make(f"{group}={name}")
+    message = str(err.value)
+    assert name in message and options(group)[0] in message
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (["task.seq_len=10"], "task.seq_len=10 is too small"),
+    (["task.gen_len=0"], "task.gen_len=0"),
+    (["method.lr=0"], "method.lr=0"),
+    (["method.schedule=linear"], "method.schedule='linear'"),
+    (["method.loss_on=prompt"], "method.loss_on='prompt'"),
+    (["logger.kind=mlflow"], "logger.kind='mlflow'"),
+    (["model.name=/does/not/exist"], "neither an existing local path"),
+    (["model.name=missing.gguf"], "GGUF file 'missing.gguf' does not exist"),
+    (["init_from=/nope"], "init_from=/nope does not exist"),
+    (["ckpt_path=/nope.ckpt"], "ckpt_path=/nope.ckpt does not exist"),
+])
+def test_bad_values_are_refused_with_the_key(overrides, fragment):
+    with pytest.raises(ConfigError, match=None) as err:
+        validate(make("model=tiny", *overrides))
+    assert fragment in str(err.value)
