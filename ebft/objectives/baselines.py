@@ -8,9 +8,9 @@ naive leave-one-out mean of the rewards is not independent of sample ``j``: ever
 
     b_j = 1/(n-1) sum_{j'!=j} AT_j'  -  alpha/(n-2) * (sum_{j'!=j} DT_j'  -  DT_j).
 
-The ``alpha`` factor is eq. 67's alignment bias applied to eq. 94 (whose derivation has
-alpha = 1); it is the ``-1/(n-2) sum T2 + 1/(n-2) T2_j`` of eq. 94 times alpha, so
-``DESIGN.md``'s formula and eq. 94 agree. ``sum_{j'!=j} DT_j' - DT_j`` equals
+This is eq. 94 term by term (its ``-1/(n-2) sum T2 + 1/(n-2) T2_j``), with the diversity
+part multiplied by eq. 67's alignment bias ``alpha`` (eq. 94 is derived for alpha = 1; the
+derivation is linear in the diversity term). ``sum_{j'!=j} DT_j' - DT_j`` equals
 ``2/(n-1)`` times the sum of ``phi_a . phi_b`` over ordered pairs ``a != b`` that avoid ``j``,
 so ``b_j`` does not depend on ``phi_j`` (without whitening; whitening mixes all ``n``
 samples into every feature, as in the authors' code). For ``n = 2`` no pair avoids ``j``:

@@ -15,7 +15,7 @@ PG_REDUCTIONS = ("token_mean", "sequence_sum")
 
 def _chunk_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                     temperature: float) -> Tensor:
-    """``log_softmax(h W^T + b) / T)[target]`` for one chunk of rows, logits in fp32."""
+    """``log_softmax((h W^T + b) / T)[target]`` for one chunk of rows, logits in fp32."""
     logits = F.linear(hidden, weight, bias).float() / temperature
     return logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
@@ -44,13 +44,11 @@ def token_logprobs(hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, temp
     needs_graph = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, lm_head_weight, lm_head_bias))
     pieces = []
-    for start in range(0, flat_targets.shape[0], chunk_size):
+    for start in range(0, max(flat_targets.shape[0], 1), chunk_size):  # once even with no rows
         args = (flat_hidden[start:start + chunk_size], lm_head_weight, lm_head_bias,
                 flat_targets[start:start + chunk_size], temperature)
         pieces.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if needs_graph
                       else _chunk_logprobs(*args))
-    if not pieces:
-        return hidden.new_zeros(targets.shape, dtype=torch.float32)
     return torch.cat(pieces).reshape(targets.shape)
 
 

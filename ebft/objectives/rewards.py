@@ -16,13 +16,15 @@ Whitening (``whitening=``), always per group of ``n`` samples, in fp32:
 * ``"reference"`` (the authors' released code, default): thin SVD ``X = U S V^T``, drop
   ``S <= 1e-5 * max S``, ``W = U S^-1 U^T`` (``n x n``), ``X~ = W X = U V^T`` and
   ``psi~_j = (sum_i W_ji) psi``: the ground truth is only rescaled, so
-  ``AT_j = +-2 cos(phi~_j, psi)``. There is no ``1/n`` in the second moment: distinct
-  rollouts become orthonormal (``X~ X~^T = I``, so ``DT = 0``) and a sample with
-  multiplicity ``m`` gets ``DT_j = 2 (m-1) / ((n-1) m)``, ``n`` times less than eq. 48.
+  ``AT_j = +-2 cos(phi~_j, psi)``. There is no ``1/n`` in the second moment: linearly
+  independent rollouts become orthonormal (``X~ X~^T = I``, so ``DT = 0``) and, when the
+  distinct ones are independent, a sample with multiplicity ``m`` gets
+  ``DT_j = 2 (m-1) / ((n-1) m)``, ``n`` times less than eq. 48.
 * ``"paper"`` (eq. 8): ``Sigma = (1/n) X^T X``, ``phi~ = (Sigma^+)^(1/2) phi`` applied to the
   samples and to ``psi``. With the SVD, ``(Sigma^+)^(1/2) = sqrt(n) V S^-1 V^T``, hence
-  ``X~ = sqrt(n) U V^T`` and ``psi~ = sqrt(n) V S^-1 V^T psi``; duplicates give exactly
-  eq. 48, ``DT_j = 2 n (m-1) / ((n-1) m)``. No ``D x D`` matrix is ever formed.
+  ``X~ = sqrt(n) U V^T`` and ``psi~ = sqrt(n) V S^-1 V^T psi`` (the ground truth is projected
+  onto the span of the samples); duplicates give exactly eq. 48,
+  ``DT_j = 2 n (m-1) / ((n-1) m)``. No ``D x D`` matrix is ever formed.
 
 All groups (every leading dimension) go through one batched SVD. If it fails, each group is
 retried alone, then with ``1e-6`` Gaussian noise added, and is left unwhitened as a last
