@@ -1,0 +1,168 @@
+"""The feature network phi (paper §3, eq. 2-7): a frozen, truncated copy of a causal LM.
+
+``phi_c(y)`` embeds a completion y in its context c. Taps at depth fractions q (default 0.25, 0.5,
+0.75) read the residual stream at
+
+    layer(q) = max(1, min(L, floor(L * q)))
+
+in ``hidden_states`` numbering (0 = embeddings, i = output of decoder layer i, BEFORE the final
+norm; L = number of decoder layers). Qwen2.5-1.5B (L = 28) -> 7, 14, 21; Llama-3.2-1B (16) -> 4, 8, 12.
+The copy keeps only the embeddings and the decoder layers up to the deepest tap: layers after it,
+the final norm and the LM head are never run. Tap outputs are read with forward hooks.
+
+Pooling over the completion's tokens: ``last_token`` (the hidden state at its last token) or
+``mean`` (mean over its G tokens), per tap, in fp32. Normalisation of the pooled taps h_1..h_m:
+
+- ``joint`` (the authors' released code, default): ``phi = [h_1; ...; h_m] / ||[h_1; ...; h_m]||``.
+- ``per_layer`` (the paper's description): ``phi = [h_1/||h_1||; ...; h_m/||h_m||] / sqrt(m)``; the
+  1/sqrt(m) keeps ``||phi|| = 1`` so rewards (paper eq. 6) have the same scale under both choices.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from ebft.models.compat import attn_implementation, backbone_forward, decoder_layers, get_backbone, param_dtype
+from ebft.rollout.layout import POOLINGS, StridedLayout
+from ebft.rollout.masks import strided_mask
+
+NORMALISATIONS = ("joint", "per_layer")
+
+
+def tap_layers(num_layers: int, fractions) -> tuple[int, ...]:
+    """``hidden_states`` indices ``max(1, min(L, floor(L*q)))`` of the depth fractions q in (0, 1]."""
+    fractions = tuple(fractions)
+    if not fractions:
+        raise ValueError("layers=() taps nothing; give depth fractions in (0, 1], e.g. (0.25, 0.5, 0.75)")
+    for q in fractions:
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 1:
+            raise ValueError(f"layer fraction {q!r} is outside (0, 1]; give depth fractions such as 0.25, 0.5, 0.75")
+    return tuple(max(1, min(num_layers, math.floor(num_layers * q))) for q in fractions)
+
+
+class FeatureNetwork(nn.Module):
+    """Frozen feature network. Build with ``FeatureNetwork(generator, ...)`` (a deep copy of its
+    backbone) or ``FeatureNetwork.from_name(name, ...)`` (loaded through ``ebft.models.loading``)."""
+
+    def __init__(self, model: nn.Module, layers=(0.25, 0.5, 0.75), pooling: str = "last_token",
+                 normalisation: str = "joint"):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling='{pooling}' is unknown; use one of {', '.join(POOLINGS)}")
+        if normalisation not in NORMALISATIONS:
+            raise ValueError(f"normalisation='{normalisation}' is unknown; use one of {', '.join(NORMALISATIONS)}")
+        self.num_layers = len(decoder_layers(model))
+        self.taps = tap_layers(self.num_layers, layers)
+        self.pooling, self.normalisation = pooling, normalisation
+        self.backbone = _truncated_copy(get_backbone(model), max(self.taps))
+        self.backbone.requires_grad_(False)
+        self.eval()
+
+    @classmethod
+    def from_name(cls, name: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", **kwargs):
+        """Feature network from a model name (hub id, local dir, .gguf, embedded, tiny)."""
+        from ebft.models.loading import load_model
+
+        return cls(load_model(name, dtype=dtype, attn_implementation=attn_implementation), **kwargs)
+
+    def train(self, mode: bool = True) -> FeatureNetwork:
+        """Always eval: the network is frozen, so a parent's ``.train()`` must not switch on dropout."""
+        return super().train(False)
+
+    @property
+    def feature_dim(self) -> int:
+        return len(self.taps) * self.backbone.config.hidden_size
+
+    def tap_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Residual stream ``hidden_states[i]`` (batch, L, H) at every tap i, from one no-grad pass."""
+        captured: dict[int, torch.Tensor] = {}
+        layers = decoder_layers(self.backbone)
+        hooks = [layers[i - 1].register_forward_hook(_capture(captured, i)) for i in set(self.taps)]
+        try:
+            with torch.no_grad():
+                backbone_forward(self.backbone, input_ids, position_ids, attention_mask)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return [captured[i] for i in self.taps]
+
+    def strided_features(self, row_ids: torch.Tensor, layout: StridedLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features of every generated and ground-truth window of strided rows ``row_ids`` (batch, length).
+
+        Returns ``gen`` (batch, NB, n, D) = phi_c(y_hat_{j,k}) and ``gt`` (batch, NB, D) = phi_c(y_k),
+        from one pass over the row with the layout's positions and mask.
+        """
+        if row_ids.dim() != 2 or row_ids.shape[1] != layout.length:
+            raise ValueError(f"row_ids has shape {tuple(row_ids.shape)}; expected (batch, length={layout.length}) "
+                             f"for {layout} (build it with layout.scatter_generated)")
+        layout = layout.to(row_ids.device)
+        mask = strided_mask(layout, attn_implementation(self.backbone), param_dtype(self.backbone))
+        states = self.tap_states(row_ids, layout.position_ids, mask)
+        gen = self._combine([_pool_rows(h, layout.gen_feature_index(self.pooling), self.pooling) for h in states])
+        gt = self._combine([_pool_rows(h, layout.gt_feature_index(self.pooling), self.pooling) for h in states])
+        return gen.transpose(1, 2), gt
+
+    def sequence_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          pool_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Features (batch, D) of padded sequences, left or right padded.
+
+        ``attention_mask`` (batch, L) marks real tokens; positions count real tokens only, so padding
+        on either side gives the unpadded features. ``pool_mask`` (default: ``attention_mask``) marks
+        the tokens pooled: their mean, or the last of them for last_token pooling.
+        """
+        if input_ids.shape != attention_mask.shape:
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
+                             "must have the same (batch, L) shape")
+        real = attention_mask.bool()
+        pool = real if pool_mask is None else pool_mask.bool() & real
+        if not pool.any(dim=1).all():
+            raise ValueError("a sequence has no token to pool (pool_mask & attention_mask is empty in a row); "
+                             "drop empty sequences or fix the masks")
+        position_ids = (real.long().cumsum(dim=1) - 1).clamp(min=0)
+        states = self.tap_states(input_ids, position_ids, real.long())
+        if self.pooling == "last_token":
+            last = torch.arange(pool.shape[1], device=pool.device).masked_fill(~pool, -1).argmax(dim=1)
+            pooled = [h[torch.arange(h.shape[0], device=h.device), last].float() for h in states]
+        else:
+            weights = pool.float() / pool.sum(dim=1, keepdim=True)
+            pooled = [torch.einsum("bl,blh->bh", weights, h.float()) for h in states]
+        return self._combine(pooled)
+
+    def _combine(self, pooled: list[torch.Tensor]) -> torch.Tensor:
+        """Concatenate the pooled taps (..., H) into unit-norm features (..., D) per ``normalisation``."""
+        if self.normalisation == "per_layer":
+            pooled = [nn.functional.normalize(h, dim=-1) / math.sqrt(len(pooled)) for h in pooled]
+            return torch.cat(pooled, dim=-1)
+        return nn.functional.normalize(torch.cat(pooled, dim=-1), dim=-1)
+
+
+def _capture(store: dict[int, torch.Tensor], index: int):
+    def hook(module, args, output):
+        store[index] = output[0] if isinstance(output, tuple) else output
+    return hook
+
+
+def _pool_rows(hidden: torch.Tensor, index: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Gather ``hidden`` (batch, L, H) at rows ``index`` and pool: last_token -> (batch, *index.shape, H);
+    mean -> the mean over the last index dimension (the G tokens of a window)."""
+    picked = hidden[:, index].float()
+    return picked if pooling == "last_token" else picked.mean(dim=-2)
+
+
+def _truncated_copy(backbone: nn.Module, depth: int) -> nn.Module:
+    """Deep copy of ``backbone`` with decoder layers 1..depth only (later layers are never copied) and
+    the final norm replaced by identity; ``backbone`` itself is untouched."""
+    layers = decoder_layers(backbone)
+    clone = copy.deepcopy(backbone, {id(layer): None for layer in layers[depth:]})
+    clone.layers = nn.ModuleList(list(clone.layers.children())[:depth])
+    if hasattr(clone, "norm"):
+        clone.norm = nn.Identity()
+    clone.config.num_hidden_layers = depth
+    if getattr(clone.config, "layer_types", None) is not None:
+        clone.config.layer_types = clone.config.layer_types[:depth]
+    return clone

@@ -1,0 +1,136 @@
+"""Strided block-parallel sampling (paper Algorithm 1 step 2, appendix F).
+
+For each chunk ``x[0:T]`` and each of the ``n * NB`` (sample, block) pairs, draw ``G`` tokens from
+``p_theta(. | x[0 : C + k*s], previous tokens of the pair)``. Three samplers return the same
+``(batch, n, NB, G)`` tensor:
+
+- ``sample_strided``: one causal prefill of the chunk into a KV cache, then ``G - 1`` incremental
+  steps; step g feeds the ``n*NB`` tokens of step g (positions ``C + k*s + g``) with the strided
+  step mask and samples step g+1 from their logits. Step 0 is sampled from the prefill logits at
+  rows ``C + k*s - 1``. Cost: ``T + (G-1)*n*NB`` token-forwards.
+- ``sample_strided_nocache``: the exact oracle, ``G`` forwards of the whole strided row with the
+  full mask (not-yet-sampled rows hold placeholders that no earlier row can see).
+- ``sample_authors_style``: the released code's scheme, kept as a benchmark baseline: ``n`` copies
+  of the chunk, one row per sample, ``G`` forwards of the whole row without a cache.
+
+Sampling draws from ``softmax(logits / temperature)`` in fp32, restricted to the top-p nucleus
+(``top_p = 1`` keeps all tokens), with one ``torch.multinomial`` call per step over the
+``(batch, n, NB)`` grid; the cached sampler and the oracle draw in the same order, so with the same
+``torch.Generator`` they return the same tokens. ``temperature = 0`` takes the argmax. The LM head
+is applied only to the rows that are sampled from.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ebft.models.compat import attn_implementation, backbone_forward, get_lm_head, new_cache, param_dtype
+from ebft.rollout.layout import StridedLayout
+from ebft.rollout.masks import step_mask, strided_mask
+
+
+@contextmanager
+def _sampling_mode(model: nn.Module):
+    """Eval mode (no dropout) and no autograd while sampling; the previous mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _check(input_ids: torch.Tensor, layout: StridedLayout, temperature: float, top_p: float) -> None:
+    if input_ids.dim() != 2 or input_ids.shape[1] != layout.seq_len:
+        raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}; expected (batch, T={layout.seq_len}) "
+                         f"for {layout}")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} is negative; use 0 (greedy) or a positive value")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} is outside (0, 1]; use 1.0 to switch nucleus sampling off")
+
+
+def sample_from_logits(logits: torch.Tensor, temperature: float, top_p: float,
+                       generator: torch.Generator | None) -> torch.Tensor:
+    """One token per leading index of ``logits`` (..., V): argmax if temperature is 0, else a draw
+    from the top-p nucleus of ``softmax(logits / temperature)`` (the smallest set of most likely
+    tokens whose mass reaches top_p)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+
+
+def _logits_at(model: nn.Module, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """LM-head logits of ``hidden`` (batch, L, H) at ``rows`` (any shape) -> (batch, *rows.shape, V)."""
+    picked = hidden[:, rows.reshape(-1)]
+    return get_lm_head(model)(picked).view(hidden.shape[0], *rows.shape, -1)
+
+
+def sample_strided(model: nn.Module, input_ids: torch.Tensor, layout: StridedLayout, temperature: float = 0.6,
+                   top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Strided sampling with a KV cache: ``input_ids`` (batch, T) -> tokens (batch, n, NB, G)."""
+    _check(input_ids, layout, temperature, top_p)
+    layout = layout.to(input_ids.device)
+    batch, n, NB, G, T = input_ids.shape[0], layout.num_samples, layout.num_blocks, layout.gen_len, layout.seq_len
+    impl, dtype = attn_implementation(model), param_dtype(model)
+    tokens = torch.empty(batch, n, NB, G, dtype=torch.long, device=input_ids.device)
+    with _sampling_mode(model):
+        cache = new_cache(model)
+        hidden, cache = backbone_forward(model, input_ids, layout.position_ids[:T], cache=cache)
+        logits = _logits_at(model, hidden, layout.context_end - 1)
+        tokens[..., 0] = sample_from_logits(logits.unsqueeze(1).expand(batch, n, NB, -1), temperature, top_p, generator)
+        for g in range(G - 1):
+            rows = layout.step_rows(g)
+            hidden, cache = backbone_forward(model, tokens[..., g].reshape(batch, n * NB), layout.position_ids[rows],
+                                             step_mask(layout, g, impl, dtype), cache)
+            logits = get_lm_head(model)(hidden).view(batch, n, NB, -1)
+            tokens[..., g + 1] = sample_from_logits(logits, temperature, top_p, generator)
+    return tokens
+
+
+def _sample_full_rows(model: nn.Module, chunk_ids: torch.Tensor, layout: StridedLayout, temperature: float,
+                      top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """``G`` forwards of the whole strided row, no cache: step g is sampled from the logits at
+    ``score_index[..., g]``. Returns (batch, n, NB, G)."""
+    batch, n, NB, G = chunk_ids.shape[0], layout.num_samples, layout.num_blocks, layout.gen_len
+    mask = strided_mask(layout, attn_implementation(model), param_dtype(model))
+    tokens = torch.zeros(batch, n, NB, G, dtype=torch.long, device=chunk_ids.device)
+    with _sampling_mode(model):
+        for g in range(G):
+            row = layout.scatter_generated(chunk_ids, tokens)
+            hidden, _ = backbone_forward(model, row, layout.position_ids, mask)
+            logits = _logits_at(model, hidden, layout.score_index[..., g])
+            tokens[..., g] = sample_from_logits(logits, temperature, top_p, generator)
+    return tokens
+
+
+def sample_strided_nocache(model: nn.Module, input_ids: torch.Tensor, layout: StridedLayout,
+                           temperature: float = 0.6, top_p: float = 1.0,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Exact oracle of ``sample_strided`` without a cache (same draws for the same generator)."""
+    _check(input_ids, layout, temperature, top_p)
+    return _sample_full_rows(model, input_ids, layout.to(input_ids.device), temperature, top_p, generator)
+
+
+def sample_authors_style(model: nn.Module, input_ids: torch.Tensor, layout: StridedLayout,
+                         temperature: float = 0.6, top_p: float = 1.0,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """Baseline: each of the ``n`` samples gets its own copy of the chunk (a strided row with n = 1)
+    and ``G`` uncached forwards of that row. Same distribution as ``sample_strided``, other draws."""
+    _check(input_ids, layout, temperature, top_p)
+    n = layout.num_samples
+    single = StridedLayout(layout.seq_len, layout.context_len, layout.stride, layout.gen_len, 1).to(input_ids.device)
+    copies = input_ids.repeat_interleave(n, dim=0)
+    tokens = _sample_full_rows(model, copies, single, temperature, top_p, generator)
+    return tokens.view(input_ids.shape[0], n, layout.num_blocks, layout.gen_len)
