@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -21,8 +22,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from ebft.config import validate
 from ebft.models.loading import HF_SUBDIR, load_tokenizer
+from ebft.strategies import MemoryEstimate, apply_global_batch, build_strategy, check_launch
 
 log = logging.getLogger(__name__)
+
+# The training sampler resumes by itself (ResumableBatchSampler starts at the restored step), and the
+# frozen feature network is in eval mode on purpose: Lightning's generic warnings about both mislead.
+warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -61,8 +68,10 @@ def build_logger(cfg: DictConfig, output_dir: Path):
 
 
 def build_trainer(cfg: DictConfig, output_dir: Path, callbacks: list[Callback]) -> L.Trainer:
-    """A Lightning Trainer from ``cfg.trainer`` (any Trainer keyword) plus our defaults."""
+    """A Lightning Trainer from ``cfg.trainer`` (any Trainer keyword) plus our defaults; the
+    strategy is built from its config and the accumulation follows ``global_batch`` (ebft.strategies)."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kwargs["strategy"] = build_strategy(kwargs.get("strategy", "auto"))
     if kwargs.get("precision") is None:
         gpu = kwargs.get("accelerator") in ("gpu", "cuda") or (
             kwargs.get("accelerator") == "auto" and torch.cuda.is_available())
@@ -70,9 +79,12 @@ def build_trainer(cfg: DictConfig, output_dir: Path, callbacks: list[Callback]) 
     every = int(cfg.get("checkpoint_every_n_steps") or kwargs.get("val_check_interval") or 0) or None
     ckpt = ModelCheckpoint(dirpath=str(output_dir / "checkpoints"), save_last=True, save_top_k=0,
                            every_n_train_steps=every)
-    return L.Trainer(default_root_dir=str(output_dir), logger=build_logger(cfg, output_dir),
-                     callbacks=[ckpt, *callbacks], plugins=[AtomicCheckpointIO()],
-                     use_distributed_sampler=False, **kwargs)
+    trainer = L.Trainer(default_root_dir=str(output_dir), logger=build_logger(cfg, output_dir),
+                        callbacks=[ckpt, MemoryEstimate(), *callbacks], plugins=[AtomicCheckpointIO()],
+                        use_distributed_sampler=False, **kwargs)
+    apply_global_batch(trainer, cfg)
+    check_launch(trainer)
+    return trainer
 
 
 def resolve_ckpt_path(ckpt_path: str | None) -> str | None:

@@ -1,0 +1,137 @@
+"""Energy-based fine-tuning (paper §2, Algorithm 1).
+
+One training step on a micro-batch of chunks ``x`` (batch, T):
+
+1. sample ``n`` completions of ``G`` tokens for every context ``x[0:C+k*s]`` with the
+   KV-cached strided sampler (no grad, eval mode);
+2. one no-grad pass of the frozen feature network over the strided row gives
+   ``phi(c_k : y_hat_jk)`` and ``phi(c_k : y_k)`` for all blocks (paper eq. 4);
+3. rewards ``r_j = AT_j - alpha * DT_j`` (eqs. 7, 9, 67; whitening per config) and the
+   corrected RLOO baseline (eq. 94) give advantages ``A_jk = r_jk - b_jk``;
+4. ONE forward+backward of the generator over the strided row yields the log-probs of all
+   generated tokens (scored at ``layout.score_index``, logits / temperature) and the
+   teacher-forced CE of the chunk, and the loss is
+   ``rl_coef * PG(-A log p) + gamma * CE`` (REFERENCE.md: token mean, as the authors).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from omegaconf import DictConfig
+
+from ebft.eval.calibration import cfm_estimate
+from ebft.methods.base import FineTuneModule
+from ebft.models.compat import attn_implementation, backbone_forward, param_dtype
+from ebft.models.features import FeatureNetwork
+from ebft.models.loading import resolve_attn, resolve_dtype
+from ebft.objectives.baselines import rloo_advantages
+from ebft.objectives.losses import cross_entropy_term, policy_gradient_loss, token_logprobs
+from ebft.objectives.rewards import feature_matching_rewards
+from ebft.rollout.layout import StridedLayout
+from ebft.rollout.masks import strided_mask
+from ebft.rollout.sampler import sample_strided
+
+log = logging.getLogger(__name__)
+
+
+def layout_from_config(cfg: DictConfig) -> StridedLayout:
+    t = cfg.task
+    return StridedLayout(int(t.seq_len), int(t.context_len), int(t.stride), int(t.gen_len),
+                         int(cfg.method.num_samples))
+
+
+def build_feature_network(cfg: DictConfig, generator, device: str) -> FeatureNetwork:
+    """The frozen critic: ``model.feature_network`` when set, else the BASE model (``model.name``):
+    a copy of the generator when it is the base model, a fresh load for warm starts (as the authors)."""
+    f = cfg.method.features
+    kwargs = {"layers": tuple(float(q) for q in f.layers), "pooling": str(f.pooling),
+              "normalisation": str(f.normalisation)}
+    name = cfg.model.get("feature_network") or (cfg.model.name if cfg.get("init_from") else None)
+    if name is None:
+        network = FeatureNetwork(generator, **kwargs)
+    else:
+        network = FeatureNetwork.from_name(str(name), dtype=torch.float32,
+                                           attn_implementation=resolve_attn("auto", device), **kwargs)
+    return network.to(resolve_dtype(str(cfg.model.dtype), device))
+
+
+def duplicate_fraction(tokens: torch.Tensor) -> torch.Tensor:
+    """Fraction of rollouts (b, j, k) whose G tokens equal another sample's of the same context."""
+    n = tokens.shape[1]
+    same = (tokens.unsqueeze(2) == tokens.unsqueeze(1)).all(-1)  # (B, n, n, NB)
+    same &= ~torch.eye(n, dtype=torch.bool, device=tokens.device)[None, :, :, None]
+    return same.any(2).float().mean()
+
+
+class EBFTModule(FineTuneModule):
+    def __init__(self, cfg: DictConfig, tokenizer, datamodule=None):
+        super().__init__(cfg, tokenizer, datamodule)
+        self.layout = layout_from_config(cfg)
+        self.features = build_feature_network(cfg, self.generator, self.device_kind())
+        self.alpha, self.gamma = float(cfg.alpha), float(cfg.gamma)
+        self._step_start = 0.0
+
+    def sampling_generator(self, batch_idx: int) -> torch.Generator:
+        """A per-step RNG: the same (seed, step, micro-batch, rank) always draws the same rollouts,
+        so a resumed run samples exactly what an uninterrupted one would."""
+        seed = hash((int(self.cfg.seed), self.global_step, batch_idx, self.global_rank)) % (2 ** 62)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def rollout(self, ids: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        """Sampled tokens (batch, n, NB, G) from the current policy."""
+        m = self.cfg.method
+        return sample_strided(self.generator, ids, self.layout, temperature=float(m.temperature),
+                              top_p=float(m.top_p), generator=self.sampling_generator(batch_idx))
+
+    def strided_hidden(self, row: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (batch, length, H) of the generator over the strided row (with grad)."""
+        layout = self.layout.to(row.device)
+        mask = strided_mask(layout, attn_implementation(self.generator), param_dtype(self.generator))
+        hidden, _ = backbone_forward(self.generator, row, layout.position_ids, mask)
+        return hidden
+
+    def training_step(self, batch, batch_idx):
+        m = self.cfg.method
+        ids = batch["input_ids"]
+        layout = self.layout.to(ids.device)
+        t0 = time.perf_counter()
+        tokens = self.rollout(ids, batch_idx)
+        row = layout.scatter_generated(ids, tokens)
+        t1 = time.perf_counter()
+        gen_f, gt_f = self.features.strided_features(row, layout)           # (B, NB, n, D), (B, NB, D)
+        rewards = feature_matching_rewards(gen_f, gt_f, self.alpha, str(m.whitening))
+        advantages = rloo_advantages(rewards, self.alpha).transpose(-1, -2)  # (B, n, NB)
+        t2 = time.perf_counter()
+
+        hidden = self.strided_hidden(row)
+        weight = self.lm_head_weight()
+        targets = row[:, layout.token_index]                                 # (B, n, NB, G)
+        logprobs = token_logprobs(hidden[:, layout.score_index], weight, targets,
+                                  temperature=float(m.temperature))
+        pg = policy_gradient_loss(logprobs, layout.broadcast_to_tokens(advantages),
+                                  reduction=str(m.loss_reduction))
+        ce_mask = batch["answer_mask"] if m.ce_on == "answer" else None
+        ce = cross_entropy_term(hidden[:, : layout.seq_len], weight, ids, ce_mask)
+        loss = float(m.rl_coef) * pg + self.gamma * ce
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite EBFT loss at step {self.global_step} (pg={pg.item()}, ce={ce.item()}): "
+                "lower method.lr, check the data, or use model.dtype=float32")
+
+        bs = ids.shape[0]
+        self.log_dict({
+            "train/loss": loss.detach(), "train/pg": pg.detach(), "train/ce": ce.detach(),
+            "train/reward": rewards.reward.mean(), "train/reward_std": rewards.reward.std(),
+            "train/alignment": rewards.alignment.mean(), "train/alignment_std": rewards.alignment.std(),
+            "train/diversity": rewards.diversity.mean(), "train/diversity_std": rewards.diversity.std(),
+            "train/advantage_std": advantages.std(),
+            "train/cfm": cfm_estimate(gen_f, gt_f).mean() if layout.num_samples > 1 else torch.nan,
+            "train/duplicate_fraction": duplicate_fraction(tokens),
+            "perf/sample_s": t1 - t0, "perf/features_rewards_s": t2 - t1,
+            "perf/rollout_tokens_per_s": tokens.numel() / max(t1 - t0, 1e-9),
+        }, batch_size=bs)
+        self.log("train/reward_mean", rewards.reward.mean(), prog_bar=True, batch_size=bs, logger=False)
+        return loss
