@@ -28,7 +28,6 @@ import re
 import sys
 import sysconfig
 import tempfile
-import textwrap
 from pathlib import Path
 
 from ebft.data.sources import DataConfigError
@@ -281,10 +280,15 @@ def translation_prompt(source_lang: str, target_lang: str, text: str) -> str:
     return f"Translate this from {src} to {tgt}:\n{src}: {text}\n{tgt}:"
 
 
-def _django_catalogues(lang: str) -> list[Path]:
-    import django
+def _django_root() -> Path:
+    try:
+        import django
+    except ImportError as err:
+        raise DataConfigError("embedded translation data needs Django's catalogues: pip install django") from err
+    return Path(django.__file__).parent
 
-    root = Path(django.__file__).parent
+
+def _django_catalogues(root: Path, lang: str) -> list[Path]:
     locale = _DJANGO_LOCALE.get(lang, lang)
     files = [*root.glob(f"conf/locale/{locale}/LC_MESSAGES/*.po"),
              *root.glob(f"contrib/*/locale/{locale}/LC_MESSAGES/*.po")]
@@ -296,17 +300,14 @@ def django_translation_rows(langs: tuple[str, ...] = ("cs", "de", "is", "ru", "z
     xx->en for each language; answer = ``" " + target``. Entries without words
     (only placeholders or punctuation) are skipped; rows are unique per
     (direction, source text)."""
-    try:
-        import django  # noqa: F401
-    except ImportError as err:
-        raise DataConfigError("embedded translation data needs Django's catalogues: pip install django") from err
+    root = _django_root()
     unknown = [lang for lang in langs if lang not in LANGUAGE_NAMES or lang == "en"]
     if unknown:
         raise DataConfigError(
             f"data.langs has unknown language(s) {unknown}; choose from {sorted(set(LANGUAGE_NAMES) - {'en'})}")
     rows, seen = [], set()
     for lang in langs:
-        files = _django_catalogues(lang)
+        files = _django_catalogues(root, lang)
         if not files:
             raise DataConfigError(f"Django ships no catalogue for '{lang}'; remove it from data.langs")
         pairs = [(en, xx) for f in files for en, xx in parse_po(f.read_text(encoding="utf-8"))

@@ -1,3 +1,327 @@
-"""placeholder"""
+"""Training rows ``{question, answer, ...}`` from the hub, local files or the
+embedded offline corpora, and the held-out validation split.
+
+The ``data`` config group::
+
+    data:
+      kind: embedded        # embedded | hub | local
+      name: null            # hub: dataset id (a preset below fills `fields`);
+                            # local: optional preset name for a downloaded copy
+      config: null          # hub: dataset config (haoranxu/ALMA-Human-Parallel: de-en, ...)
+      split: train          # hub: split, slicing allowed (train[:10%])
+      files: null           # local: path or list of paths (.jsonl/.json/.parquet/.csv)
+      format: null          # local: json | parquet | csv (default: from the extension)
+      fields: {}            # our field -> their column, merged over the preset;
+                            # a field mapped to null becomes "" (a dataset without questions)
+      mbpp_path: null       # embedded qa_code: MBPP jsonl (default $EBFT_MBPP; none = no MBPP)
+      langs: [cs, de, is, ru, zh]   # embedded translation languages
+      limit: null           # keep N rows: a seeded random subset, in source order
+      val_size: 1000        # held-out validation rows (see train_val_split)
+      seed: 43              # seed of the validation split
+
+Our fields: ``question`` and ``answer`` (required strings), and optional
+``tests``, ``test_type``, ``test_setup``, ``entry_point``, ``source_lang``,
+``target_lang``. Without a preset or ``fields``, columns named like our fields
+are used as they are. Exact duplicate (question, answer) rows are dropped,
+the first one kept.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import random
+import socket
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from omegaconf import DictConfig, OmegaConf
+
+KINDS = ("embedded", "hub", "local")
+ROW_FIELDS = ("question", "answer", "tests", "test_type", "test_setup", "entry_point", "source_lang", "target_lang")
+CONFIG_KEYS = {"kind", "name", "config", "split", "files", "format", "fields", "mbpp_path", "langs",
+               "limit", "val_size", "seed"}
+_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
 class DataConfigError(ValueError):
-    pass
+    """A data setting that cannot work; the message names the key and the fix."""
+
+
+# ---------------------------------------------------------------- presets
+
+def _split_lang_pair(row: dict, cfg: Mapping, index: int) -> list[dict]:
+    pair = row.pop("lang_pair")
+    source, sep, target = str(pair).partition("-")
+    if not sep or not source or not target:
+        raise DataConfigError(f"row {index}: language pair '{pair}' is not of the form 'de-en'")
+    return [{**row, "source_lang": source, "target_lang": target}]
+
+
+def _decode_tests(row: dict, cfg: Mapping, index: int) -> list[dict]:
+    tests = row.get("tests")
+    if isinstance(tests, str) and tests.lstrip().startswith("["):
+        try:
+            row["tests"] = json.loads(tests)
+        except json.JSONDecodeError:
+            row["tests"] = ast.literal_eval(tests)
+    return [{**row, "test_type": "asserts"}]
+
+
+def _translation_pairs(row: dict, cfg: Mapping, index: int) -> list[dict]:
+    from ebft.data.embedded import LANGUAGE_NAMES, translation_prompt
+
+    pair = str(cfg.get("config") or "")
+    xx, _, en = pair.partition("-")
+    if xx not in LANGUAGE_NAMES or en not in LANGUAGE_NAMES:
+        raise DataConfigError(
+            f"data.config='{cfg.get('config')}' must name a language pair such as de-en "
+            f"(languages: {sorted(LANGUAGE_NAMES)})")
+    texts = row["translation"]
+    rows = []
+    for src, tgt in ((en, xx), (xx, en)):
+        rows.append({"question": translation_prompt(src, tgt, texts[src]), "answer": " " + texts[tgt],
+                     "source_lang": src, "target_lang": tgt})
+    return rows
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Column mapping (our field -> their column) and an optional per-row
+    conversion ``convert(row, cfg, index) -> rows`` of a known dataset."""
+
+    fields: dict[str, str | None]
+    convert: Callable[[dict, Mapping, int], list[dict]] | None = None
+    required: tuple[str, ...] = ("question", "answer")
+
+
+PRESETS = {
+    "sjelassi/opencode-instruct_100k_200tok": Preset({"question": "question", "answer": "answer"}),
+    "sjelassi/swallow_code_20m": Preset({"question": None, "answer": "text"}),
+    "sjelassi/alma": Preset({"question": "question", "answer": "answer", "lang_pair": "source-target"},
+                            _split_lang_pair),
+    "nvidia/OpenCodeInstruct": Preset({"question": "input", "answer": "output", "tests": "unit_tests"},
+                                      _decode_tests),
+    "haoranxu/ALMA-Human-Parallel": Preset({"translation": "translation"}, _translation_pairs,
+                                           required=("translation",)),
+}
+
+
+# ---------------------------------------------------------------- config
+
+def _as_dict(cfg_data) -> dict:
+    if isinstance(cfg_data, DictConfig):
+        cfg_data = OmegaConf.to_container(cfg_data, resolve=True)
+    if not isinstance(cfg_data, Mapping):
+        raise DataConfigError(f"the data config must be a mapping, got {type(cfg_data).__name__}")
+    unknown = sorted(set(cfg_data) - CONFIG_KEYS)
+    if unknown:
+        raise DataConfigError(f"unknown data key(s) {unknown}; known keys: {sorted(CONFIG_KEYS)}")
+    return dict(cfg_data)
+
+
+def _preset(cfg: Mapping, columns: list[str]) -> Preset:
+    """The preset named by ``data.name`` with ``data.fields`` merged over it; with
+    neither, the identity mapping of the columns named like our fields."""
+    base = PRESETS.get(cfg.get("name") or "")
+    user = dict(cfg.get("fields") or {})
+    if base is None:
+        fields = {f: f for f in ROW_FIELDS if f in columns}
+        fields.setdefault("question", "question")
+        fields.setdefault("answer", "answer")
+        return Preset({**fields, **user})
+    return Preset({**base.fields, **user}, base.convert, base.required)
+
+
+# ---------------------------------------------------------------- table -> rows
+
+def rows_from_table(table, cfg: Mapping) -> list[dict]:
+    """Map a ``datasets.Dataset`` to rows with the preset / ``data.fields`` mapping."""
+    columns = list(table.column_names)
+    preset = _preset(cfg, columns)
+    for ours, theirs in preset.fields.items():
+        if theirs is not None and theirs not in columns:
+            raise DataConfigError(
+                f"the dataset has no column '{theirs}' for field '{ours}' (columns: {columns}); "
+                f"set data.fields.{ours}=<column>")
+    used = sorted({c for c in preset.fields.values() if c is not None})
+    rows = []
+    for index, record in enumerate(table.select_columns(used)):
+        row = {ours: ("" if theirs is None else record[theirs]) for ours, theirs in preset.fields.items()}
+        for name in preset.required:
+            if row.get(name) is None:
+                raise DataConfigError(
+                    f"row {index} has no value for field '{name}' (column '{preset.fields[name]}'); "
+                    "fix or drop that row, or map the field to another column with data.fields")
+        converted = preset.convert(row, cfg, index) if preset.convert else [row]
+        for out in converted:
+            for name in ("question", "answer"):
+                if not isinstance(out[name], str):
+                    raise DataConfigError(
+                        f"row {index}: field '{name}' is {type(out[name]).__name__}, not text; "
+                        f"map data.fields.{name} to a text column")
+        rows.extend(converted)
+    return rows
+
+
+def _dedup(rows: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for row in rows:
+        key = (row["question"], row["answer"])
+        if key not in seen:
+            seen.add(key)
+            out.append(row)
+    return out
+
+
+# ---------------------------------------------------------------- hub and local
+
+def _offline_env() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub endpoint (``$HF_ENDPOINT``, default huggingface.co) accepts a
+    TCP connection; assumed so behind an HTTPS proxy, which cannot be probed this way."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _no_hub(name: str) -> DataConfigError:
+    return DataConfigError(
+        f"data.name='{name}' needs the dataset hub, and no hub is reachable from here; "
+        "use data=embedded (offline corpora) or data=local with data.files=<your copy>, "
+        "or set HF_HUB_OFFLINE=1 to read a copy already in the Hugging Face cache")
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    try:
+        import requests
+
+        errors += [requests.exceptions.ConnectionError, requests.exceptions.Timeout]
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _load_hub(cfg: Mapping):
+    import datasets
+
+    name = cfg.get("name")
+    if not name:
+        raise DataConfigError("data.kind=hub needs data.name=<owner/dataset>, e.g. sjelassi/alma")
+    if not _offline_env() and not hub_reachable():
+        raise _no_hub(name)
+    try:
+        return datasets.load_dataset(name, cfg.get("config"), split=cfg.get("split") or "train")
+    except datasets.exceptions.DatasetNotFoundError as err:
+        raise DataConfigError(f"data.name='{name}' is not a dataset on the hub (or not cached): {err}") from err
+    except _connection_errors() as err:
+        raise _no_hub(name) from err
+
+
+def _local_files(cfg: Mapping) -> tuple[str, list[str]]:
+    files = cfg.get("files")
+    if not files:
+        raise DataConfigError(
+            "data.kind=local needs data.files=<path or list of paths> (.jsonl, .json, .parquet, .csv)")
+    files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
+    paths = [Path(f).expanduser() for f in files]
+    for path in paths:
+        if not path.is_file():
+            raise DataConfigError(f"data.files: '{path}' does not exist; give an existing file")
+    fmt = cfg.get("format")
+    if fmt is None:
+        formats = {_FORMATS.get(p.suffix.lower()) for p in paths}
+        if None in formats or len(formats) != 1:
+            raise DataConfigError(
+                f"data.files {[str(p) for p in paths]}: cannot tell one format from the extensions; "
+                f"use {sorted(_FORMATS)} or set data.format to json, parquet or csv")
+        fmt = formats.pop()
+    if fmt not in set(_FORMATS.values()):
+        raise DataConfigError(f"data.format='{fmt}' is not supported; use json, parquet or csv")
+    return fmt, [str(p) for p in paths]
+
+
+def _load_local(cfg: Mapping):
+    import datasets
+
+    fmt, files = _local_files(cfg)
+    return datasets.load_dataset(fmt, data_files=files, split="train")
+
+
+# ---------------------------------------------------------------- entry points
+
+def subset_indices(size: int, limit: int | None, seed: int) -> range | list[int]:
+    """Indices of ``limit`` of ``size`` items drawn with ``seed``, in increasing
+    order (all of them when ``limit`` is None or not smaller than ``size``)."""
+    if limit is None or limit >= size:
+        return range(size)
+    if limit < 1:
+        raise DataConfigError(f"data.limit={limit} must be a positive number of rows (or null for all)")
+    return sorted(random.Random(seed).sample(range(size), limit))
+
+
+def load_rows(cfg_data, task: str) -> list[dict]:
+    """Rows of ``task`` (qa_code, unstructured_code, translation) from the
+    source the ``data`` config names (shape in the module docstring)."""
+    cfg = _as_dict(cfg_data)
+    kind = cfg.get("kind", "embedded")
+    limit, seed = cfg.get("limit"), cfg.get("seed", 43)
+    if kind == "embedded":
+        from ebft.data.embedded import embedded_rows
+
+        langs = cfg.get("langs") or ("cs", "de", "is", "ru", "zh")
+        rows = embedded_rows(task, mbpp_path=cfg.get("mbpp_path"), langs=tuple(langs))
+        rows = [rows[i] for i in subset_indices(len(rows), limit, seed)]
+    elif kind in ("hub", "local"):
+        table = _load_hub(cfg) if kind == "hub" else _load_local(cfg)
+        if limit is not None:
+            table = table.select(subset_indices(len(table), limit, seed))
+        rows = rows_from_table(table, cfg)
+    else:
+        raise DataConfigError(f"data.kind='{kind}' is not one of {list(KINDS)}")
+    rows = _dedup(rows)
+    if not rows:
+        raise DataConfigError(
+            f"data ({kind}) gave no rows for task '{task}'; check data.files / data.name / data.limit")
+    return rows
+
+
+def train_val_split(rows: list[dict], val_size: int, seed: int = 43) -> tuple[list[dict], list[dict]]:
+    """Deterministic held-out split ``(train, val)``, both in the rows' order.
+
+    Rows with the same (question, answer) always land on the same side, so no
+    text is in both. ``val_size`` counts distinct rows; when it is half of them
+    or more, it falls back to a tenth of them (at least 1) with a warning.
+    ``val_size=0`` gives an empty validation set.
+    """
+    if val_size < 0:
+        raise DataConfigError(f"data.val_size={val_size} must be >= 0")
+    keys = list(dict.fromkeys((r["question"], r["answer"]) for r in rows))
+    if val_size and len(keys) < 2:
+        raise DataConfigError(f"{len(keys)} distinct row(s) cannot be split; add data or set data.val_size=0")
+    if val_size * 2 >= len(keys) and val_size:
+        fallback = max(1, len(keys) // 10)
+        warnings.warn(f"data.val_size={val_size} is at least half of the {len(keys)} rows; "
+                      f"holding out {fallback} instead", stacklevel=2)
+        val_size = fallback
+    order = list(range(len(keys)))
+    random.Random(seed).shuffle(order)
+    val_keys = {keys[i] for i in order[:val_size]}
+    train = [r for r in rows if (r["question"], r["answer"]) not in val_keys]
+    val = [r for r in rows if (r["question"], r["answer"]) in val_keys]
+    return train, val

@@ -1,0 +1,84 @@
+"""Pack rows into fixed T-token chunks, as the paper's authors do.
+
+Question and answer are tokenised separately without special tokens and
+joined with no template; every example is followed by one EOS token; the
+token stream of all examples is cut into chunks of exactly T tokens and the
+last partial chunk is dropped. There is no padding, so every token of a chunk
+is a real token of the stream. Contexts cross example boundaries.
+
+Per chunk there is also an answer mask (True on answer tokens and on the EOS
+that ends each example, so a model trained on answers learns to stop; False
+on question tokens) and the document id of every token (the index of its row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
+import torch
+
+from ebft.data.sources import DataConfigError
+
+TOKENIZE_BATCH = 1024
+
+
+@dataclass
+class PackedChunks:
+    """``input_ids`` (N, T) long, ``answer_mask`` (N, T) bool, ``doc_ids`` (N, T) long (row index)."""
+
+    input_ids: torch.Tensor
+    answer_mask: torch.Tensor
+    doc_ids: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def _pack_batch(rows: list[dict], first_doc: int, tokenizer, eos: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stream tokens, answer mask and document ids of consecutive rows."""
+    questions = _encode(tokenizer, [r["question"] for r in rows])
+    answers = _encode(tokenizer, [r["answer"] for r in rows])
+    q_len = np.fromiter(map(len, questions), dtype=np.int64, count=len(rows))
+    a_len = np.fromiter(map(len, answers), dtype=np.int64, count=len(rows)) + 1  # + EOS
+    total = int(q_len.sum() + a_len.sum())
+    tokens = np.fromiter(chain.from_iterable(chain.from_iterable((q, a, (eos,)) for q, a in zip(questions, answers))),
+                         dtype=np.int64, count=total)
+    segments = np.stack([q_len, a_len], axis=1).reshape(-1)
+    mask = np.repeat(np.tile(np.array([False, True]), len(rows)), segments)
+    docs = np.repeat(np.arange(first_doc, first_doc + len(rows), dtype=np.int64), q_len + a_len)
+    return tokens, mask, docs
+
+
+def pack_rows(rows: list[dict], tokenizer, seq_len: int, max_chunks: int | None = None) -> PackedChunks:
+    """Tokenise ``rows`` in batches and pack them into ``seq_len``-token chunks
+    (at most ``max_chunks``; tokenising stops once enough tokens exist)."""
+    if seq_len < 1:
+        raise DataConfigError(f"task.seq_len={seq_len} must be a positive number of tokens")
+    if max_chunks is not None and max_chunks < 1:
+        raise DataConfigError(f"max_chunks={max_chunks} must be at least 1 (or None for all chunks)")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataConfigError(
+            "the tokenizer has no EOS token to separate examples; use a model whose tokenizer has one")
+    needed = None if max_chunks is None else max_chunks * seq_len
+    parts, have = [], 0
+    for start in range(0, len(rows), TOKENIZE_BATCH):
+        part = _pack_batch(rows[start:start + TOKENIZE_BATCH], start, tokenizer, eos)
+        parts.append(part)
+        have += len(part[0])
+        if needed is not None and have >= needed:
+            break
+    n_chunks = have // seq_len if max_chunks is None else min(have // seq_len, max_chunks)
+    if n_chunks == 0:
+        raise DataConfigError(
+            f"T={seq_len} is longer than all the data ({have} tokens from {len(rows)} rows): "
+            "lower task.seq_len or add data")
+    keep = n_chunks * seq_len
+    tokens, mask, docs = (np.concatenate([p[i] for p in parts])[:keep].reshape(n_chunks, seq_len) for i in range(3))
+    return PackedChunks(torch.from_numpy(tokens), torch.from_numpy(mask), torch.from_numpy(docs))

