@@ -21,6 +21,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from ebft.config import validate
+from ebft.eval.callback import CalibrationCallback
 from ebft.models.loading import HF_SUBDIR, load_tokenizer
 from ebft.strategies import MemoryEstimate, apply_global_batch, build_strategy, check_launch
 
@@ -107,7 +108,7 @@ def train(cfg: DictConfig) -> dict:
     datamodule.setup("fit")
     module = module_cls(cfg, tokenizer, datamodule=datamodule)
     history = ValidationHistory()
-    trainer = build_trainer(cfg, output_dir, [history])
+    trainer = build_trainer(cfg, output_dir, [history, CalibrationCallback(cfg)])
     start = time.time()
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"))
     if ckpt_path is None and int(cfg.trainer.get("limit_val_batches") or 0) != 0:

@@ -1,4 +1,5 @@
-"""Calibration metrics: the conditional feature-matching loss (CFM) and its whitened proxy.
+"""Calibration metrics on held-out chunks: cross-entropy, the conditional feature-matching loss
+(CFM), its whitened proxy and the FM profile over completion lengths.
 
 For a context ``c`` with ground-truth completion ``y`` and ``n`` model samples
 ``y_hat_1..n``, the feature-matching loss is ``|| E phi(c:y_hat) - phi(c:y) ||^2``.
@@ -11,13 +12,34 @@ the rewards of paper eq. 7 (``AT_j = 2 cos(phi_j, psi)``, ``DT_j`` the diversity
 term): the quantity the authors report. Computing the same expression with the
 whitened ``AT``/``DT`` gives the "feature-matching loss with whitening", the proxy
 of paper eq. 53 (:func:`whitened_fm_proxy`).
+
+Contexts are the blocks of the strided layout (``x[0 : C + k*s]`` of every chunk, ground truth
+``x[C + k*s : C + k*s + G]``); samples come from the strided KV-cached sampler with a seeded
+``torch.Generator``, so two evaluations of the same model draw the same completions and every
+model is scored on the same contexts. Reported values are means over all (chunk, block) contexts
+with the standard error over chunks (the blocks of one chunk share text, so they are not
+independent).
+
+The FM profile (paper Figures 1-2) repeats the CFM estimate for completion lengths ``G`` in a list,
+at fixed ``n`` and temperature. Each ``G`` uses only the first ``NB(G_max)`` blocks, the contexts
+every length has, by cutting the chunk to ``C + (NB - 1)*s + G`` tokens: the curve then changes
+with ``G`` only, never with the set of contexts.
 """
 
 from __future__ import annotations
 
-import torch
+import math
+from dataclasses import dataclass
+from typing import Sequence
 
+import torch
+from tqdm.auto import tqdm
+
+from ebft.models.compat import backbone_forward, get_lm_head
+from ebft.objectives.losses import token_logprobs
 from ebft.objectives.rewards import feature_matching_rewards
+from ebft.rollout.layout import StridedLayout
+from ebft.rollout.sampler import sample_strided
 
 
 def cfm_estimate(gen: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
@@ -41,3 +63,112 @@ def whitened_fm_proxy(gen: torch.Tensor, gt: torch.Tensor, whitening: str = "ref
     """Paper eq. 53 as a loss: ``1 - mean_j AT_j + mean_j DT_j / 2`` with whitened rewards."""
     r = feature_matching_rewards(gen, gt, alpha=1.0, whitening=whitening)
     return 1 - r.alignment.mean(-1) + r.diversity.mean(-1) / 2
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Mean over contexts and its standard error over chunks."""
+
+    mean: float
+    se: float
+
+    @classmethod
+    def of(cls, values: torch.Tensor) -> Estimate:
+        """``values`` (chunks, blocks) -> mean over all entries, SE of the per-chunk means."""
+        per_chunk = values.float().mean(-1)
+        se = per_chunk.std().item() / math.sqrt(len(per_chunk)) if len(per_chunk) > 1 else float("nan")
+        return cls(values.float().mean().item(), se)
+
+
+def select_chunks(num_chunks: int, limit: int | None, seed: int) -> torch.Tensor:
+    """Indices of a fixed random subset of ``limit`` held-out chunks (all of them when None), sorted."""
+    if num_chunks < 1:
+        raise ValueError("there are no held-out chunks; raise data.val_size or lower task.seq_len")
+    if limit is None or limit >= num_chunks:
+        return torch.arange(num_chunks)
+    order = torch.randperm(num_chunks, generator=torch.Generator().manual_seed(seed))
+    return order[:limit].sort().values
+
+
+def _batches(n: int, batch_size: int, desc: str, progress: bool):
+    return tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False)
+
+
+@torch.no_grad()
+def validation_ce(model, input_ids: torch.Tensor, answer_mask: torch.Tensor, batch_size: int = 8,
+                  progress: bool = True) -> dict[str, float]:
+    """Teacher-forced cross-entropy per token over held-out chunks: ``ce`` (all tokens) and
+    ``ce_answer`` (answer tokens; NaN when there are none).
+
+    ``CE = sum over counted targets t of -log p(x_t | x_{<t}) / number of counted targets``, summed
+    over the whole set (not a mean of batch means); the first token of a chunk is never a target.
+    This is :func:`~ebft.objectives.losses.cross_entropy_term` (what validation during training
+    logs), with the chunked log-probs computed once for both masks.
+    """
+    head = get_lm_head(model)
+    device = head.weight.device
+    sums, counts = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in _batches(len(input_ids), batch_size, "held-out CE", progress):
+            ids = input_ids[start:start + batch_size].to(device)
+            hidden, _ = backbone_forward(model, ids, torch.arange(ids.shape[1], device=device))
+            nll = -token_logprobs(hidden[:, :-1], head.weight, ids[:, 1:], lm_head_bias=head.bias).double()
+            answer = answer_mask[start:start + batch_size, 1:].to(device, torch.float64)
+            sums += torch.stack([nll.sum(), (nll * answer).sum()]).cpu()
+            counts += torch.tensor([nll.numel(), answer.sum().item()], dtype=torch.float64)
+    finally:
+        model.train(was_training)
+    ce, ce_answer = (sums / counts).tolist()
+    return {"ce": ce, "ce_answer": ce_answer}
+
+
+def context_fm(model, critic, input_ids: torch.Tensor, layout: StridedLayout, temperature: float = 0.6,
+               seed: int = 43, batch_size: int = 8, whitening: str | None = "reference", progress: bool = True,
+               desc: str = "CFM") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """CFM and its whitened proxy per context: two (chunks, NB) tensors (no proxy when ``whitening`` is None).
+
+    For every chunk, ``n`` completions of ``G`` tokens per block are drawn from ``model`` with
+    :func:`~ebft.rollout.sampler.sample_strided` (one seeded generator for the whole pass) and
+    embedded with the frozen ``critic`` (a :class:`~ebft.models.features.FeatureNetwork`) in one
+    strided pass; then :func:`cfm_estimate` and :func:`whitened_fm_proxy` per context.
+    """
+    if layout.num_samples < 2:
+        raise ValueError(f"CFM needs n >= 2 samples per context, got n={layout.num_samples}; raise eval.cfm_samples")
+    device = get_lm_head(model).weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    cfm, proxy = [], []
+    for start in _batches(len(input_ids), batch_size, desc, progress):
+        ids = input_ids[start:start + batch_size, :layout.seq_len].to(device)
+        tokens = sample_strided(model, ids, layout, temperature=temperature, generator=generator)
+        gen, gt = critic.strided_features(layout.scatter_generated(ids, tokens), layout.to(device))
+        cfm.append(cfm_estimate(gen, gt).cpu())
+        if whitening is not None:
+            proxy.append(whitened_fm_proxy(gen, gt, whitening).cpu())
+    return torch.cat(cfm), torch.cat(proxy) if proxy else None
+
+
+def profile_layouts(seq_len: int, context_len: int, stride: int, lengths: Sequence[int],
+                    num_samples: int) -> dict[int, StridedLayout]:
+    """One layout per completion length ``G`` over the same contexts: the first
+    ``NB = floor((T - G_max - C) / s) + 1`` blocks, chunk cut to ``C + (NB - 1)*s + G`` tokens."""
+    lengths = sorted(set(int(g) for g in lengths))
+    if not lengths or lengths[0] < 1:
+        raise ValueError(f"FM profile lengths {lengths} must be positive integers")
+    if lengths[-1] > seq_len - context_len:
+        raise ValueError(f"FM profile length G={lengths[-1]} does not fit a chunk of T={seq_len} tokens after a "
+                         f"context of C={context_len}: drop it from eval.profile_lengths (G <= "
+                         f"{seq_len - context_len}) or raise task.seq_len")
+    blocks = (seq_len - lengths[-1] - context_len) // stride + 1
+    return {g: StridedLayout(context_len + (blocks - 1) * stride + g, context_len, stride, g, num_samples)
+            for g in lengths}
+
+
+def fm_profile(model, critic, input_ids: torch.Tensor, layouts: dict[int, StridedLayout], temperature: float = 0.6,
+               seed: int = 43, batch_size: int = 8, progress: bool = True) -> dict[int, Estimate]:
+    """Unwhitened CFM per completion length ``G`` (layouts from :func:`profile_layouts`); every
+    length starts its sampler from ``seed``, so all models see the same contexts and RNG."""
+    return {g: Estimate.of(context_fm(model, critic, input_ids, layout, temperature, seed, batch_size,
+                                      whitening=None, progress=progress, desc=f"FM profile G={g}")[0])
+            for g, layout in layouts.items()}

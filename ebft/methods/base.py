@@ -87,6 +87,12 @@ class FineTuneModule(L.LightningModule):
     def lm_head_weight(self) -> torch.Tensor:
         return self.generator.get_output_embeddings().weight
 
+    def sampling_generator(self, batch_idx: int) -> torch.Generator:
+        """A per-step RNG for rollouts: the same (seed, step, micro-batch, rank) always draws the same
+        samples, so a resumed run samples exactly what an uninterrupted one would."""
+        seed = hash((int(self.cfg.seed), self.global_step, batch_idx, self.global_rank)) % (2 ** 62)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
     def chunk_ce(self, input_ids: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
         """Mean next-token cross-entropy over the target tokens that ``loss_mask`` marks."""
         return cross_entropy_term(self.hidden(input_ids), self.lm_head_weight(), input_ids, loss_mask)

@@ -58,6 +58,33 @@ def build_feature_network(cfg: DictConfig, generator, device: str) -> FeatureNet
     return network.to(resolve_dtype(str(cfg.model.dtype), device))
 
 
+def strided_hidden(model, row: torch.Tensor, layout: StridedLayout) -> torch.Tensor:
+    """Final hidden states (batch, length, H) of ``model`` over strided rows (batch, length), one pass."""
+    layout = layout.to(row.device)
+    mask = strided_mask(layout, attn_implementation(model), param_dtype(model))
+    hidden, _ = backbone_forward(model, row, layout.position_ids, mask)
+    return hidden
+
+
+def actor_loss(model, layout: StridedLayout, row: torch.Tensor, advantages: torch.Tensor, temperature: float,
+               gamma: float, rl_coef: float = 1.0, reduction: str = "token_mean",
+               ce_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, pg, ce)`` of the actor update from ONE forward of ``model`` over the strided rows.
+
+    ``row`` (batch, length) from ``layout.scatter_generated``; ``advantages`` (batch, n, NB). The LM
+    head runs only on the ``n*NB*G`` scoring rows (``layout.score_index``, logits / temperature) and
+    the ``T - 1`` teacher-forced rows of the chunk: full-length logits are never formed.
+    """
+    layout = layout.to(row.device)
+    hidden = strided_hidden(model, row, layout)
+    weight = model.get_output_embeddings().weight
+    targets = row[:, layout.token_index]                                 # (B, n, NB, G)
+    logprobs = token_logprobs(hidden[:, layout.score_index], weight, targets, temperature=temperature)
+    pg = policy_gradient_loss(logprobs, layout.broadcast_to_tokens(advantages), reduction=reduction)
+    ce = cross_entropy_term(hidden[:, : layout.seq_len], weight, row[:, : layout.seq_len], ce_mask)
+    return rl_coef * pg + gamma * ce, pg, ce
+
+
 def duplicate_fraction(tokens: torch.Tensor) -> torch.Tensor:
     """Fraction of rollouts (b, j, k) whose G tokens equal another sample's of the same context."""
     n = tokens.shape[1]
@@ -73,6 +100,7 @@ class EBFTModule(FineTuneModule):
         self.features = build_feature_network(cfg, self.generator, self.device_kind())
         self.alpha, self.gamma = float(cfg.alpha), float(cfg.gamma)
         self._step_start = 0.0
+        self._loss_checks: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def sampling_generator(self, batch_idx: int) -> torch.Generator:
         """A per-step RNG: the same (seed, step, micro-batch, rank) always draws the same rollouts,
@@ -88,10 +116,24 @@ class EBFTModule(FineTuneModule):
 
     def strided_hidden(self, row: torch.Tensor) -> torch.Tensor:
         """Final hidden states (batch, length, H) of the generator over the strided row (with grad)."""
-        layout = self.layout.to(row.device)
-        mask = strided_mask(layout, attn_implementation(self.generator), param_dtype(self.generator))
-        hidden, _ = backbone_forward(self.generator, row, layout.position_ids, mask)
-        return hidden
+        return strided_hidden(self.generator, row, self.layout)
+
+    def check_finite_losses(self) -> None:
+        """Raise if a loss since the last check is not finite. On CPU it runs in ``training_step``
+        (before the backward); on an accelerator in ``on_before_optimizer_step``: one host sync per
+        optimizer step, after the backward was queued, and still before any weight changes."""
+        checks, self._loss_checks = self._loss_checks, []
+        if not checks:
+            return
+        finite = torch.stack([torch.isfinite(loss) for _, loss, _, _ in checks])
+        if not bool(finite.all()):
+            step, _, pg, ce = checks[int((~finite).nonzero()[0, 0])]
+            raise FloatingPointError(
+                f"non-finite EBFT loss at step {step} (pg={pg.item()}, ce={ce.item()}): "
+                "lower method.lr, check the data, or use model.dtype=float32")
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.check_finite_losses()
 
     def training_step(self, batch, batch_idx):
         m = self.cfg.method
@@ -106,20 +148,13 @@ class EBFTModule(FineTuneModule):
         advantages = rloo_advantages(rewards, self.alpha).transpose(-1, -2)  # (B, n, NB)
         t2 = time.perf_counter()
 
-        hidden = self.strided_hidden(row)
-        weight = self.lm_head_weight()
-        targets = row[:, layout.token_index]                                 # (B, n, NB, G)
-        logprobs = token_logprobs(hidden[:, layout.score_index], weight, targets,
-                                  temperature=float(m.temperature))
-        pg = policy_gradient_loss(logprobs, layout.broadcast_to_tokens(advantages),
-                                  reduction=str(m.loss_reduction))
         ce_mask = batch["answer_mask"] if m.ce_on == "answer" else None
-        ce = cross_entropy_term(hidden[:, : layout.seq_len], weight, ids, ce_mask)
-        loss = float(m.rl_coef) * pg + self.gamma * ce
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite EBFT loss at step {self.global_step} (pg={pg.item()}, ce={ce.item()}): "
-                "lower method.lr, check the data, or use model.dtype=float32")
+        loss, pg, ce = actor_loss(self.generator, layout, row, advantages, temperature=float(m.temperature),
+                                  gamma=self.gamma, rl_coef=float(m.rl_coef), reduction=str(m.loss_reduction),
+                                  ce_mask=ce_mask)
+        self._loss_checks.append((self.global_step, loss.detach(), pg.detach(), ce.detach()))
+        if loss.device.type == "cpu":  # free here; on an accelerator it would stall the step
+            self.check_finite_losses()
 
         bs = ids.shape[0]
         self.log_dict({

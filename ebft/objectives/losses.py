@@ -8,16 +8,77 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 PG_REDUCTIONS = ("token_mean", "sequence_sum")
 
 
-def _chunk_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                    temperature: float) -> Tensor:
-    """``log_softmax((h W^T + b) / T)[target]`` for one chunk of rows, logits in fp32."""
-    logits = F.linear(hidden, weight, bias).float() / temperature
-    return logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+def _compute_dtype(weight: Tensor) -> torch.dtype:
+    """The matmul dtype: autocast's where it is on for the weight's device, else the weight's."""
+    device = weight.device.type
+    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) is not None:
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
+def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
+    """fp32 ``(h W^T + b) / T`` of one chunk of rows (the operands already in the compute dtype)."""
+    logits = F.linear(hidden, weight, bias).float()
+    return logits.div_(temperature) if temperature != 1.0 else logits
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """``log_softmax((h W^T + b) / T)[target]`` chunk by chunk, holding one chunk of logits at a time.
+
+    The forward keeps only its inputs and the per-row log-sum-exp; the backward recomputes each
+    chunk's logits and forms ``d logp / d logits = (onehot - softmax) / T`` in place, so neither pass
+    holds more than ``chunk_size x V`` fp32 values and no autograd graph of vocab-wide tensors exists.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, compute_dtype):
+        w = weight.to(compute_dtype)
+        b = None if bias is None else bias.to(compute_dtype)
+        out = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, targets.shape[0], chunk_size):
+                rows = slice(start, start + chunk_size)
+                logits = _chunk_logits(hidden[rows].to(compute_dtype), w, b, temperature)
+                lse[rows] = torch.logsumexp(logits, dim=-1)
+                out[rows] = logits.gather(-1, targets[rows, None])[:, 0] - lse[rows]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.temperature, ctx.chunk_size, ctx.compute_dtype = temperature, chunk_size, compute_dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        temperature, chunk_size, dtype = ctx.temperature, ctx.chunk_size, ctx.compute_dtype
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        w = weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        grad_out = grad_out.float()
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, targets.shape[0], chunk_size):
+                rows = slice(start, start + chunk_size)
+                h, g = hidden[rows].to(dtype), grad_out[rows]
+                probs = _chunk_logits(h, w, b, temperature).sub_(lse[rows, None]).exp_()
+                d_logits = probs.mul_(g[:, None].neg() / temperature)
+                d_logits.scatter_add_(-1, targets[rows, None], g[:, None] / temperature)
+                if need_b:
+                    grad_b += d_logits.sum(0)
+                d_logits = d_logits.to(dtype)
+                if need_h:
+                    grad_h[rows] = (d_logits @ w).to(grad_h.dtype)
+                if need_w and dtype == torch.float32:
+                    grad_w.addmm_(d_logits.t(), h)
+                elif need_w:
+                    grad_w += (d_logits.t() @ h).float()
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
 
 
 def token_logprobs(hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, temperature: float = 1.0,
@@ -26,11 +87,12 @@ def token_logprobs(hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, temp
 
     ``log p_T(v | h) = log_softmax((h W^T + b) / T)_v`` with ``hidden (..., H)``,
     ``lm_head_weight (V, H)`` and ``targets (...)``. Rows are processed ``chunk_size`` at a
-    time and each chunk runs under activation checkpointing, so neither the forward nor the
-    backward pass ever holds more than ``chunk_size x V`` fp32 logits. The matmul runs in
-    the weights' dtype and its output is cast to fp32 (as the logits of the model would be).
-    ``temperature`` is the sampling temperature: the authors score generated tokens with
-    the logits divided by it.
+    time by one autograd function that recomputes each chunk's logits in the backward, so
+    neither the forward nor the backward pass ever holds more than ``chunk_size x V`` fp32
+    logits (the forward keeps only its inputs and one log-sum-exp per row). The matmul runs in
+    the weights' dtype (autocast's under autocast) and its output is cast to fp32 (as the
+    logits of the model would be). ``temperature`` is the sampling temperature: the authors
+    score generated tokens with the logits divided by it.
     """
     if temperature <= 0:
         raise ValueError(f"temperature={temperature!r} must be > 0")
@@ -41,15 +103,9 @@ def token_logprobs(hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, temp
     if lm_head_weight.ndim != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"lm_head_weight {tuple(lm_head_weight.shape)} must be (vocab, {hidden.shape[-1]})")
     flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    needs_graph = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, lm_head_weight, lm_head_bias))
-    pieces = []
-    for start in range(0, max(flat_targets.shape[0], 1), chunk_size):  # once even with no rows
-        args = (flat_hidden[start:start + chunk_size], lm_head_weight, lm_head_bias,
-                flat_targets[start:start + chunk_size], temperature)
-        pieces.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if needs_graph
-                      else _chunk_logprobs(*args))
-    return torch.cat(pieces).reshape(targets.shape)
+    out = _TokenLogprobs.apply(flat_hidden, lm_head_weight, lm_head_bias, flat_targets, float(temperature),
+                               chunk_size, _compute_dtype(lm_head_weight))
+    return out.reshape(targets.shape)
 
 
 def _masked_mean(values: Tensor, mask: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,408 @@
+#!/usr/bin/env python
+"""Cost of one EBFT training step against one SFT step on the same chunk (a benchmark, not a test).
+
+Everything runs in one process, after warm-up, and each repeat times every piece once in turn
+(so slow drifts of a shared machine hit all pieces alike); the table shows medians over repeats.
+
+Pieces (one micro-batch of ``--batch`` chunks of T tokens):
+
+- ``sft step``: forward + backward + AdamW step over the T tokens (``cross_entropy_term`` on the
+  backbone's hidden states, as ``FineTuneModule.chunk_ce``).
+- ``ebft sample``: KV-cached strided sampling (``sample_strided``) + building the strided row.
+- ``ebft features``: the frozen feature network over the strided row (``strided_features``).
+- ``ebft rewards``: feature-matching rewards + corrected RLOO advantages.
+- ``ebft actor fwd+bwd``: ``actor_loss`` (one forward over T + n*NB*G tokens: PG + CE) + backward.
+- ``ebft optimizer``: the AdamW step.
+- baselines, not part of the step: ``authors sampling`` (``sample_authors_style``: n copies of the
+  chunk, G uncached forwards of the whole row) and ``generate() per prefix`` (for each of the NB
+  prefixes ``x[0:C+k*s]`` one ``model.generate`` call with do_sample, ``num_return_sequences=n``,
+  exactly G new tokens, the batch of chunks together; KV cache on).
+
+``--ablations`` adds the slower variants the step avoids, timed in the same repeats.
+
+Examples::
+
+    python bench/step_cost.py                                  # CPU, SmolLM2-135M shape, T=256
+    python bench/step_cost.py --model smollm2                  # real SmolLM2-135M-Instruct weights
+    python bench/step_cost.py --device cuda --model qwen2.5-1.5b-shape --batch 8 --attn flex_attention
+    python bench/step_cost.py --device cuda --model qwen2.5-1.5b-shape --find-max-batch --gradient-checkpointing
+
+The last line printed is ``ebft_over_sft=<EBFT step / SFT step>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ebft.methods.ebft import actor_loss, strided_hidden  # noqa: E402
+from ebft.models.features import FeatureNetwork  # noqa: E402
+from ebft.objectives.baselines import rloo_advantages  # noqa: E402
+from ebft.objectives.losses import cross_entropy_term, token_logprobs  # noqa: E402
+from ebft.objectives.rewards import feature_matching_rewards  # noqa: E402
+from ebft.rollout import masks  # noqa: E402
+from ebft.rollout.layout import StridedLayout  # noqa: E402
+from ebft.rollout.sampler import sample_authors_style, sample_strided, sample_strided_nocache  # noqa: E402
+
+MODELS = ("smollm2-shape", "smollm2", "qwen2.5-1.5b-shape", "tiny")
+ABLATIONS = ("nocache", "full_logits", "full_features", "copies", "dense_attention", "eager", "mask_build",
+             "inference_mode")
+
+
+# ------------------------------------------------------------------------------------------ models
+def qwen25_15b_config():
+    """Qwen2.5-1.5B's architecture (its config.json), for random initialisation."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                       intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True,
+                       max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                       hidden_act="silu", use_sliding_window=False, bos_token_id=151643, eos_token_id=151643)
+
+
+def smollm2_config():
+    """SmolLM2-135M-Instruct's architecture, read from the embedded model's cached HF directory."""
+    from transformers import AutoConfig
+
+    from ebft.models.loading import EMBEDDED_DEFAULT, _materialise_gguf, resolve_source
+
+    return AutoConfig.from_pretrained(_materialise_gguf(resolve_source(EMBEDDED_DEFAULT)))
+
+
+def build_generator(name: str, device: torch.device, attn: str, seed: int):
+    """The trainable model in fp32 weights (GPU runs autocast to bf16, as Lightning's bf16-mixed)."""
+    from transformers import AutoModelForCausalLM
+
+    from ebft.models.loading import EMBEDDED_DEFAULT, build_tiny_model, load_model
+
+    torch.manual_seed(seed)
+    if name == "smollm2":
+        model = load_model(EMBEDDED_DEFAULT, dtype=torch.float32, attn_implementation=attn)
+    elif name == "tiny":
+        model = build_tiny_model(attn_implementation=attn, seed=seed)
+    else:
+        config = smollm2_config() if name == "smollm2-shape" else qwen25_15b_config()
+        with torch.device(device):  # random init directly on the device (1.5B on CPU is slow)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
+    model.config.use_cache = False
+    return model.to(device)
+
+
+# ----------------------------------------------------------------------------------------- timing
+class Meter:
+    """Wall time (device synchronised) and peak memory of one piece."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.times: dict[str, list[float]] = {}
+        self.peaks: dict[str, float] = {}
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def reset_peak(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            with contextlib.suppress(OSError):  # Linux: "5" resets VmHWM (the peak RSS) to the current RSS
+                Path("/proc/self/clear_refs").write_text("5")
+
+    def peak_gib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2 ** 20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+    @contextlib.contextmanager
+    def time(self, name: str, record: bool):
+        self.sync()
+        self.reset_peak()
+        start = time.perf_counter()
+        yield
+        self.sync()
+        elapsed = time.perf_counter() - start
+        if record:
+            self.times.setdefault(name, []).append(elapsed)
+            self.peaks[name] = max(self.peaks.get(name, 0.0), self.peak_gib())
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.times[name])
+
+
+# ------------------------------------------------------------------------------------------ steps
+class Bench:
+    def __init__(self, args, device: torch.device):
+        self.args, self.device = args, device
+        self.generator = build_generator(args.model, device, args.attn, args.seed)
+        if args.gradient_checkpointing:
+            self.generator.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.generator.train()
+        fdtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.features = FeatureNetwork(self.generator, layers=(0.25, 0.5, 0.75), pooling=args.pooling).to(fdtype)
+        self.opt = torch.optim.AdamW([p for p in self.generator.parameters() if p.requires_grad], lr=1e-6,
+                                     betas=(0.9, 0.95), weight_decay=0.0)
+        self.layout = StridedLayout(args.T, args.C, args.s, args.G, args.n).to(device)
+        self.rng = torch.Generator(device=device).manual_seed(args.seed)
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def chunk(self, batch: int) -> torch.Tensor:
+        vocab = self.generator.config.vocab_size
+        return torch.randint(0, vocab, (batch, self.args.T), generator=torch.Generator().manual_seed(1)).to(self.device)
+
+    # -- the two steps ------------------------------------------------------------------------------
+    def sft_step(self, meter: Meter, ids: torch.Tensor, record: bool):
+        weight = self.generator.get_output_embeddings().weight
+        with meter.time("sft step", record):
+            self.opt.zero_grad(set_to_none=True)
+            with self.autocast():
+                hidden = self.generator.get_decoder()(input_ids=ids).last_hidden_state
+                loss = cross_entropy_term(hidden, weight, ids)
+            loss.backward()
+            self.opt.step()
+        return loss.detach()
+
+    def ebft_step(self, meter: Meter, ids: torch.Tensor, record: bool, alpha: float = 1.0, gamma: float = 0.03):
+        a, layout = self.args, self.layout
+        with self.autocast():
+            with meter.time("ebft sample", record):
+                tokens = sample_strided(self.generator, ids, layout, temperature=a.temperature, generator=self.rng)
+                row = layout.scatter_generated(ids, tokens)
+            with meter.time("ebft features", record):
+                gen_f, gt_f = self.features.strided_features(row, layout)
+            with meter.time("ebft rewards", record):
+                rewards = feature_matching_rewards(gen_f, gt_f, alpha, a.whitening)
+                advantages = rloo_advantages(rewards, alpha).transpose(-1, -2)
+            with meter.time("ebft actor fwd+bwd", record):
+                self.opt.zero_grad(set_to_none=True)
+                loss, _, _ = actor_loss(self.generator, layout, row, advantages, temperature=a.temperature,
+                                        gamma=gamma)
+                loss.backward()
+        with meter.time("ebft optimizer", record):
+            self.opt.step()
+        return row, advantages
+
+    # -- baselines and ablations --------------------------------------------------------------------
+    def authors_sampling(self, meter, ids, record):
+        with self.autocast(), meter.time("authors sampling", record):
+            sample_authors_style(self.generator, ids, self.layout, temperature=self.args.temperature,
+                                 generator=self.rng)
+
+    def generate_per_prefix(self, meter, ids, record):
+        a, layout, model = self.args, self.layout, self.generator
+        was_training = model.training
+        model.eval()
+        with self.autocast(), meter.time("generate() per prefix", record), torch.inference_mode():
+            for end in layout.context_end.tolist():
+                model.generate(ids[:, :end], attention_mask=torch.ones_like(ids[:, :end]), do_sample=True,
+                               temperature=a.temperature, top_p=1.0, top_k=0, max_new_tokens=a.G,
+                               min_new_tokens=a.G, num_return_sequences=a.n, use_cache=True,
+                               pad_token_id=0)
+        model.train(was_training)
+
+    def ablations(self, meter, ids, row, advantages, record):
+        a, layout, model = self.args, self.layout, self.generator
+        which = set(a.ablations)
+        if "nocache" in which:
+            with self.autocast(), meter.time("abl: sampling without KV cache", record):
+                sample_strided_nocache(model, ids, layout, temperature=a.temperature, generator=self.rng)
+        if "mask_build" in which:
+            with meter.time("abl: build full strided mask (uncached)", record):
+                masks.dense_mask(layout)
+        if "full_logits" in which:
+            with self.autocast(), meter.time("abl: actor fwd+bwd, full-length fp32 logits", record):
+                self.opt.zero_grad(set_to_none=True)
+                hidden = strided_hidden(model, row, layout)
+                logits = model.get_output_embeddings()(hidden).float()  # (B, length, V), as the authors
+                logp_t = (logits / a.temperature).log_softmax(-1)
+                pg = logp_t[:, layout.score_index].gather(-1, row[:, layout.token_index, None])[..., 0]
+                ce = logits.log_softmax(-1)[:, : a.T - 1].gather(-1, row[:, 1: a.T, None])[..., 0]
+                (-(pg * layout.broadcast_to_tokens(advantages)).mean() - 0.03 * ce.mean()).backward()
+        if "copies" in which:
+            single = StridedLayout(a.T, a.C, a.s, a.G, 1).to(self.device)
+            copies = single.scatter_generated(ids.repeat_interleave(a.n, 0),
+                                              row[:, layout.token_index].flatten(0, 1).unsqueeze(1))
+            adv = advantages.flatten(0, 1).unsqueeze(1)
+            with self.autocast(), meter.time("abl: actor fwd+bwd, n copies of the chunk", record):
+                self.opt.zero_grad(set_to_none=True)
+                loss, _, _ = actor_loss(model, single, copies, adv, temperature=a.temperature, gamma=0.03)
+                loss.backward()
+            with self.autocast(), meter.time("abl: features, n copies of the chunk", record):
+                self.features.strided_features(copies, single)
+        if "full_features" in which:
+            with self.autocast(), meter.time("abl: features, full depth + LM head", record), torch.no_grad():
+                model.eval()
+                hidden = strided_hidden(model, row, layout)
+                model.get_output_embeddings()(hidden)
+                model.train()
+        if "inference_mode" in which:
+            with self.autocast(), meter.time("abl: features under inference_mode", record), torch.inference_mode():
+                self.features.strided_features(row, layout)
+        for impl, name in (("dense_attention", "abl: actor fwd+bwd, dense sdpa mask"),
+                           ("eager", "abl: actor fwd+bwd, eager attention")):
+            if impl in which:
+                with self.autocast(), _attention(model, impl), meter.time(name, record):
+                    self.opt.zero_grad(set_to_none=True)
+                    loss, _, _ = actor_loss(model, layout, row, advantages, temperature=a.temperature, gamma=0.03)
+                    loss.backward()
+        self.opt.zero_grad(set_to_none=True)
+
+
+@contextlib.contextmanager
+def _attention(model, variant: str):
+    """Temporarily run the strided row with dense sdpa masks or with eager attention."""
+    if variant == "eager":
+        old = model.config._attn_implementation
+        model.set_attn_implementation("eager")
+        try:
+            yield
+        finally:
+            model.set_attn_implementation(old)
+    else:
+        with masks.dense_strided_sdpa():
+            yield
+
+
+# -------------------------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--model", default="smollm2-shape", choices=MODELS,
+                   help="smollm2-shape: SmolLM2-135M architecture, random init; smollm2: its real weights; "
+                        "qwen2.5-1.5b-shape: Qwen2.5-1.5B architecture, random init (GPU); tiny: tests' model")
+    p.add_argument("--T", type=int, default=None, help="chunk length (default 1024 on cuda, 256 on cpu)")
+    p.add_argument("--C", type=int, default=8)
+    p.add_argument("--s", type=int, default=8)
+    p.add_argument("--G", type=int, default=8)
+    p.add_argument("--n", type=int, default=4)
+    p.add_argument("--batch", type=int, default=1, help="chunks per micro-batch")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--whitening", default="reference")
+    p.add_argument("--pooling", default="last_token")
+    p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flex_attention"))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--no-authors", action="store_true", help="skip the authors-style sampling baseline")
+    p.add_argument("--no-generate", action="store_true", help="skip the per-prefix generate() baseline")
+    p.add_argument("--ablations", nargs="*", default=[], choices=("all", *ABLATIONS),
+                   help="also time the slower variants the step avoids")
+    p.add_argument("--find-max-batch", action="store_true",
+                   help="GPU: double --batch until the EBFT step runs out of memory; report the largest that fits")
+    args = p.parse_args(argv)
+    if args.T is None:
+        args.T = 1024 if args.device.startswith("cuda") else 256
+    if "all" in args.ablations:
+        args.ablations = list(ABLATIONS)
+    return args
+
+
+def find_max_batch(bench: Bench, meter: Meter) -> None:
+    """Double the micro-batch until the EBFT step (and the SFT step) no longer fit in GPU memory."""
+    if bench.device.type != "cuda":
+        raise SystemExit("--find-max-batch needs --device cuda (CPU memory is not probed)")
+    batch, best = bench.args.batch, None
+    while True:
+        try:
+            ids = bench.chunk(batch)
+            bench.ebft_step(meter, ids, record=False)
+            torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            bench.ebft_step(meter, ids, record=False)
+            torch.cuda.synchronize()
+            ebft_s, ebft_peak = time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2 ** 30
+            best = (batch, ebft_s, ebft_peak)
+            print(f"batch {batch:4d}: EBFT step {ebft_s:8.3f} s  peak {ebft_peak:7.2f} GiB  "
+                  f"({batch * bench.layout.length} strided tokens)", flush=True)
+            batch *= 2
+        except torch.cuda.OutOfMemoryError:
+            print(f"batch {batch:4d}: out of memory", flush=True)
+            break
+        finally:
+            bench.opt.zero_grad(set_to_none=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+    if best is not None:
+        print(f"max_batch={best[0]} (EBFT step {best[1]:.3f} s, peak {best[2]:.2f} GiB)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    bench = Bench(args, device)
+    meter = Meter(device)
+    lay = bench.layout
+    print(f"model={args.model} device={device} attn={args.attn} threads={torch.get_num_threads()} "
+          f"torch={torch.__version__} grad_ckpt={args.gradient_checkpointing}")
+    print(f"T={args.T} C={args.C} s={args.s} G={args.G} n={args.n} batch={args.batch}: NB={lay.num_blocks}, "
+          f"strided row {lay.length} tokens (chunk {args.T} + {args.n * lay.num_blocks * args.G} generated)",
+          flush=True)
+    if args.find_max_batch:
+        find_max_batch(bench, meter)
+        return
+    ids = bench.chunk(args.batch)
+    for rep in range(args.warmup + args.repeats):
+        record = rep >= args.warmup
+        row, adv = bench.ebft_step(meter, ids, record)
+        bench.sft_step(meter, ids, record)
+        if not args.no_authors:
+            bench.authors_sampling(meter, ids, record)
+        if not args.no_generate:
+            bench.generate_per_prefix(meter, ids, record)
+        if args.ablations:
+            bench.ablations(meter, ids, row, adv, record)
+        print(f"  repeat {rep + 1}/{args.warmup + args.repeats}{'' if record else ' (warm-up)'}: "
+              + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in meter.times.items() if k.startswith(("ebft", "sft"))
+                          and record), flush=True)
+    report(meter, args)
+
+
+def report(meter: Meter, args) -> None:
+    med = {k: meter.median(k) for k in meter.times}
+    parts = ("ebft sample", "ebft features", "ebft rewards", "ebft actor fwd+bwd", "ebft optimizer")
+    ebft, sft = sum(med[p] for p in parts), med["sft step"]
+    mem = "peak GiB (GPU allocated)" if meter.device.type == "cuda" else "peak RSS GiB"
+    print(f"\n| piece | median s | x SFT step | {mem} |\n|---|---:|---:|---:|")
+    for name in ("sft step", *parts):
+        print(f"| {name} | {med[name]:.3f} | {med[name] / sft:.2f} | {meter.peaks[name]:.2f} |")
+    print(f"| **ebft step (sum)** | {ebft:.3f} | {ebft / sft:.2f} | {max(meter.peaks[p] for p in parts):.2f} |")
+    for name in sorted(k for k in med if k not in parts and k != "sft step"):
+        print(f"| {name} | {med[name]:.3f} | {med[name] / sft:.2f} | {meter.peaks[name]:.2f} |")
+    print()
+    if "authors sampling" in med:
+        print(f"strided sampler speedup over authors-style sampling: {med['authors sampling'] / med['ebft sample']:.2f}x")
+        print(f"EBFT step with authors-style sampling / SFT: "
+              f"{(ebft - med['ebft sample'] + med['authors sampling']) / sft:.2f}x")
+    if "generate() per prefix" in med:
+        print(f"strided sampler speedup over per-prefix generate(): "
+              f"{med['generate() per prefix'] / med['ebft sample']:.2f}x")
+    print(f"process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB")
+    print(f"ebft_over_sft={ebft / sft:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Prompt data for RLVR: each training row's ``question`` is a prompt, served with the row its
+verifier needs.
+
+Split and validation: the rows are split with ``train_val_split`` exactly as the chunk data
+(``data.val_size``, ``data.seed``), and validation CE runs on the same packed held-out chunks, so
+the validation curves of SFT, EBFT and RLVR are comparable.
+
+Prompt format: the question tokenised without special tokens, nothing added (the packed chunks
+join question and answer the same way), so the completion plays the answer's part:
+
+- stdlib Q&A rows (``test_type="doctest"``): the prompt is the ``def`` line and docstring, the
+  completion is the body; the verifier runs ``question + body`` and then the docstring's examples.
+  The examples and the body use the names of the function's module (``os``, private helpers), so
+  such a row gets a ``test_setup`` that copies that module's namespace into the program, all but
+  the function itself (``with_module_namespace``).
+- MBPP rows: the prompt is the task text and its asserts, the completion a whole solution.
+- translation rows: the ALMA prompt; the whole completion is scored by sentence BLEU.
+
+Training prompts are the training rows that have a verifier (code: unit tests or doctests;
+translation: a reference and a target language), whose reference answer earns the full reward
+1.0 while the empty completion does not (``method.check_references``; drops rows whose tests
+cannot pass here or pass without the solution), and whose prompt fits in
+``method.max_prompt_tokens``. Every drop is counted in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ebft.data.datamodule import ChunkDataModule, ResumableBatchSampler
+from ebft.data.packing import pack_rows
+from ebft.data.sources import DataConfigError, load_rows, train_val_split
+from ebft.objectives.verifiable import RewardFn, code_problem, reward_fn_for
+
+log = logging.getLogger(__name__)
+
+_NAMESPACE_SETUP = (
+    "import importlib as _importlib\n"
+    "globals().update({{_k: _v for _k, _v in vars(_importlib.import_module({module!r})).items()\n"
+    "                  if not _k.startswith('__') and _k != {entry_point!r}}})\n")
+
+
+def with_module_namespace(row: dict) -> dict:
+    """A standard-library doctest row (with ``module`` and ``entry_point``) with a ``test_setup``
+    that gives the program its module's globals, except the function under test; other rows as given."""
+    if row.get("test_type") != "doctest" or not row.get("module") or row.get("test_setup"):
+        return row
+    setup = _NAMESPACE_SETUP.format(module=row["module"], entry_point=row.get("entry_point", ""))
+    return {**row, "test_setup": setup}
+
+
+def has_verifier(row: dict, task: str) -> bool:
+    """Whether the task's verifier can score completions of ``row`` (code: tests; translation: a reference)."""
+    if task == "qa_code":
+        try:
+            code_problem(row)
+        except ValueError:
+            return False
+        return True
+    if task == "translation":
+        return bool(row.get("answer", "").strip()) and bool(row.get("target_lang"))
+    raise DataConfigError(f"task '{task}' has no verifiable reward; RLVR runs on qa_code or translation")
+
+
+def informative(rows: Sequence[dict], reward_fn: RewardFn) -> list[bool]:
+    """Per row: its reference ``answer`` earns the full reward 1.0 (up to float rounding: BLEU of an
+    exact match is 1.0000000000000004) and the empty completion does not."""
+    rewards = reward_fn([r["answer"] for r in rows] + [""] * len(rows), [*rows, *rows])
+    full = 1.0 - 1e-9
+    return [ref >= full > empty for ref, empty in zip(rewards[:len(rows)], rewards[len(rows):])]
+
+
+def select_prompts(rows: Sequence[dict], task: str, tokenizer, max_prompt_tokens: int,
+                   check_references: bool, reward_fn: RewardFn | None = None) -> tuple[list[dict], list[list[int]]]:
+    """Training rows and their prompt token ids, after the filters of the module docstring."""
+    counts = {"rows": len(rows)}
+    rows = [with_module_namespace(r) for r in rows if has_verifier(r, task)]
+    counts["without a verifier"] = counts["rows"] - len(rows)
+    if check_references and rows:
+        keep = informative(rows, reward_fn or reward_fn_for(task))
+        counts["reference fails or empty passes"] = keep.count(False)
+        rows = [r for r, k in zip(rows, keep) if k]
+    encoded = tokenizer([r["question"] for r in rows], add_special_tokens=False)["input_ids"] if rows else []
+    fits = [0 < len(ids) <= max_prompt_tokens for ids in encoded]
+    counts[f"empty or longer than {max_prompt_tokens} tokens"] = fits.count(False)
+    rows = [r for r, ok in zip(rows, fits) if ok]
+    encoded = [ids for ids, ok in zip(encoded, fits) if ok]
+    dropped = ", ".join(f"{v} {k}" for k, v in counts.items() if k != "rows")
+    log.info("rlvr prompts: %d of %d training rows (dropped: %s)", len(rows), counts["rows"], dropped)
+    if not rows:
+        raise DataConfigError(f"no RLVR prompt is left of {counts['rows']} training rows ({dropped}); "
+                              "use rows with unit tests (e.g. data.mbpp_path=<mbpp.jsonl>) or more data")
+    return rows, encoded
+
+
+class PromptDataset(Dataset):
+    """Item ``i``: ``{"prompt_ids": list of token ids, "row": the row}``."""
+
+    def __init__(self, rows: list[dict], prompt_ids: list[list[int]]):
+        self.rows, self.prompt_ids = rows, prompt_ids
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"prompt_ids": self.prompt_ids[i], "row": self.rows[i]}
+
+
+def left_pad_collate(pad_id: int) -> Callable[[list[dict]], dict]:
+    """Collate prompts into ``prompt_ids``/``prompt_mask`` (B, P_max), padded on the left, and ``rows``."""
+
+    def collate(items: list[dict]) -> dict:
+        width = max(len(it["prompt_ids"]) for it in items)
+        ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for i, it in enumerate(items):
+            length = len(it["prompt_ids"])
+            ids[i, width - length:] = torch.tensor(it["prompt_ids"], dtype=torch.long)
+            mask[i, width - length:] = 1
+        return {"prompt_ids": ids, "prompt_mask": mask, "rows": [it["row"] for it in items]}
+
+    return collate
+
+
+class PromptDataModule(ChunkDataModule):
+    """Training: batches of ``method.batch_size`` prompts (resumable, sharded by rank, as the chunk
+    data); validation: the packed held-out chunks of ``ChunkDataModule``."""
+
+    def __init__(self, cfg, tokenizer):
+        super().__init__(cfg, tokenizer)
+        self.prompts: PromptDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.prompts is not None:
+            return
+        cfg = self.cfg
+        rows = load_rows(cfg.data, cfg.task.name)
+        train_rows, self.val_rows = train_val_split(rows, int(cfg.data.val_size), int(cfg.data.seed))
+        self.val_chunks = pack_rows(self.val_rows, self.tokenizer, int(cfg.task.seq_len))
+        self.prompts = PromptDataset(*select_prompts(
+            train_rows, str(cfg.task.name), self.tokenizer, int(cfg.method.max_prompt_tokens),
+            bool(cfg.method.check_references)))
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = ResumableBatchSampler(len(self.prompts), self.batch_size, int(self.cfg.seed), rank, world,
+                                        self._consumed_batches())
+        return DataLoader(self.prompts, batch_sampler=sampler, collate_fn=left_pad_collate(self.tokenizer.pad_token_id),
+                          num_workers=int(self.cfg.data.get("num_workers", 0)))

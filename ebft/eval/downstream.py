@@ -1,0 +1,183 @@
+"""Downstream benchmarks: code (HumanEval, MBPP, MultiPL-E) and translation (held-out pairs).
+
+Every problem gets a greedy completion and ``n`` samples (:mod:`ebft.eval.generation`).
+
+Code: completions are cut where the benchmark's own post-processing cuts them
+(:meth:`~ebft.eval.code.CodeProblem.extract`: the first fenced block, else the text before the
+first stop sequence; generation stops as soon as that cut is final) and run against the unit tests
+in the sandbox (:func:`~ebft.eval.code.score_completions`). Reported: greedy accuracy and the
+unbiased ``pass@k = 1 - C(n-c, k) / C(n, k)`` for ``k`` in 1, 4, 16 (``k <= n``), averaged over
+problems.
+
+Translation: the completion's first line is the hypothesis. Per instance, sentence BLEU and chrF
+(sacreBLEU, 0-100; zh tokenizer for Chinese targets) and, when configured, COMET-22 (0-1).
+Reported per metric: the greedy score and best-of-k (the per-instance maximum over the first ``k``
+samples, averaged over instances; paper §3.1) for ``k`` in 1, 4, 16 (``k <= n``). Every column is a
+mean of per-instance scores, so best-of-k can never fall below best-of-1 on the same samples.
+Corpus BLEU and chrF of the greedy hypotheses, per target language, go to the details.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+from tqdm.auto import tqdm
+
+from ebft.eval.code import CodeProblem, mean_pass_at_k, score_completions
+from ebft.eval.generation import Completions, Done, Sampling, complete
+from ebft.eval.translation import best_of_k, comet_scores, corpus_bleu, corpus_chrf, sentence_bleu
+
+KS = (1, 4, 16)
+"""The k of pass@k and best-of-k (those with k <= n are reported)."""
+
+_ALMA_PROMPT = re.compile(r"^Translate this from (.+?) to (.+?):\n\1: (.*)\n\2:$", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one benchmark gives: scores per metric family (``{"HumanEval": {"greedy": ..., "pass@1": ...}}``,
+    ``{"BLEU": {...}, "chrF": {...}}``) and per-problem records."""
+
+    scores: dict[str, dict[str, float]]
+    records: list[dict]
+    details: dict | None = None
+
+
+def reported_ks(n_samples: int) -> list[int]:
+    return [k for k in KS if k <= n_samples]
+
+
+def _groups(items: Sequence, size: int, desc: str, progress: bool) -> Iterator[tuple[int, Sequence]]:
+    """``(index of the call, items of the call)``, with a progress bar over the items."""
+    with tqdm(total=len(items), desc=desc, unit="problem", disable=not progress) as bar:
+        for call, start in enumerate(range(0, len(items), size)):
+            group = items[start:start + size]
+            yield call, group
+            bar.update(len(group))
+
+
+def _completions(model, tokenizer, prompts: Sequence[str], done: Sequence[Done], sampling: Sampling, desc: str,
+                 progress: bool, score: Callable[[int, Completions], dict]) -> list[dict]:
+    """Generate for every prompt in calls of ``sampling.prompts_per_call`` and score each as it comes."""
+    records = []
+    size = sampling.prompts_per_call
+    for call, group in _groups(range(len(prompts)), size, desc, progress):
+        outs = complete(model, tokenizer, [prompts[i] for i in group], sampling, [done[i] for i in group], call)
+        records.extend(score(i, out) for i, out in zip(group, outs))
+    return records
+
+
+# --------------------------------------------------------------------------- code
+
+
+def code_done(problem: CodeProblem) -> Done:
+    """Generation of ``problem`` is over once ``extract`` would cut: a fenced block is closed,
+    or (without a fence) a stop sequence appeared."""
+    def done(text: str) -> bool:
+        if "```" in text:
+            return text.count("```") >= 2
+        return any(stop in text for stop in problem.stop_sequences)
+    return done
+
+
+def run_code(model, tokenizer, problems: Sequence[CodeProblem], sampling: Sampling, desc: str,
+             timeout: float = 3.0, workers: int | None = None, progress: bool = True) -> Outcome:
+    """Greedy accuracy and pass@k of ``model`` on ``problems`` (scores under the name ``desc``)."""
+    if not problems:
+        raise ValueError(f"{desc}: no problems to evaluate")
+
+    def score(i: int, out: Completions) -> dict:
+        problem = problems[i]
+        passed = score_completions(problem, [out.greedy, *out.samples], timeout=timeout, workers=workers)
+        return {"task_id": problem.task_id, "greedy_passed": passed[0], "samples_passed": passed[1:],
+                "greedy": out.greedy, "samples": out.samples}
+
+    records = _completions(model, tokenizer, [p.prompt for p in problems], [code_done(p) for p in problems],
+                           sampling, desc, progress, score)
+    scores = {"greedy": sum(r["greedy_passed"] for r in records) / len(records)}
+    for k in reported_ks(sampling.n_samples):
+        scores[f"pass@{k}"] = mean_pass_at_k([r["samples_passed"] for r in records], k)
+    return Outcome({desc: scores}, records)
+
+
+# --------------------------------------------------------------------------- translation
+
+
+@dataclass(frozen=True)
+class TranslationPair:
+    """One held-out pair: the prompt the model completes, its reference and the target language."""
+
+    prompt: str
+    reference: str
+    target_lang: str
+
+    @classmethod
+    def from_row(cls, row: dict) -> TranslationPair:
+        if "target_lang" not in row:
+            raise ValueError("translation rows need 'target_lang' (e.g. 'de', 'zh') to pick the BLEU tokenizer; "
+                             "use task=translation with its data (data=embedded or an ALMA preset)")
+        return cls(row["question"], row["answer"].strip(), str(row["target_lang"]))
+
+    def source(self) -> str:
+        """The source sentence inside the ALMA prompt (COMET scores it with the translation)."""
+        match = _ALMA_PROMPT.match(self.prompt)
+        if match is None:
+            raise ValueError("COMET needs the source sentence, and this prompt is not in the ALMA format "
+                             "'Translate this from X to Y:\\nX: <text>\\nY:'; drop comet from metrics")
+        return match.group(3)
+
+
+def first_line(text: str) -> str:
+    """The hypothesis in a completion: its first non-empty line, stripped."""
+    return text.lstrip().split("\n", 1)[0].strip()
+
+
+def _translation_done(text: str) -> bool:
+    return "\n" in text.lstrip()
+
+
+def _family(per_instance: Sequence[Sequence[float]], ks: Sequence[int]) -> dict[str, float]:
+    """greedy + best-of-k columns from per-instance ``[greedy, sample_1, ..., sample_n]`` scores."""
+    out = {"greedy": sum(s[0] for s in per_instance) / len(per_instance)}
+    for k in ks:
+        out[f"best-of-{k}"] = best_of_k([s[1:] for s in per_instance], k)
+    return out
+
+
+def run_translation(model, tokenizer, pairs: Sequence[TranslationPair], sampling: Sampling,
+                    comet_python: str | None = None, progress: bool = True) -> Outcome:
+    """BLEU and chrF (and COMET with ``comet_python``): greedy and best-of-k over ``pairs``."""
+    if not pairs:
+        raise ValueError("translation: no held-out pairs to evaluate")
+
+    def score(i: int, out: Completions) -> dict:
+        pair = pairs[i]
+        hyps = [first_line(t) for t in (out.greedy, *out.samples)]
+        return {"prompt": pair.prompt, "reference": pair.reference, "target_lang": pair.target_lang,
+                "hypotheses": hyps,
+                "bleu": [sentence_bleu(h, pair.reference, pair.target_lang) for h in hyps],
+                "chrf": [corpus_chrf([h], [pair.reference]) for h in hyps]}
+
+    records = _completions(model, tokenizer, [p.prompt for p in pairs], [_translation_done] * len(pairs),
+                           sampling, "translation", progress, score)
+    if comet_python:
+        flat = [(p.source(), h, p.reference) for p, r in zip(pairs, records) for h in r["hypotheses"]]
+        values = iter(comet_scores(*zip(*flat), comet_python=comet_python))
+        for r in records:
+            r["comet"] = [next(values) for _ in r["hypotheses"]]
+    ks = reported_ks(sampling.n_samples)
+    scores = {name: _family([r[key] for r in records], ks)
+              for key, name in (("bleu", "BLEU"), ("chrf", "chrF"), ("comet", "COMET")) if key in records[0]}
+    return Outcome(scores, records, {"corpus_greedy": _corpus_by_language(records)})
+
+
+def _corpus_by_language(records: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """Corpus BLEU and chrF of the greedy hypotheses per target language."""
+    out = {}
+    for lang in sorted({r["target_lang"] for r in records}):
+        hyps = [r["hypotheses"][0] for r in records if r["target_lang"] == lang]
+        refs = [r["reference"] for r in records if r["target_lang"] == lang]
+        out[lang] = {"bleu": corpus_bleu(hyps, refs, lang), "chrf": corpus_chrf(hyps, refs), "pairs": len(hyps)}
+    return out

@@ -1,0 +1,127 @@
+"""Batched text generation for downstream evaluation: a greedy completion and ``n`` samples per prompt.
+
+Prompts are tokenised without special tokens (as the training chunks are), left-padded into one
+batch and completed with ``model.generate`` and the KV cache. Sampling draws from
+``softmax(logits / temperature)`` restricted to the top-p nucleus (no top-k cut), the setting of
+the paper's downstream evaluation (temperature 0.6). A prompt's completion ends at EOS, after
+``max_new_tokens`` tokens, or as soon as its ``done(text)`` predicate holds for the text generated
+so far (e.g. a stop sequence appeared); each sequence of the batch stops on its own.
+
+The draws come from a ``torch`` RNG seeded per call inside ``torch.random.fork_rng``, so a fixed
+``seed`` gives the same samples for the same model and the caller's RNG state is left untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+Done = Callable[[str], bool]
+"""Whether a completion is finished, judged on its decoded text so far."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How completions are drawn: ``n_samples`` at ``temperature`` / ``top_p`` besides the greedy one."""
+
+    n_samples: int = 16
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 512
+    batch_size: int = 16
+    seed: int = 43
+
+    def __post_init__(self):
+        if self.n_samples < 0:
+            raise ValueError(f"n_samples={self.n_samples} must be >= 0 (0 = greedy only)")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0 (greedy decoding is always included)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]; 1.0 switches nucleus sampling off")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} and batch_size={self.batch_size} must be >= 1")
+
+    @property
+    def prompts_per_call(self) -> int:
+        """Prompts per ``generate`` call so that a call holds at most ``batch_size`` sampled sequences."""
+        return max(1, self.batch_size // max(1, self.n_samples))
+
+
+@dataclass(frozen=True)
+class Completions:
+    """The greedy completion and the sampled ones of one prompt (raw generated text)."""
+
+    greedy: str
+    samples: list[str]
+
+
+class _TextDone(StoppingCriteria):
+    """Per-sequence stop: decode each unfinished sequence's new tokens and ask its ``done`` predicate."""
+
+    def __init__(self, tokenizer, prompt_len: int, done: Sequence[Done]):
+        self.tokenizer, self.prompt_len, self.done = tokenizer, prompt_len, list(done)
+        self.finished = [False] * len(self.done)
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        open_rows = [i for i, f in enumerate(self.finished) if not f]
+        texts = self.tokenizer.batch_decode(input_ids[open_rows, self.prompt_len:], skip_special_tokens=True)
+        for i, text in zip(open_rows, texts):
+            self.finished[i] = self.done[i](text)
+        return torch.tensor(self.finished, dtype=torch.bool, device=input_ids.device)
+
+
+def left_padded(tokenizer, prompts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` (batch, L) of ``prompts``, padded on the left."""
+    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    if any(len(e) == 0 for e in encoded):
+        raise ValueError("an empty prompt cannot be completed; drop it from the benchmark")
+    width = max(map(len, encoded))
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
+    return ids, mask
+
+
+def generate(model, tokenizer, prompts: Sequence[str], *, num_return: int, temperature: float, top_p: float,
+             max_new_tokens: int, seed: int, done: Sequence[Done] | None = None) -> list[list[str]]:
+    """``num_return`` completions per prompt (greedy when ``temperature == 0``), as decoded text.
+
+    ``done`` holds one predicate per prompt (None: stop at EOS or ``max_new_tokens`` only).
+    """
+    ids, mask = left_padded(tokenizer, prompts, next(model.parameters()).device)
+    sampler = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else {}
+    config = GenerationConfig(max_new_tokens=max_new_tokens, num_return_sequences=num_return, use_cache=True,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampler)
+    stops = None
+    if done is not None:
+        per_row = [d for d in done for _ in range(num_return)]
+        stops = StoppingCriteriaList([_TextDone(tokenizer, ids.shape[1], per_row)])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else []), torch.inference_mode():
+            torch.manual_seed(seed)
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                 stopping_criteria=stops)
+    finally:
+        model.train(was_training)
+    texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    return [texts[i * num_return:(i + 1) * num_return] for i in range(len(prompts))]
+
+
+def complete(model, tokenizer, prompts: Sequence[str], sampling: Sampling, done: Sequence[Done] | None = None,
+             call_index: int = 0) -> list[Completions]:
+    """Greedy completion plus ``sampling.n_samples`` samples for each prompt (one call each).
+
+    ``call_index`` offsets the seed so successive calls of one evaluation draw independently.
+    """
+    common = {"max_new_tokens": sampling.max_new_tokens, "top_p": sampling.top_p, "done": done}
+    greedy = generate(model, tokenizer, prompts, num_return=1, temperature=0.0, seed=0, **common)
+    samples = [[] for _ in prompts]
+    if sampling.n_samples:
+        samples = generate(model, tokenizer, prompts, num_return=sampling.n_samples,
+                           temperature=sampling.temperature, seed=sampling.seed + call_index, **common)
+    return [Completions(g[0], s) for g, s in zip(greedy, samples)]

@@ -1,0 +1,266 @@
+"""RLVR baseline: GRPO with a verifiable reward (paper §3; hyperparameters of Table 5).
+
+One training step on a micro-batch of ``B`` prompts (``ebft.data.prompts``), ``n`` samples each:
+
+1. Rollout (no grad, eval mode): the left-padded prompts are prefilled ONCE into a KV cache, the
+   cache is repeated ``n`` times, and each of the ``B*n`` completions is sampled token by token from
+   ``softmax(logits / temperature)`` (top-p nucleus) until it emits EOS or reaches
+   ``max_new_tokens``. The counted tokens of a completion are its tokens up to and including EOS.
+2. Rewards ``r_ij`` in [0, 1] from the task's verifier (``ebft.objectives.verifiable``): 1 when the
+   code passes all of the row's unit tests / doctests (else 0), sentence BLEU / 100 for translation.
+3. GRPO advantages, one per completion (``group_normalized_advantages``)::
+
+       A_ij = (r_ij - mean_j' r_ij') / (s + eps),   s = std_j' r_ij'  (scale_rewards=group)
+                                                    s = std of all rewards of the micro-batch (batch)
+                                                    s + eps = 1 (none)
+
+4. ONE forward with grad of the generator over ``[prompt; completion]`` gives the token log-probs
+   ``log p_T(y_t | x, y_<t)`` with the logits divided by the sampling temperature (the distribution
+   the tokens were drawn from, top-p truncation aside), and the loss is the token-level PPO clipped
+   surrogate over all counted tokens of the micro-batch plus an optional KL penalty::
+
+       rho_t = exp(log p_T(y_t) - log p_old(y_t))
+       loss  = -1/N sum_t min(rho_t A, clip(rho_t, 1 - clip_eps, 1 + clip_eps) A)
+               + kl_coef * 1/N sum_t k3_t,   k3_t = exp(l_t) - l_t - 1,  l_t = log p_ref(y_t) - log p_T(y_t)
+
+   ``k3`` is Schulman's non-negative, unbiased estimator of ``KL(p_T || p_ref)`` per sampled token;
+   the reference is a frozen copy of the initial generator, loaded only when ``kl_coef > 0`` (paper: 0).
+
+Training is online, as in the paper: one optimizer step per rollout batch (``global_batch`` prompts,
+accumulated over micro-batches), so ``p_old`` is the current policy, ``rho = 1`` and the gradient is
+that of ``-1/N sum_t A log p_T(y_t)``. The clip only acts for ``ppo_epochs > 1`` (several updates on
+one rollout batch), which Lightning's automatic optimisation (one step per batch, with gradient
+accumulation and clipping) cannot express; ``ppo_epochs`` other than 1 is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+
+from ebft.config import ConfigError
+from ebft.data.prompts import PromptDataModule
+from ebft.methods.base import FineTuneModule, generator_source
+from ebft.models.compat import backbone_forward, get_lm_head, new_cache
+from ebft.models.loading import load_model, resolve_attn
+from ebft.objectives.baselines import group_normalized_advantages
+from ebft.objectives.losses import ppo_clipped_loss, token_logprobs
+from ebft.objectives.verifiable import reward_fn_for
+from ebft.rollout.sampler import sample_from_logits
+
+log = logging.getLogger(__name__)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """RLVR settings beyond ``ebft.config.validate_rlvr``; raise :class:`ConfigError` on a bad one."""
+    m = cfg.method
+    if int(m.ppo_epochs) != 1:
+        raise ConfigError(
+            f"method.ppo_epochs={m.ppo_epochs}: only 1 update per rollout batch is supported (online GRPO, as "
+            "in the paper; Lightning's automatic optimisation takes one step per batch); set method.ppo_epochs=1")
+    if not 0 < float(m.clip_eps) < 1:
+        raise ConfigError(f"method.clip_eps={m.clip_eps} must be in (0, 1); PPO's usual value is 0.2")
+    if float(m.kl_coef) < 0:
+        raise ConfigError(f"method.kl_coef={m.kl_coef} must be >= 0 (0 = no KL penalty, the paper)")
+    if not 0 < float(m.top_p) <= 1:
+        raise ConfigError(f"method.top_p={m.top_p} must be in (0, 1]")
+    if int(m.max_prompt_tokens) < 1:
+        raise ConfigError(f"method.max_prompt_tokens={m.max_prompt_tokens} must be >= 1")
+
+
+# ------------------------------------------------------------------------------------- rollout
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch: 0 at each row's first real token (pads get 0 too)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+@dataclass
+class Rollout:
+    """``n`` completions per prompt, sample-major per prompt (row ``i*n + j`` = sample j of prompt i).
+
+    ``tokens`` (B*n, L) right-padded with ``pad_id``; ``mask`` (B*n, L) marks the counted tokens (up to
+    and including EOS); ``finished`` (B*n,) whether the completion ended with EOS.
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    finished: torch.Tensor
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.mask.sum(-1)
+
+
+@torch.no_grad()
+def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, num_samples: int,
+                       max_new_tokens: int, eos_id: int, pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
+                       generator: torch.Generator | None = None) -> Rollout:
+    """Sample ``num_samples`` completions of each left-padded prompt (B, P) with a KV cache.
+
+    The prompts are prefilled once and the cache repeated ``num_samples`` times; every step feeds the
+    ``B*n`` newest tokens and applies the LM head to them only. A completion stops at ``eos_id``; the
+    loop stops when all have, or after ``max_new_tokens`` tokens.
+    """
+    if max_new_tokens < 1 or num_samples < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} and num_samples={num_samples} must be >= 1")
+    was_training = model.training
+    model.eval()
+    try:
+        cache = new_cache(model)
+        hidden, cache = backbone_forward(model, prompt_ids, positions(prompt_mask), prompt_mask, cache)
+        cache.batch_repeat_interleave(num_samples)
+        mask = prompt_mask.repeat_interleave(num_samples, 0)
+        next_pos = positions(mask)[:, -1] + 1
+        logits = get_lm_head(model)(hidden[:, -1]).repeat_interleave(num_samples, 0)
+        rows = mask.shape[0]
+        tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=prompt_ids.device)
+        done = torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)
+        counted = torch.zeros_like(tokens, dtype=torch.bool)
+        for t in range(max_new_tokens):
+            counted[:, t] = ~done
+            tokens[:, t] = torch.where(done, pad_id, sample_from_logits(logits, temperature, top_p, generator))
+            done |= tokens[:, t] == eos_id
+            if bool(done.all()) or t == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(rows, 1)], 1)
+            hidden, cache = backbone_forward(model, tokens[:, t:t + 1], (next_pos + t)[:, None], mask, cache)
+            logits = get_lm_head(model)(hidden[:, -1])
+    finally:
+        model.train(was_training)
+    width = max(int(counted.sum(-1).max()), 1)
+    return Rollout(tokens[:, :width], counted[:, :width], done)
+
+
+def completion_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completions: torch.Tensor,
+                        temperature: float = 1.0) -> torch.Tensor:
+    """``log p_T(y_t | prompt, y_<t)`` (B*n, L), fp32, from ONE forward over ``[prompt; completion]``.
+
+    ``prompt_ids``/``prompt_mask`` (B, P) left-padded, ``completions`` (B*n, L) sample-major per prompt.
+    Pads after EOS are attended but never scored by the caller's mask; the LM head runs only on the
+    ``L`` rows that score completion tokens (``token_logprobs``, logits / temperature).
+    """
+    n = completions.shape[0] // prompt_ids.shape[0]
+    prompt_len = prompt_ids.shape[1]
+    ids = torch.cat([prompt_ids.repeat_interleave(n, 0), completions], 1)
+    mask = torch.cat([prompt_mask.repeat_interleave(n, 0), torch.ones_like(completions)], 1)
+    hidden, _ = backbone_forward(model, ids, positions(mask), mask)
+    scoring = hidden[:, prompt_len - 1:-1]
+    return token_logprobs(scoring, model.get_output_embeddings().weight, completions, temperature=temperature)
+
+
+# ---------------------------------------------------------------------------------------- loss
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token ``k3 = exp(l) - l - 1`` with ``l = log p_ref - log p`` (>= 0, unbiased for KL(p || p_ref))."""
+    delta = ref_logprobs.detach() - logprobs
+    return torch.exp(delta) - delta - 1
+
+
+def zero_signal_fraction(rewards: torch.Tensor) -> torch.Tensor:
+    """Fraction of groups (rows of ``rewards`` (B, n)) whose rewards are all equal: zero advantage."""
+    return (rewards.amax(-1) == rewards.amin(-1)).float().mean()
+
+
+def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              clip_eps: float = 0.2, kl_coef: float = 0.0,
+              ref_logprobs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, pg, kl)``: token-level clipped surrogate with per-completion ``advantages`` (B*n,)
+    broadcast over its tokens, plus ``kl_coef`` times the token mean of ``k3`` (module docstring)."""
+    per_token = advantages[:, None].expand_as(logprobs)
+    pg = ppo_clipped_loss(logprobs, old_logprobs, per_token, mask, clip_eps)
+    if kl_coef == 0:
+        return pg, pg, torch.zeros_like(pg)
+    if ref_logprobs is None:
+        raise ValueError(f"kl_coef={kl_coef} needs the reference model's log-probs")
+    weights = mask.to(logprobs.dtype)
+    kl = (k3_kl(logprobs, ref_logprobs) * weights).sum() / weights.sum().clamp_min(1)
+    return pg + kl_coef * kl, pg, kl
+
+
+# -------------------------------------------------------------------------------------- module
+
+class RLVRModule(FineTuneModule):
+    """GRPO on prompts with a verifiable reward (module docstring)."""
+
+    @classmethod
+    def make_datamodule(cls, cfg: DictConfig, tokenizer):
+        check_config(cfg)
+        return PromptDataModule(cfg, tokenizer)
+
+    def __init__(self, cfg: DictConfig, tokenizer, datamodule=None):
+        check_config(cfg)
+        super().__init__(cfg, tokenizer, datamodule)
+        self.reward_fn = reward_fn_for(str(cfg.task.name))
+        self.kl_coef = float(cfg.method.kl_coef)
+        self.reference = self.load_reference() if self.kl_coef > 0 else None
+
+    def load_reference(self):
+        """A frozen copy of the initial generator (the warm start when given) for the KL penalty."""
+        model = load_model(generator_source(self.cfg), dtype=self.train_dtype,
+                           attn_implementation=resolve_attn(str(self.cfg.model.attn_implementation),
+                                                            self.device_kind()),
+                           vocab_size=len(self.tokenizer))
+        model.eval().requires_grad_(False)
+        return model
+
+    def rollout(self, batch: dict, batch_idx: int) -> Rollout:
+        m = self.cfg.method
+        return sample_completions(self.generator, batch["prompt_ids"], batch["prompt_mask"], int(m.num_samples),
+                                  int(m.max_new_tokens), self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
+                                  float(m.temperature), float(m.top_p), self.sampling_generator(batch_idx))
+
+    def score(self, rollout: Rollout, rows: list[dict]) -> torch.Tensor:
+        """Rewards (B, n) of the decoded completions against their rows."""
+        n = int(self.cfg.method.num_samples)
+        texts = self.tokenizer.batch_decode(rollout.tokens.masked_fill(~rollout.mask, self.tokenizer.pad_token_id),
+                                            skip_special_tokens=True)
+        rewards = self.reward_fn(texts, [row for row in rows for _ in range(n)])
+        return torch.tensor(rewards, dtype=torch.float32, device=rollout.tokens.device).view(len(rows), n)
+
+    def policy_loss(self, batch: dict, rollout: Rollout, rewards: torch.Tensor):
+        """``(loss, pg, kl, advantages)`` of one update on a scored rollout."""
+        m = self.cfg.method
+        temperature = float(m.temperature)
+        advantages = group_normalized_advantages(rewards, str(m.scale_rewards)).reshape(-1)
+        logprobs = completion_logprobs(self.generator, batch["prompt_ids"], batch["prompt_mask"], rollout.tokens,
+                                       temperature)
+        ref_logprobs = None
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_logprobs = completion_logprobs(self.reference, batch["prompt_ids"], batch["prompt_mask"],
+                                                   rollout.tokens, temperature)
+        loss, pg, kl = grpo_loss(logprobs, logprobs.detach(), advantages, rollout.mask, float(m.clip_eps),
+                                 self.kl_coef, ref_logprobs)
+        return loss, pg, kl, advantages
+
+    def training_step(self, batch, batch_idx):
+        t0 = time.perf_counter()
+        rollout = self.rollout(batch, batch_idx)
+        t1 = time.perf_counter()
+        rewards = self.score(rollout, batch["rows"])
+        t2 = time.perf_counter()
+        loss, pg, kl, advantages = self.policy_loss(batch, rollout, rewards)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite RLVR loss at step {self.global_step} (pg={pg.item()}, kl={kl.item()}): "
+                "lower method.lr or use model.dtype=float32")
+        lengths = rollout.lengths.float()
+        generated = float(lengths.sum())
+        bs = rewards.shape[0]
+        self.log_dict({
+            "train/loss": loss.detach(), "train/pg": pg.detach(), "train/kl": kl.detach(),
+            "train/reward": rewards.mean(), "train/reward_std": rewards.std(),
+            "train/zero_signal_fraction": zero_signal_fraction(rewards),
+            "train/advantage_std": advantages.std(),
+            "train/completion_len": lengths.mean(), "train/completion_len_max": lengths.max(),
+            "train/truncated_fraction": (~rollout.finished).float().mean(),
+            "perf/sample_s": t1 - t0, "perf/reward_s": t2 - t1,
+            "perf/rollout_tokens_per_s": generated / max(t1 - t0, 1e-9),
+        }, batch_size=bs)
+        self.log("train/reward_mean", rewards.mean(), prog_bar=True, batch_size=bs, logger=False)
+        return loss

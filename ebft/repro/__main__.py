@@ -1,0 +1,103 @@
+"""``python -m ebft.repro``: the small reproduction of the paper's Q&A coding comparison, end to end.
+
+    python -m ebft.repro                       # config lrs, 2 seeds -> results/repro_small/README.md
+    python -m ebft.repro --lr-sweep            # choose the lrs on the validation split first
+    python -m ebft.repro --quick --out /tmp/q  # the whole pipeline on the tiny random model
+    python -m ebft.repro --report-only         # rewrite README.md from what is there
+
+Resumable: a job whose directory says it finished is skipped, so the same command continues an
+interrupted reproduction (give the same flags: other settings are refused, not mixed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from ebft.repro import plan as planning
+from ebft.repro.jobs import run_all
+from ebft.repro.readme import write_report
+from ebft.repro.settings import ReproError, Settings, format_lr, load_settings
+from ebft.repro.sweep import chosen_lrs, sweep_points
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ebft.repro", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Settings: conf/experiment/repro_small.yaml (section repro).")
+    p.add_argument("--out", help="output folder (default results/repro_small; with --quick outputs/repro_small_quick)")
+    p.add_argument("--quick", action="store_true", help="tiny random model, a few steps, 2 problems: a pipeline check")
+    p.add_argument("--lr-sweep", action="store_true", help="choose each method's lr by short runs on the validation split")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (default: the experiment's trainer.max_steps)")
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",") if x], help="comma-separated seeds")
+    p.add_argument("--limit", type=int, help="benchmark problems per benchmark (the first N)")
+    p.add_argument("--chunks", type=int, help="held-out chunks for CE / CFM / FM profile")
+    p.add_argument("--mbpp", help="MBPP's mbpp.jsonl (default $EBFT_MBPP; without it MBPP is skipped)")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra train.py override for every run (repeatable), e.g. trainer.accelerator=gpu")
+    p.add_argument("--dry-run", action="store_true", help="print the planned commands and stop")
+    p.add_argument("--report-only", action="store_true", help="only rewrite README.md from the output folder")
+    return p.parse_args(argv)
+
+
+def learning_rates(settings: Settings, sweep: bool, dry_run: bool) -> tuple[dict[str, float], str]:
+    """The lr of each method: from the config, or chosen by the lr sweep (run here)."""
+    lrs = dict(settings.lr)
+    if not sweep:
+        return lrs, "config"
+    jobs = planning.sweep_jobs(settings)
+    if dry_run:
+        print("\n".join(job.command for job in jobs))
+        return lrs, "lr sweep"
+    run_all(jobs, "lr sweep (validation split only)")
+    for method, point in chosen_lrs(sweep_points(settings.out, planning.sweep_entries(settings))).items():
+        lrs[method] = point.lr
+        print(f"   {method}: lr {format_lr(point.lr)} (val CE {point.val_ce:.4f}, val CFM {point.val_cfm:.4f})",
+              flush=True)
+    return lrs, "lr sweep"
+
+
+def evaluate_pending(settings: Settings, planned: list[dict]) -> None:
+    """One evaluate.py call per part for the models that have no result of it yet."""
+    for part in planning.PARTS:
+        planning.check_calls(settings, part)
+        todo = planning.pending(planned, planning.read_results(settings.out, part))
+        if todo:
+            run_all([planning.eval_job(settings, part, todo)], f"evaluation ({part})")
+        else:
+            print(f"\n== evaluation ({part}): every model done before", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    start = time.time()
+    try:
+        settings = load_settings(args.out, args.quick, args.steps, args.seeds, args.limit, args.chunks, args.mbpp,
+                                 args.override)
+        if args.report_only:
+            print(f"report: {write_report(settings.out)}")
+            return 0
+        print(f"== reproduction into {settings.out}: {len(settings.variants)} variants x seeds "
+              f"{', '.join(map(str, settings.seeds))}, {settings.steps} steps, model {settings.base_ckpt}", flush=True)
+        lrs, source = learning_rates(settings, args.lr_sweep, args.dry_run)
+        planned = planning.models(settings, lrs)
+        training = planning.training_jobs(settings, planned)
+        if args.dry_run:
+            print("\n".join(job.command for job in training))
+            print("\n".join(planning.eval_job(settings, p, planned).command for p in planning.PARTS))
+            return 0
+        planning.write_plan(settings, planned, lrs, source, argv)
+        run_all(training, "training")
+        evaluate_pending(settings, planned)
+    except ReproError as err:
+        print(f"\npython -m ebft.repro: {err}", file=sys.stderr)
+        return 1
+    report = write_report(settings.out)
+    print(f"\n== done in {(time.time() - start) / 60:.1f} min: {report}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Training statistics from the runs' ``metrics.csv`` and the diagnosis built on them.
+
+Every number here is computed from the CSV logs (``train/*``, ``val/*``, ``perf/*``) and the
+``job.json`` wall times of the run directories: first and last quarter of the steps for trends,
+means over the steps otherwise, then means over the seeds. The diagnosis states what those numbers
+say about why EBFT did or did not beat SFT; it has no hand-written numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from ebft.collect import Run, load_run
+from ebft.repro.jobs import read_record
+
+PAPER_ROLLOUTS_PER_STEP = 16 * 127 * 4   # REFERENCE.md: 16 chunks x 127 blocks (T=1024, C=s=G=8) x n=4
+PAPER_LR = 1e-6
+TRAIN_KEYS = ("train/reward", "train/reward_std", "train/advantage_std", "train/alignment", "train/diversity",
+              "train/duplicate_fraction", "train/zero_signal_fraction", "train/cfm", "train/ce", "train/pg",
+              "train/completion_len", "perf/sample_s")
+
+
+def mean(values) -> float:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.fmean(values) if values else math.nan
+
+
+def quarters(series: list[tuple[int, float]]) -> tuple[float, float]:
+    """Means of the first and the last quarter (at least one value each) of a (step, value) series."""
+    values = [v for _, v in series if math.isfinite(v)]
+    if not values:
+        return math.nan, math.nan
+    k = max(1, len(values) // 4)
+    return statistics.fmean(values[:k]), statistics.fmean(values[-k:])
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """What one run's metrics.csv and job.json say."""
+
+    steps: int
+    seconds: float
+    means: dict[str, float]            # train/perf key -> mean over the steps
+    trend: dict[str, tuple[float, float]]  # key -> (first quarter, last quarter), val keys: (first, last)
+    step_sd: dict[str, float]          # train key -> sd over the steps
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.seconds / self.steps if self.steps and math.isfinite(self.seconds) else math.nan
+
+
+def run_stats(directory: Path) -> RunStats | None:
+    """The statistics of the run in ``directory`` (None when it has no metrics.csv)."""
+    if not (directory / "metrics.csv").is_file():
+        return None
+    run: Run = load_run(directory)
+    record = read_record(directory) or {}
+    means, trend, sd = {}, {}, {}
+    for key in TRAIN_KEYS:
+        series = run.series(key)
+        if series:
+            values = [v for _, v in series]
+            means[key] = mean(values)
+            trend[key] = quarters(series)
+            sd[key] = statistics.stdev(values) if len(values) > 1 else 0.0
+    for key in ("val/ce", "val/cfm", "val/cfm_se"):
+        series = run.series(key)
+        if series:
+            trend[key] = (series[0][1], series[-1][1])
+    return RunStats(run.steps, float(record.get("seconds", math.nan)), means, trend, sd)
+
+
+def variant_runs(out: Path, models: list[dict], variant: str) -> list[RunStats]:
+    stats = [run_stats(out / m["dir"]) for m in models if m["variant"] == variant]
+    return [s for s in stats if s is not None]
+
+
+def mean_trend(runs: list[RunStats], key: str) -> tuple[float, float]:
+    pairs = [r.trend[key] for r in runs if key in r.trend]
+    return mean(p[0] for p in pairs), mean(p[1] for p in pairs)
+
+
+def mean_of(runs: list[RunStats], key: str) -> float:
+    return mean(r.means.get(key) for r in runs)
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def stats_table(out: Path, plan: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows (one per trained variant) of the training statistics, means over seeds."""
+    header = ["variant", "s/step", "reward (first→last ¼)", "reward sd", "advantage sd", "alignment", "diversity",
+              "duplicates", "zero-signal groups", "train CE (first→last ¼)", "val CE (start→end)",
+              "val CFM (start→end)"]
+    rows = []
+    for name, variant in plan["variants"].items():
+        runs = variant_runs(out, plan["models"], name)
+        if not runs:
+            continue
+        arrow = lambda key: "→".join(_fmt(v) for v in mean_trend(runs, key)) if any(key in r.trend for r in runs) else "–"
+        rows.append([variant["label"], _fmt(mean(r.seconds_per_step for r in runs), 1), arrow("train/reward"),
+                     _fmt(mean_of(runs, "train/reward_std")), _fmt(mean_of(runs, "train/advantage_std")),
+                     _fmt(mean_of(runs, "train/alignment")), _fmt(mean_of(runs, "train/diversity")),
+                     _fmt(mean_of(runs, "train/duplicate_fraction"), 2),
+                     _fmt(mean_of(runs, "train/zero_signal_fraction"), 2), arrow("train/ce"), arrow("val/ce"),
+                     arrow("val/cfm")])
+    return header, rows
+
+
+def _profile_gap(models: list[dict], a: str, b: str) -> list[tuple[int, float]]:
+    """(G, mean CFM of variant a - variant b) over the FM profile lengths both have."""
+    def profile(variant):
+        curves = [m["calibration"]["profile"] for m in models
+                  if m["variant"] == variant and m.get("calibration") and m["calibration"].get("profile")]
+        if not curves:
+            return {}
+        return {g: mean(c["cfm"][i] for c in curves) for i, g in enumerate(curves[0]["G"])}
+    pa, pb = profile(a), profile(b)
+    return [(g, pa[g] - pb[g]) for g in pa if g in pb]
+
+
+def diagnose(out: Path, plan: dict, models: list[dict], ebft: str, sft: str = "sft") -> list[str]:
+    """Findings (markdown bullet texts) on the EBFT variant ``ebft`` against ``sft``, from the logs."""
+    e_runs, s_runs = variant_runs(out, models, ebft), variant_runs(out, models, sft)
+    if not e_runs:
+        return [f"No metrics.csv of {ebft} runs: nothing to diagnose."]
+    sizes, knobs = plan["sizes"], plan["variants"][ebft]["knobs"]
+    lines = []
+
+    cfm0, cfm1 = mean_trend(e_runs, "val/cfm")
+    se = mean_trend(e_runs, "val/cfm_se")[1]
+    if math.isfinite(cfm0) and math.isfinite(cfm1):
+        noise = 2 * math.sqrt(2) * se if math.isfinite(se) else math.nan
+        moved = "within" if abs(cfm1 - cfm0) <= noise else "beyond"
+        lines.append(f"**CFM signal vs noise.** Over {e_runs[0].steps} steps the in-training val CFM of EBFT went "
+                     f"{_fmt(cfm0)} → {_fmt(cfm1)} (Δ {cfm1 - cfm0:+.4f}), {moved} twice the standard error of a "
+                     f"difference of two estimates (±{_fmt(noise, 4)}, {sizes['in_training_cfm_chunks']} chunks).")
+
+    r0, r1 = mean_trend(e_runs, "train/reward")
+    step_sd = mean(r.step_sd.get("train/reward") for r in e_runs)
+    if math.isfinite(r0):
+        k = max(1, e_runs[0].steps // 4)
+        noise = 2 * step_sd * math.sqrt(2 / k) if math.isfinite(step_sd) else math.nan
+        trend = "no trend beyond its step-to-step noise" if abs(r1 - r0) <= noise else (
+            "a rise" if r1 > r0 else "a fall")
+        lines.append(f"**Training reward.** Batch-mean feature-matching reward {_fmt(r0)} (first quarter) → "
+                     f"{_fmt(r1)} (last quarter): {trend} (±{_fmt(noise)}; it varies by {_fmt(step_sd)} between "
+                     f"steps because every step draws new chunks).")
+
+    adv, rsd = mean_of(e_runs, "train/advantage_std"), mean_of(e_runs, "train/reward_std")
+    if math.isfinite(adv) and math.isfinite(rsd) and rsd > 0:
+        lines.append(f"**Advantages.** RLOO advantage sd {_fmt(adv)} vs reward sd {_fmt(rsd)} within a batch "
+                     f"(ratio {adv / rsd:.2f}): the baseline removes {max(0.0, 1 - (adv / rsd) ** 2):.0%} of the "
+                     f"reward variance (the part shared by the {knobs.get('num_samples', '?')} samples of a context); "
+                     "what is left is the per-sample signal the policy gradient follows.")
+
+    dup = mean_of(e_runs, "train/duplicate_fraction")
+    if math.isfinite(dup):
+        reading = ("many samples repeat another one of their context: fewer distinct rollouts per context, "
+                   "and whitening then gives those duplicates a diversity penalty" if dup > 0.25 else
+                   "duplicates are rare, so the n samples are distinct and diversity is not the bottleneck")
+        lines.append(f"**Duplicates.** {dup:.0%} of rollouts duplicate another sample of the same context "
+                     f"(temperature {knobs.get('temperature', '?')}, G={sizes['gen_len']}): {reading}.")
+
+    lr_e = plan["lr"].get("ebft", math.nan)
+    lr_s = plan["lr"].get("sft", math.nan)
+    gamma = knobs.get("gamma", math.nan)
+    ce_e = mean_trend(e_runs, "val/ce")
+    ce_s = mean_trend(s_runs, "val/ce") if s_runs else (math.nan, math.nan)
+    lines.append(f"**Cross-entropy.** EBFT's CE term has weight γ={gamma:g} at lr {lr_e:g}, SFT's is the whole "
+                 f"loss at lr {lr_s:g}: EBFT's direct CE gradient step is {gamma * lr_e / lr_s:.3f}× SFT's "
+                 f"(and over all chunk tokens, SFT's over answer tokens). In-training val CE moved "
+                 f"{ce_e[1] - ce_e[0]:+.3f} for EBFT and {ce_s[1] - ce_s[0]:+.3f} for SFT.")
+
+    steps, batch = e_runs[0].steps, sizes["batch_size"]
+    per_step = batch * sizes["blocks"] * int(knobs.get("num_samples", 0))
+    lines.append(f"**Budget and horizon.** {steps} steps × {batch} chunks × {sizes['blocks']} contexts × "
+                 f"{knobs.get('num_samples', '?')} samples = {steps * per_step:,} rollouts of G={sizes['gen_len']} "
+                 f"tokens in all ({per_step} per step, lr {lr_e:g}); the paper's recipe takes "
+                 f"{PAPER_ROLLOUTS_PER_STEP:,} rollouts per step at lr {PAPER_LR:g} for 2 epochs of 100k examples, "
+                 f"{PAPER_ROLLOUTS_PER_STEP / max(per_step, 1):.0f}× more per step and thousands of steps.")
+
+    gap = _profile_gap(models, ebft, sft)
+    if gap:
+        text = ", ".join(f"G={g}: {d:+.4f}" for g, d in gap)
+        lines.append(f"**FM profile.** EBFT − SFT CFM by completion length (negative = EBFT better): {text}; "
+                     f"training used G={sizes['gen_len']}.")
+    return lines

@@ -1,0 +1,190 @@
+"""The reproduction's jobs and its ``plan.json``.
+
+Layout under the output folder (every number of the report comes from one of these directories):
+
+- ``lr_sweep/<variant>/lr<lr>/``: the ``--lr-sweep`` runs (train.py run directories);
+- ``runs/<variant>/lr<lr>-seed<seed>/``: the headline runs (metrics.csv, hf_model/, checkpoints/);
+- ``eval/<calibration|downstream>/call<NN>/``: evaluate.py calls, one ``<NN>-<model>/results.json``
+  per model; a call evaluates every model still missing, so a resumed driver evaluates only those;
+- ``plan.json``: what was planned (models, seeds, lrs, sizes, hardware), read by the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path, PurePosixPath
+
+from ebft.repro.jobs import Job, read_record
+from ebft.repro.settings import ReproError, Settings, Variant, format_lr, merge_overrides, override_value
+
+PLAN = "plan.json"
+PARTS = ("calibration", "downstream")
+RESULTS = "results.json"
+
+
+# ----------------------------------------------------------------------------------- training
+
+def run_key(variant: str, seed: int, lr: float) -> str:
+    """A headline run's directory relative to the output folder (also its key in the report)."""
+    return f"runs/{variant}/lr{format_lr(lr)}-seed{seed}"
+
+
+def train_job(settings: Settings, name: str, variant: Variant, seed: int, lr: float, directory: Path,
+              steps: int, interval: int, may_fail: bool = False) -> Job:
+    """``python train.py`` for ``variant`` at ``seed`` and ``lr`` for ``steps`` optimizer steps."""
+    run = [f"seed={seed}", f"method.lr={lr!r}", f"trainer.max_steps={steps}",
+           f"trainer.val_check_interval={interval}", f"hydra.run.dir={settings.path_arg(directory)}"]
+    return Job(name, ("train.py", *merge_overrides(settings.train_common, variant.overrides, run)), directory,
+               may_fail)
+
+
+def sweep_entries(settings: Settings) -> list[dict]:
+    """The lr-sweep runs: one per (swept variant, lr), each with its directory under the output folder."""
+    return [{"variant": name, "method": settings.variants[name].method, "lr": float(lr),
+             "dir": f"lr_sweep/{name}/lr{format_lr(lr)}"}
+            for name in settings.sweep["variants"] for lr in settings.sweep["lrs"]]
+
+
+def sweep_jobs(settings: Settings) -> list[Job]:
+    """The commands of :func:`sweep_entries`; a diverged run is a result, not an error."""
+    s = settings.sweep
+    steps = int(s["steps"])
+    return [train_job(settings, f"lr sweep {e['variant']} lr={format_lr(e['lr'])}", settings.variants[e["variant"]],
+                      int(s["seed"]), e["lr"], settings.out / e["dir"], steps, steps, may_fail=True)
+            for e in sweep_entries(settings)]
+
+
+def models(settings: Settings, lrs: dict[str, float]) -> list[dict]:
+    """The models of the comparison: the base model, then every variant at every seed."""
+    out = [{"key": "base", "variant": "base", "label": "Base", "ckpt": settings.base_ckpt}]
+    for name, variant in settings.variants.items():
+        lr = lrs[variant.method]
+        for seed in settings.seeds:
+            key = run_key(name, seed, lr)
+            out.append({"key": key, "variant": name, "label": variant.label, "method": variant.method,
+                        "seed": seed, "lr": lr, "dir": key, "ckpt": settings.path_arg(settings.out / key)})
+    return out
+
+
+def training_jobs(settings: Settings, planned: list[dict]) -> list[Job]:
+    return [train_job(settings, f"train {m['variant']} seed={m['seed']} lr={format_lr(m['lr'])}",
+                      settings.variants[m["variant"]], m["seed"], m["lr"], settings.out / m["dir"], settings.steps,
+                      settings.val_interval) for m in planned if m["variant"] != "base"]
+
+
+# --------------------------------------------------------------------------------- evaluation
+
+def eval_overrides(settings: Settings, part: str) -> list[str]:
+    """evaluate.py overrides of one evaluation part (besides the checkpoints and the run directory)."""
+    if part == "calibration":
+        c = settings.calibration
+        return [*settings.eval_common, "metrics=[ce,cfm,profile]", "limit=null",
+                f"eval.cfm_chunks={int(c['chunks'])}", f"eval.profile_lengths={override_value(c['profile_lengths'])}"]
+    d = settings.downstream
+    return [*settings.eval_common, f"metrics={override_value(settings.benchmarks)}", f"limit={int(d['limit'])}",
+            f"n_samples={int(d['n_samples'])}", f"max_new_tokens={int(d['max_new_tokens'])}"]
+
+
+def _signature(command: str) -> list[str]:
+    """The overrides of an evaluate.py command without its checkpoints and run directory."""
+    return [a for a in shlex.split(command)[2:] if not a.startswith(("ckpt=", "hydra.run.dir="))]
+
+
+def eval_calls(out: Path, part: str) -> list[Path]:
+    return sorted((out / "eval" / part).glob("call*"))
+
+
+def check_calls(settings: Settings, part: str) -> None:
+    """Raise :class:`ReproError` when an evaluation call of ``part`` was made with other settings."""
+    wanted = eval_overrides(settings, part)
+    for call in eval_calls(settings.out, part):
+        record = read_record(call)
+        if record is not None and _signature(record["command"]) != wanted:
+            raise ReproError(f"{call} was evaluated with other settings:\n  was: {shlex.join(_signature(record['command']))}"
+                             f"\n  now: {shlex.join(wanted)}\nuse another --out, or delete {call.parent} to redo it")
+
+
+def read_results(out: Path, part: str) -> list[dict]:
+    """Every model result of ``part`` under the output folder, each with ``_call`` (its directory)."""
+    results = []
+    for call in eval_calls(out, part):
+        for path in sorted(call.glob(f"*/{RESULTS}")):
+            results.append({**json.loads(path.read_text()), "_call": str(path.parent)})
+    return results
+
+
+def matches(model: dict, result: dict) -> bool:
+    """Whether ``result`` is the evaluation of ``model`` (same checkpoint argument, or a run dir that
+    ends with the model's key, should the output folder have moved)."""
+    ckpt = str(result.get("ckpt", ""))
+    if ckpt == model["ckpt"]:
+        return True
+    return model["variant"] != "base" and PurePosixPath(ckpt).parts[-len(PurePosixPath(model["key"]).parts):] \
+        == PurePosixPath(model["key"]).parts
+
+
+def pending(planned: list[dict], results: list[dict]) -> list[dict]:
+    """The planned models that have no result yet."""
+    return [m for m in planned if not any(matches(m, r) for r in results)]
+
+
+def eval_job(settings: Settings, part: str, todo: list[dict]) -> Job:
+    """One evaluate.py call for the models ``todo`` in a new ``eval/<part>/call<NN>`` directory."""
+    index = len(eval_calls(settings.out, part))
+    directory = settings.out / "eval" / part / f"call{index:02d}"
+    ckpts = ",".join(m["ckpt"] for m in todo)
+    argv = ("evaluate.py", *eval_overrides(settings, part), f"ckpt=[{ckpts}]",
+            f"hydra.run.dir={settings.path_arg(directory)}")
+    return Job(f"evaluate {part}: {len(todo)} model(s)", argv, directory)
+
+
+# ---------------------------------------------------------------------------------- plan.json
+
+def hardware() -> dict:
+    """CPU model (/proc/cpuinfo), core count, GPU, and the versions that produced the numbers."""
+    import lightning
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "lightning": lightning.__version__, "os": platform.platform()}
+
+
+def write_plan(settings: Settings, planned: list[dict], lrs: dict[str, float], lr_source: str,
+               argv: list[str]) -> Path:
+    """Write ``plan.json``: everything the report needs besides the run and evaluation outputs."""
+    sweep = {**settings.sweep, "runs": sweep_entries(settings)} if lr_source == "lr sweep" else None
+    plan = {
+        "command": shlex.join(["python", "-m", "ebft.repro", *argv]),
+        "quick": settings.quick,
+        "sizes": settings.sizes,
+        "seeds": list(settings.seeds),
+        "variants": {n: {"label": v.label, "method": v.method, "overrides": list(v.overrides), "knobs": v.knobs}
+                     for n, v in settings.variants.items()},
+        "lr": lrs, "lr_source": lr_source, "sweep": sweep,
+        "models": planned,
+        "eval": {"calibration": settings.calibration, "downstream": settings.downstream,
+                 "benchmarks": settings.benchmarks, "mbpp_path": settings.mbpp_path,
+                 "commands": {p: shlex.join(["python", "evaluate.py", *eval_overrides(settings, p)]) for p in PARTS}},
+        "train_common": list(settings.train_common),
+        "hardware": hardware(),
+        "driver_python": sys.executable,
+    }
+    path = settings.out / PLAN
+    settings.out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(PLAN + ".tmp")
+    tmp.write_text(json.dumps(plan, indent=2))
+    os.replace(tmp, path)
+    return path

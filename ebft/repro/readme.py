@@ -1,0 +1,258 @@
+"""``README.md`` of a reproduction, written from its output folder alone.
+
+Inputs: ``plan.json`` (what was planned), the run directories (``metrics.csv``, ``job.json``) and the
+evaluation results (``eval/*/call*/*/results.json``). Outputs next to them: ``README.md``,
+``fm_profile.png``, ``training_curves.png`` and ``runs.csv`` (every model's numbers with its
+directories). Missing pieces (a run still to come) show as "–", so the report can be written at any
+time (``python -m ebft.repro --report-only``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ebft.repro import diagnosis, figures
+from ebft.repro.jobs import read_record
+from ebft.repro.plan import PARTS, PLAN, eval_calls, read_results
+from ebft.repro.settings import format_lr
+from ebft.repro.sweep import chosen_lrs, sweep_points
+from ebft.repro.tables import Stat, attach_results, columns, is_rate, variant_stats, verdict
+
+README = "README.md"
+VERDICT_METRICS = ("FM", "CE")
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _rel(out: Path, path: str | None) -> str:
+    if not path:
+        return "–"
+    p = Path(path)
+    return str(p.relative_to(out)) if p.is_absolute() and p.is_relative_to(out) else str(p)
+
+
+# ------------------------------------------------------------------------------------ sections
+
+def headline(models: list[dict], plan: dict) -> tuple[str, list[str]]:
+    """Table 1's shape: one row per variant, mean ± sd over its seeds."""
+    cols = columns(models)
+    rows = []
+    for variant in dict.fromkeys(m["variant"] for m in models):
+        stats = variant_stats(models, variant)
+        label = next(m["label"] for m in models if m["variant"] == variant)
+        seeds = sum(1 for m in models if m["variant"] == variant and m["metrics"])
+        rows.append([label, str(seeds), *(stats[c].text() if c in stats else "–" for c in cols)])
+    return markdown_table(["method", "seeds", *cols], rows), cols
+
+
+def verdict_section(models: list[dict], plan: dict, cols: list[str]) -> tuple[list[str], bool]:
+    """Per EBFT variant: did it beat SFT on FM, CE and each pass@k? Returns lines and whether it always did."""
+    metrics = [c for c in VERDICT_METRICS if c in cols] + [c for c in cols if is_rate(c)]
+    sft = variant_stats(models, "sft")
+    problems = int(plan["eval"]["downstream"]["limit"])
+    lines, all_won = [], True
+    for name, variant in plan["variants"].items():
+        if variant["method"] != "ebft":
+            continue
+        stats = variant_stats(models, name)
+        results = []
+        for metric in metrics:
+            results.append(verdict(metric, stats.get(metric, Stat.of([])), sft.get(metric, Stat.of([])), problems))
+        rows = [[v.metric, v.a.text(), v.b.text(), _fmt(v.difference, 4), f"±{_fmt(v.noise, 4)}", v.outcome]
+                for v in results]
+        won = [v.metric for v in results if v.outcome == "yes"]
+        lost = [v.metric for v in results if v.outcome != "yes"]
+        all_won &= not lost
+        lines += [f"### {variant['label']} vs SFT", "",
+                  markdown_table(["metric", "EBFT", "SFT", "Δ (EBFT − SFT)", "noise (2σ)", "EBFT beat SFT?"], rows), "",
+                  f"**In plain words:** {variant['label']} beat SFT on "
+                  f"{', '.join(won) if won else 'none of these metrics'}; it did not beat SFT on "
+                  f"{', '.join(lost) if lost else 'any metric'}.", ""]
+    if len(plan["seeds"]) == 1 and lines:
+        lines += ["With one seed there is no spread between seeds: the noise is the estimators' error only "
+                  "(none for CE), so small CE differences read as wins or losses.", ""]
+    return lines, all_won
+
+
+def sweep_section(out: Path, plan: dict) -> list[str]:
+    if plan["lr_source"] != "lr sweep" or not plan.get("sweep"):
+        return [f"Learning rates from the config (`repro.lr` in conf/experiment/repro_small.yaml): "
+                + ", ".join(f"{k} {format_lr(v)}" for k, v in plan["lr"].items())
+                + ". Run the driver with `--lr-sweep` to choose them on the validation split.", ""]
+    s = plan["sweep"]
+    points = sweep_points(out, s["runs"])
+    chosen = chosen_lrs(points) if any(p.ok for p in points) else {}
+    rows = [[plan["variants"][p.variant]["label"], format_lr(p.lr), _fmt(p.start_ce), _fmt(p.val_ce), _fmt(p.start_cfm),
+             f"{_fmt(p.val_cfm)} ± {_fmt(p.val_cfm_se)}", "ok" if p.ok else "failed/diverged",
+             "**chosen**" if chosen.get(p.method) == p else "", p.dir] for p in points]
+    return [f"{len(s['lrs'])} lrs × {s['steps']} steps per method at seed {s['seed']}, on the validation split only "
+            "(the benchmarks are never looked at). Rule: the lowest final val CFM; lrs within two standard errors "
+            "of it are tied, and the lowest final val CE among the tied wins.", "",
+            markdown_table(["method", "lr", "val CE start", "val CE end", "val CFM start", "val CFM end ± se",
+                            "status", "", "run dir"], rows), "",
+            "Chosen: " + ", ".join(f"{m} {format_lr(plan['lr'][m])}" for m in plan["lr"]) + ".", ""]
+
+
+def budget_section(plan: dict) -> list[str]:
+    z, v = plan["sizes"], plan["variants"]
+    chunks = z["steps"] * z["batch_size"]
+    ebft = next((x["knobs"] for x in v.values() if x["method"] == "ebft"), {})
+    rlvr = next((x["knobs"] for x in v.values() if x["method"] == "rlvr"), None)
+    ebft_tokens = z["batch_size"] * z["blocks"] * ebft.get("num_samples", 0) * z["gen_len"]
+    lines = [f"- Model {z['model']}, task {z['task']}; chunks of T={z['seq_len']} tokens, C={z['context_len']}, "
+             f"s={z['stride']}, G={z['gen_len']} (NB={z['blocks']} contexts per chunk); held-out split "
+             f"{z['val_size']} rows (data.limit={z['data_limit']}).",
+             f"- Same data budget: every method takes {z['steps']} optimizer steps of {z['batch_size']} training "
+             f"examples. SFT and EBFT see the same {chunks} chunks ({chunks * z['seq_len']:,} tokens; EBFT also "
+             f"generates {ebft_tokens} tokens per step: {z['batch_size']} × {z['blocks']} contexts × "
+             f"{ebft.get('num_samples', '?')} samples × G={z['gen_len']})."]
+    if rlvr:
+        rl_tokens = z["batch_size"] * rlvr["num_samples"] * rlvr["max_new_tokens"]
+        lines.append(f"- RLVR's budget is the same number of optimizer steps and the same number of training rows "
+                     f"per step: {z['steps']} × {z['batch_size']} = {chunks} prompts (the question of a training row "
+                     f"with unit tests or doctests), each with {rlvr['num_samples']} completions of at most "
+                     f"{rlvr['max_new_tokens']} tokens (≤ {rl_tokens} generated tokens per step, close to EBFT's "
+                     f"{ebft_tokens}). It sees questions only, never the reference answers.")
+    c, d = plan["eval"]["calibration"], plan["eval"]["downstream"]
+    lines += [f"- Evaluation (evaluate.py): CE and FM on a fixed random subset of {c['chunks']} held-out chunks "
+              f"(FM = unbiased CFM estimate, n=4 samples at temperature 0.6, G={z['gen_len']}), the FM profile at "
+              f"G = {', '.join(map(str, c['profile_lengths']))}; {', '.join(plan['eval']['benchmarks'])} on their "
+              f"first {d['limit']} problems: greedy and {d['n_samples']} samples at temperature 0.6 (pass@1, "
+              f"pass@{d['n_samples']}), at most {d['max_new_tokens']} new tokens."
+              + ("" if plan["eval"]["mbpp_path"] else " MBPP skipped: no --mbpp / EBFT_MBPP given."),
+              f"- Why these sizes: a 2-core CPU. T={z['seq_len']} keeps an EBFT step (all {z['blocks']} × "
+              f"{ebft.get('num_samples', '?')} rollouts of a chunk in one strided row) at seconds, and "
+              f"{z['steps']} steps × {len(plan['seeds'])} seeds × {len(v)} variants plus the evaluations fit "
+              "the time box (see wall times below); the paper's T=1024, 16-chunk batches and 2 epochs need a GPU."]
+    return lines + [""]
+
+
+def runs_section(out: Path, models: list[dict], cols: list[str]) -> tuple[list[str], list[dict]]:
+    """Every model's numbers with the directories they come from; also the rows of runs.csv."""
+    extra = [c for c in ("CE answer", "FM se", "FM whitened") if any(c in m["metrics"] for m in models)]
+    keys = cols[:2] + extra + cols[2:]
+    rows, records = [], []
+    for m in models:
+        cal, down = m.get("calibration"), m.get("downstream")
+        where = [m.get("dir") or m["ckpt"], _rel(out, cal and cal["_call"]), _rel(out, down and down["_call"])]
+        rows.append([m["label"], str(m.get("seed") or "–"), format_lr(m["lr"]) if m.get("lr") else "–", *where,
+                     *(_fmt(m["metrics"].get(k), 4) for k in keys)])
+        records.append({"variant": m["variant"], "label": m["label"], "seed": m.get("seed"), "lr": m.get("lr"),
+                        "run_dir": where[0], "calibration": where[1], "downstream": where[2],
+                        **{k: m["metrics"].get(k) for k in keys}})
+    header = ["model", "seed", "lr", "run dir", "calibration result", "downstream result", *keys]
+    return [markdown_table(header, rows), ""], records
+
+
+def _records(out: Path, plan: dict) -> list[tuple[str, dict]]:
+    """(stage, job.json) of every job under the output folder, in running order."""
+    dirs = [("lr sweep", out / r["dir"]) for r in (plan.get("sweep") or {}).get("runs", [])]
+    dirs += [("training", out / m["dir"]) for m in plan["models"] if m.get("dir")]
+    dirs += [(f"evaluation ({p})", call) for p in PARTS for call in eval_calls(out, p)]
+    return [(stage, rec) for stage, d in dirs if (rec := read_record(d)) is not None]
+
+
+def time_section(out: Path, plan: dict, models: list[dict]) -> list[str]:
+    records = _records(out, plan)
+    by_stage: dict[str, float] = {}
+    for stage, rec in records:
+        by_stage[stage] = by_stage.get(stage, 0.0) + float(rec.get("seconds") or 0.0)
+    total = sum(by_stage.values())
+    hw = plan["hardware"]
+    lines = ["| stage | wall time |", "|---|---:|"]
+    lines += [f"| {stage} | {seconds / 60:.1f} min |" for stage, seconds in by_stage.items()]
+    lines += [f"| **total** | **{total / 60:.1f} min** |", ""]
+    per_step = []
+    for name, variant in plan["variants"].items():
+        runs = diagnosis.variant_runs(out, models, name)
+        if runs:
+            sps = diagnosis.mean(r.seconds_per_step for r in runs)
+            sample = diagnosis.mean_of(runs, "perf/sample_s")
+            per_step.append(f"{variant['label']} {sps:.1f} s/step"
+                            + (f" (sampling {sample:.1f} s)" if math.isfinite(sample) else ""))
+    if per_step:
+        lines += ["Per training step (run wall time / steps, start-up and validation included): "
+                  + "; ".join(per_step) + ".", ""]
+    lines += [f"Hardware: {hw['cpu']}, {hw['cores']} logical cores, GPU: {hw['gpu']}; Python {hw['python']}, "
+              f"torch {hw['torch']}, transformers {hw['transformers']}, lightning {hw['lightning']}; {hw['os']}.", ""]
+    return lines
+
+
+def commands_section(out: Path, plan: dict) -> list[str]:
+    lines = ["The driver:", "", "```bash", plan["command"], "```", "",
+             "Every job it ran (from each directory's `job.json`; run from the repository root):", "", "```bash"]
+    lines += [rec["command"] for _, rec in _records(out, plan)]
+    return lines + ["```", ""]
+
+
+# --------------------------------------------------------------------------------------- entry
+
+def write_report(out: str | Path) -> Path:
+    """Write README.md, the figures and runs.csv into ``out``; return the README's path."""
+    out = Path(out).resolve()
+    plan_path = out / PLAN
+    if not plan_path.is_file():
+        raise FileNotFoundError(f"no {PLAN} in {out}: run `python -m ebft.repro --out {out}` first")
+    plan = json.loads(plan_path.read_text())
+    models = attach_results(plan["models"], {p: read_results(out, p) for p in PARTS})
+    z = plan["sizes"]
+    table, cols = headline(models, plan)
+    verdicts, all_won = verdict_section(models, plan, cols)
+    main_ebft = next((n for n, v in plan["variants"].items() if v["method"] == "ebft"), None)
+    profile = figures.fm_profile(models, out / "fm_profile.png",
+                                 f"FM profile, {z['task']}, {z['model']} (T={z['seq_len']}, trained at G={z['gen_len']})")
+    curves = figures.training_curves(out, models, out / "training_curves.png")
+    runs_lines, records = runs_section(out, models, cols)
+    with (out / "runs.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+
+    lines = [f"# EBFT vs SFT vs RLVR, small reproduction ({z['task']}, {z['model']})", "",
+             f"Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by `{plan['command']}` from this folder's "
+             f"runs (seeds {', '.join(map(str, plan['seeds']))}). Paper: Table 1 (Q&A coding), Figures 2-3.", ""]
+    if plan["quick"]:
+        lines += ["> **Quick mode**: a tiny random model and a few steps check the pipeline; the numbers mean "
+                  "nothing.", ""]
+    lines += ["## Results (the shape of the paper's Table 1)", "", table, "",
+              f"Mean ± sample s.d. over seeds (base model: one evaluation). CE: held-out cross-entropy over all "
+              f"tokens; FM: held-out conditional feature-matching loss (lower is better for both); "
+              f"greedy / pass@k: fraction of problems solved (unbiased pass@k). Learning rates: "
+              + ", ".join(f"{k} {format_lr(v)}" for k, v in plan["lr"].items()) + f" ({plan['lr_source']}).", "",
+              "## Did EBFT beat SFT?", "", *verdicts]
+    if not all_won and main_ebft:
+        label = plan["variants"][main_ebft]["label"]
+        header, rows = diagnosis.stats_table(out, plan)
+        lines += ["## Diagnosis", "", f"Computed from the runs' metrics.csv ({label} against SFT):", ""]
+        lines += [f"- {text}" for text in diagnosis.diagnose(out, plan, models, main_ebft)]
+        lines += ["", "Training statistics (means over steps, then over seeds; first→last quarter of the steps "
+                  "for trends; validation at the first and the last evaluation):", "",
+                  markdown_table(header, rows) if rows else "no run has a metrics.csv yet", ""]
+    lines += ["## FM profile", "", "![FM profile](fm_profile.png)" if profile else "(no profile yet)", "",
+              "## Training curves", "",
+              "![training curves](training_curves.png)" if curves else "(no metrics.csv yet)", "",
+              "Validation CE / CFM on the in-training held-out subset; the training CE is the batch's "
+              "(SFT: answer tokens, its loss; EBFT: all chunk tokens, its γ-weighted term; RLVR logs none).", "",
+              "## Learning rates", "", *sweep_section(out, plan),
+              "## Sizes and budget", "", *budget_section(plan),
+              "## Every run (traceability)", "", *runs_lines,
+              "Also in `runs.csv`. Run dirs hold `metrics.csv`, `hf_model/`, `.hydra/` and `job.json`; result "
+              "dirs hold `results.json` and the sampled completions.", "",
+              "## Wall time and hardware", "", *time_section(out, plan, models),
+              "## Commands", "", *commands_section(out, plan)]
+    path = out / README
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,125 @@
+"""The numbers of the report: per-model metrics from evaluate.py's results, means over seeds, verdicts.
+
+A model's metrics come from its two results (``calibration``: CE, FM = the unbiased CFM estimate,
+its whitened proxy, the FM profile; ``downstream``: per benchmark greedy and pass@k). A variant's
+row is the mean and the sample standard deviation over its seeds.
+
+Verdict of "A beat B" on a metric: the difference of the seed means against its noise,
+``2 * sqrt(sd_A^2/n_A + sd_B^2/n_B + e_A^2 + e_B^2)``, where ``sd`` is the spread over seeds and ``e``
+the estimator's own standard error of a seed mean (FM: the CFM estimate's; pass rates: the binomial
+``sqrt(p (1 - p) / problems / n)``; CE: none). Better by more than the noise is a win, worse by more
+is a loss, anything else is within noise.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+from ebft.repro.plan import matches
+
+LOWER_IS_BETTER = ("CE", "CE answer", "FM", "FM whitened")
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean, sample standard deviation (0 for one value) and count of a metric over seeds."""
+
+    mean: float
+    sd: float
+    n: int
+    se: float = 0.0   # the estimator's standard error of the mean (FM only), over seeds
+
+    @classmethod
+    def of(cls, values: list[float], ses: list[float] | None = None) -> "Stat":
+        values = [v for v in values if v is not None and math.isfinite(v)]
+        if not values:
+            return cls(math.nan, math.nan, 0)
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        ses = [s for s in (ses or []) if s is not None and math.isfinite(s)]
+        se = math.sqrt(sum(s * s for s in ses)) / len(ses) if ses else 0.0
+        return cls(statistics.fmean(values), sd, len(values), se)
+
+    def text(self, digits: int = 3) -> str:
+        if self.n == 0:
+            return "–"
+        value = f"{self.mean:.{digits}f}"
+        return f"{value} ± {self.sd:.{digits}f}" if self.n > 1 else value
+
+
+def model_metrics(calibration: dict | None, downstream: dict | None) -> dict[str, float]:
+    """The table columns of one model: CE, FM (+ their extras), then ``<benchmark> <greedy|pass@k>``."""
+    row: dict[str, float] = {}
+    if calibration:
+        c = calibration.get("calibration", {})
+        for key, name in (("ce", "CE"), ("ce_answer", "CE answer"), ("cfm", "FM"), ("cfm_se", "FM se"),
+                          ("cfm_whitened", "FM whitened")):
+            if key in c:
+                row[name] = float(c[key])
+    if downstream:
+        for bench, scores in downstream.get("downstream", {}).items():
+            row.update({f"{bench} {metric}": float(v) for metric, v in scores.items()})
+    return row
+
+
+def attach_results(planned: list[dict], results: dict[str, list[dict]]) -> list[dict]:
+    """``planned`` models (plan.json) with their ``calibration`` / ``downstream`` results and ``metrics``."""
+    out = []
+    for model in planned:
+        found = {part: next((r for r in reversed(rs) if matches(model, r)), None) for part, rs in results.items()}
+        out.append({**model, **found, "metrics": model_metrics(found.get("calibration"), found.get("downstream"))})
+    return out
+
+
+def columns(models: list[dict]) -> list[str]:
+    """Table 1's columns that some model has: CE, FM, then each benchmark's greedy and pass@k."""
+    seen = list(dict.fromkeys(k for m in models for k in m["metrics"]))
+    bench = [k for k in seen if is_rate(k)]
+    return [c for c in ("CE", "FM") if c in seen] + bench
+
+
+def variant_stats(models: list[dict], variant: str) -> dict[str, Stat]:
+    """Metric -> :class:`Stat` over the seeds of ``variant`` (FM carries the CFM standard error)."""
+    group = [m["metrics"] for m in models if m["variant"] == variant]
+    keys = dict.fromkeys(k for g in group for k in g)
+    stats = {k: Stat.of([g.get(k) for g in group]) for k in keys}
+    if "FM" in stats:
+        stats["FM"] = Stat.of([g.get("FM") for g in group], [g.get("FM se") for g in group])
+    return stats
+
+
+def is_rate(metric: str) -> bool:
+    """Whether ``metric`` is a benchmark's solved fraction (``HumanEval greedy``, ``MBPP pass@4``)."""
+    return metric.endswith(" greedy") or " pass@" in metric
+
+
+def _estimator_se(stat: Stat, metric: str, problems: int) -> float:
+    if metric == "FM":
+        return stat.se
+    if is_rate(metric) and problems > 0 and stat.n > 0:
+        p = min(max(stat.mean, 0.0), 1.0)
+        return math.sqrt(p * (1 - p) / problems / stat.n)
+    return 0.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    metric: str
+    a: Stat
+    b: Stat
+    difference: float   # a - b, sign as measured
+    noise: float
+    outcome: str        # "yes", "no (worse)", "no (within noise)", "not measured"
+
+
+def verdict(metric: str, a: Stat, b: Stat, problems: int = 0) -> Verdict:
+    """Did ``a`` beat ``b`` on ``metric`` (module docstring)?"""
+    if a.n == 0 or b.n == 0:
+        return Verdict(metric, a, b, math.nan, math.nan, "not measured")
+    diff = a.mean - b.mean
+    noise = 2 * math.sqrt(a.sd ** 2 / a.n + b.sd ** 2 / b.n + _estimator_se(a, metric, problems) ** 2
+                          + _estimator_se(b, metric, problems) ** 2)
+    better = -diff if metric in LOWER_IS_BETTER else diff
+    outcome = "yes" if better > noise else "no (worse)" if -better > noise else "no (within noise)"
+    return Verdict(metric, a, b, diff, noise, outcome)

@@ -1,0 +1,101 @@
+"""The in-training calibration callback: leaves training untouched, logs the numbers evaluate.py
+computes, picks the right critic, and runs inside a real fit."""
+
+import csv
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from ebft.config import ConfigError
+from ebft.eval.callback import CalibrationCallback, preserved_state, schedule_of
+from ebft.eval.runner import calibrate, subset
+from ebft.methods.ebft import EBFTModule
+from ebft.methods.sft import SFTModule
+from ebft.models.features import FeatureNetwork
+from ebft.models.loading import load_tokenizer
+from ebft.run import train
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+SMALL = ["model=tiny", "data.limit=300", "data.val_size=40", "task.seq_len=32", "method.batch_size=2",
+         "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "eval.cfm_chunks=3"]
+
+
+def make_cfg(output_dir: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[*SMALL, *overrides])
+    with open_dict(cfg):
+        cfg.output_dir = str(output_dir)
+    return cfg
+
+
+def module_and_trainer(cfg, module_cls):
+    tokenizer = load_tokenizer(str(cfg.model.name))
+    datamodule = module_cls.make_datamodule(cfg, tokenizer)
+    datamodule.setup("fit")
+    module = module_cls(cfg, tokenizer, datamodule=datamodule)
+    logged = []
+    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append((step, metrics)))
+    trainer = SimpleNamespace(datamodule=datamodule, loggers=[logger], global_step=3, callback_metrics={})
+    return module, trainer, logged
+
+
+def test_preserved_state_restores_every_rng_and_the_mode():
+    model = torch.nn.Linear(2, 2).train()
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    with pytest.raises(RuntimeError):
+        with preserved_state(model):
+            model.eval()
+            torch.rand(10), random.random(), np.random.rand(5)
+            raise RuntimeError("evaluation failed half way")
+    got = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
+    assert model.training
+
+
+@pytest.mark.parametrize("module_cls,downstream", [(SFTModule, ["eval.downstream_limit=1", "eval.n_samples=2",
+                                                                  "eval.max_new_tokens=4"]), (EBFTModule, [])])
+def test_callback_logs_what_evaluate_computes(tmp_path, module_cls, downstream):
+    method = "sft" if module_cls is SFTModule else "ebft"
+    cfg = make_cfg(tmp_path, f"method={method}", "eval.every_n_steps=3", *downstream)
+    module, trainer, logged = module_and_trainer(cfg, module_cls)
+    callback = CalibrationCallback(cfg)
+    module.generator.train()
+    state = torch.random.get_rng_state()
+    metrics = callback.run(trainer, module)
+    assert torch.equal(state, torch.random.get_rng_state()) and module.generator.training
+    if module_cls is EBFTModule:
+        assert callback.critic is module.features
+    else:
+        assert isinstance(callback.critic, FeatureNetwork) and not hasattr(module, "features")
+    chunks = subset(trainer.datamodule.val_chunks, 3, int(cfg.seed))
+    expected, _ = calibrate(module.generator, callback.critic, chunks, cfg, ("cfm",), progress=False)
+    assert metrics["val/cfm"] == pytest.approx(expected["cfm"], abs=1e-6)
+    assert metrics["val/cfm_whitened"] == pytest.approx(expected["cfm_whitened"], abs=1e-6)
+    assert logged == [(3, metrics)]
+    assert ({"val/HumanEval/greedy", "val/HumanEval/pass@1"} <= set(metrics)) == bool(downstream)
+    callback.on_train_batch_end(trainer, module, None, None, 0)   # already logged at this step
+    trainer.global_step = 4
+    callback.on_train_batch_end(trainer, module, None, None, 0)   # not a multiple of 3
+    assert len(logged) == 1
+
+
+def test_schedule_must_be_whole_steps(tmp_path):
+    assert schedule_of(make_cfg(tmp_path, "eval.every_n_steps=0")) == 0
+    with pytest.raises(ConfigError, match="eval.every_n_steps=0.5"):
+        schedule_of(make_cfg(tmp_path, "eval.every_n_steps=0.5"))
+
+
+def test_cfm_is_logged_during_sft_training(tmp_path):
+    train(make_cfg(tmp_path, "method=sft", "trainer.max_steps=2", "eval.every_n_steps=1",
+                   "trainer.val_check_interval=2"))
+    with open(tmp_path / "metrics.csv") as f:
+        steps = sorted(int(r["step"]) for r in csv.DictReader(f) if r.get("val/cfm"))
+    assert steps == [0, 1, 2]
