@@ -137,7 +137,8 @@ def collect(sweep_dir: str | Path) -> str:
     """Write summary.md, summary.csv and curves.png into ``sweep_dir``; return the markdown table."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
-        raise SystemExit(f"{sweep_dir} is not a directory; give a sweep dir (hydra.sweep.dir, e.g. multirun/qa_code/<time>)")
+        raise SystemExit(f"{sweep_dir} is not a directory; give a sweep dir "
+                         "(hydra.sweep.dir, e.g. multirun/qa_code/<time>)")
     runs = find_runs(sweep_dir)
     if not runs:
         raise SystemExit(f"no run under {sweep_dir} has a metrics.csv; is it a sweep dir of runs with logger=csv?")

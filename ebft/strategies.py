@@ -5,8 +5,9 @@
 - ``global_batch`` (chunks, or prompts for RLVR, per optimizer step over all devices) fixes the
   gradient accumulation once the Trainer knows how many devices it runs on:
   ``accumulate = global_batch / (method.batch_size * devices * num_nodes)``.
-- FSDP wraps every decoder layer; :class:`DecoderLayerPolicy` finds the layer class in the model
-  at wrap time, so one config serves Llama, Qwen2, SmolLM and the tiny test model.
+- FSDP wraps every decoder layer and the frozen feature network's embeddings; :class:`DecoderLayerPolicy`
+  finds the layer class in the model at wrap time, so one config serves Llama, Qwen2, SmolLM and the
+  tiny test model.
 - :class:`MemoryEstimate` prints what parameters, gradients, Adam states and bf16 weight copies
   take per device under the chosen strategy before training starts.
 """
@@ -17,15 +18,18 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from torch import nn
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from ebft.config import ConfigError
 
-GB = 1024 ** 3
+GIB = 1024 ** 3
 
 
 def build_strategy(spec: Any):
@@ -87,10 +91,12 @@ def decoder_layer_classes(root: nn.Module) -> set[type[nn.Module]]:
 
 
 class DecoderLayerPolicy(ModuleWrapPolicy):
-    """FSDP auto-wrap policy: one unit per decoder layer (the class read from the model at wrap time)
-    and one per frozen Hugging Face model (the feature network's backbone). The frozen network is
-    then sharded like the generator, and no unit mixes its bf16 weights with the generator's fp32
-    ones (FSDP flattens the weights of a unit into one tensor of one dtype)."""
+    """FSDP auto-wrap policy: one unit per decoder layer (the class read from the model at wrap
+    time) and one per frozen module holding weights outside the layers (the feature network's
+    embeddings). FSDP flattens a unit's weights into one tensor of one dtype, so the frozen bf16
+    network must not share the root unit with the generator's fp32 weights; and a unit gathers its
+    weights in its own forward, so the units are modules the models call (not the backbone, which
+    the project calls through ``base_model``, past a wrapper)."""
 
     def __init__(self):
         super().__init__(())
@@ -99,9 +105,12 @@ class DecoderLayerPolicy(ModuleWrapPolicy):
         self._module_classes = decoder_layer_classes(root_module)
         self._module_classes_str = str(self._module_classes)
         targets = super()._run_policy(root_module, ignored_modules, root_kwargs)
-        for model in _hf_models(root_module):
-            if model not in ignored_modules and not any(p.requires_grad for p in model.parameters()):
-                targets[model] = dict(root_kwargs)
+        in_layers = {id(m) for layer in targets for m in layer.modules()}
+        for module in root_module.modules():
+            if (id(module) not in in_layers and module not in ignored_modules
+                    and next(module.parameters(recurse=False), None) is not None
+                    and not any(p.requires_grad for p in module.parameters())):
+                targets[module] = dict(root_kwargs)
         return targets
 
 
@@ -113,8 +122,8 @@ def estimate_memory(trainable: int, trainable_bytes: int, frozen_bytes: int, kin
     ``trainable`` parameters of ``trainable_bytes`` each (4 = fp32 master weights) have a gradient of
     the same size and two Adam moments; under mixed precision a 2-byte copy of the weights exists
     while they are used. ``kind``: ``replicated`` (single device, DDP: everything on every device),
-    ``zero2`` (DeepSpeed stage 2: bf16 weights replicated; fp32 master weights, gradients and Adam
-    states partitioned), ``full_shard`` (FSDP: everything partitioned, frozen weights too) or
+    ``zero2`` (DeepSpeed stage 2: the bf16 model replicated; fp32 master weights, bf16 gradients
+    and Adam states partitioned), ``full_shard`` (FSDP: everything partitioned, frozen weights too) or
     ``grad_op`` (FSDP SHARD_GRAD_OP: weights replicated, gradients and Adam partitioned).
     """
     n, w = world_size, trainable_bytes
@@ -122,8 +131,8 @@ def estimate_memory(trainable: int, trainable_bytes: int, frozen_bytes: int, kin
         parts = {"weights": trainable * w, "gradients": trainable * w, "adam": 2 * trainable * w,
                  "bf16 copies": 2 * trainable if mixed else 0, "frozen": frozen_bytes}
     elif kind == "zero2":
-        parts = {"weights": 2 * trainable + trainable * w / n, "gradients": 2 * trainable / n,
-                 "adam": 2 * trainable * w / n, "bf16 copies": 0, "frozen": frozen_bytes}
+        parts = {"weights": trainable * w / n, "gradients": 2 * trainable / n,
+                 "adam": 2 * trainable * w / n, "bf16 copies": 2 * trainable, "frozen": frozen_bytes}
     elif kind == "full_shard":
         parts = {"weights": trainable * w / n, "gradients": trainable * w / n, "adam": 2 * trainable * w / n,
                  "bf16 copies": 2 * trainable / n if mixed else 0, "frozen": frozen_bytes / n}
@@ -170,22 +179,19 @@ class MemoryEstimate(Callback):
         precision = str(trainer.precision)
         layout = strategy_layout(trainer.strategy)
         parts = estimate_memory(count, width, frozen, layout, trainer.world_size, precision.endswith("mixed"))
-        detail = ", ".join(f"{k} {v / GB:.2f}" for k, v in parts.items() if k != "total")
+        detail = ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items() if k != "total")
         print(f"memory estimate per device ({type(trainer.strategy).__name__}, {layout}, {trainer.world_size} "
               f"device(s), {precision}): {count / 1e6:.1f}M trainable params; {detail} -> "
-              f"{parts['total'] / GB:.2f} GiB + activations", flush=True)
+              f"{parts['total'] / GIB:.2f} GiB + activations", flush=True)
 
 
 def check_launch(trainer: L.Trainer) -> None:
     """Refuse a multi-process launch from inside a local Hydra multirun: Lightning would re-run the
     whole command line (the sweep included) in every child process."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
-
     launcher = getattr(trainer.strategy, "launcher", None)
-    if (isinstance(launcher, _SubprocessScriptLauncher) and not launcher.cluster_environment.creates_processes_externally
-            and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+    spawns = (isinstance(launcher, _SubprocessScriptLauncher)
+              and not launcher.cluster_environment.creates_processes_externally)
+    if spawns and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         raise ConfigError(f"trainer.devices={trainer.num_devices} starts one process per device, which a local "
                           "multirun (-m) cannot do; run the sweep with hydra/launcher=slurm (one task per GPU), "
                           "or run each configuration without -m")

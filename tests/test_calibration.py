@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ebft.eval.calibration import (Estimate, cfm_estimate, context_fm, fm_profile, profile_layouts, select_chunks,
+from ebft.eval.calibration import (Estimate, cfm_estimate, context_fm, fixed_subset, fm_profile, profile_layouts,
                                    validation_ce, whitened_fm_proxy)
 from ebft.models.features import FeatureNetwork
 from ebft.rollout.layout import StridedLayout
@@ -62,13 +62,14 @@ def test_estimate_se_is_over_chunk_means():
     assert math.isnan(Estimate.of(values[:1]).se)
 
 
-def test_select_chunks_fixed_sorted_subset():
-    a, b = select_chunks(50, 10, seed=1), select_chunks(50, 10, seed=1)
+def test_fixed_subset_is_sorted_and_seeded():
+    a, b = fixed_subset(50, 10, seed=1), fixed_subset(50, 10, seed=1)
     assert torch.equal(a, b) and len(a) == 10 and torch.equal(a, a.sort().values) and len(set(a.tolist())) == 10
-    assert not torch.equal(a, select_chunks(50, 10, seed=2))
-    assert torch.equal(select_chunks(7, None, 0), torch.arange(7)) and torch.equal(select_chunks(7, 9, 0), torch.arange(7))
-    with pytest.raises(ValueError, match="no held-out chunks"):
-        select_chunks(0, 5, 0)
+    assert not torch.equal(a, fixed_subset(50, 10, seed=2))
+    assert torch.equal(fixed_subset(7, None, 0), torch.arange(7))
+    assert torch.equal(fixed_subset(7, 9, 0), torch.arange(7))
+    with pytest.raises(ValueError, match="held-out split is empty"):
+        fixed_subset(0, 5, 0)
 
 
 def test_validation_ce_is_token_weighted(tiny_model):

@@ -88,7 +88,8 @@ def test_two_runs_of_the_paper_grid_through_submitit_locally(tmp_path):
            # two of the 18 runs; CPU-sized data and geometry
            "method.whitening=reference", "gamma=0", "alpha=0,1",
            "data.limit=300", "data.val_size=40", "task.seq_len=32", "method.batch_size=1", "global_batch=1",
-           "trainer.limit_val_batches=1", "method.gradient_checkpointing=false", "trainer.enable_progress_bar=false",
+           "trainer.limit_val_batches=1", "eval.cfm_chunks=2", "method.gradient_checkpointing=false",
+           "trainer.enable_progress_bar=false",
            f"hydra.sweep.dir={sweep}"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]

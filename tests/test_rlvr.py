@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from lightning.pytorch.callbacks import Callback
 from omegaconf import open_dict
 
 from ebft.config import ConfigError
@@ -17,6 +18,7 @@ from ebft.methods.rlvr import (
 )
 from ebft.models.loading import build_tiny_model
 from ebft.objectives.verifiable import code_rewards
+from ebft import run as run_module
 from ebft.run import train
 from tests.test_train import SMALL, train_losses
 
@@ -216,11 +218,24 @@ RLVR_SMALL = [*SMALL, "eval.every_n_steps=0", "method=rlvr", "method.max_new_tok
               "trainer.max_steps=2"]
 
 
-def test_rlvr_trains_end_to_end_on_translation(tmp_path):
+class GeneratorMode(Callback):
+    """Records whether the generator is in train mode (gradient checkpointing needs it) at each step."""
+
+    def __init__(self):
+        self.training = []
+
+    def on_train_batch_start(self, trainer, pl_module, *args):
+        self.training.append(pl_module.generator.training)
+
+
+def test_rlvr_trains_end_to_end_on_translation(tmp_path, monkeypatch):
     from tests.test_train import make_cfg
 
+    mode, original = GeneratorMode(), run_module.build_trainer
+    monkeypatch.setattr(run_module, "build_trainer", lambda cfg, out, cbs: original(cfg, out, [*cbs, mode]))
     summary = train(make_cfg(tmp_path, *RLVR_SMALL, "task=translation"))
     assert summary["steps"] == 2 and Path(summary["hf_model"], "config.json").is_file()
+    assert mode.training == [True, True]
     assert len(summary["val_ce"]) >= 2
     for key in ("train/reward", "train/zero_signal_fraction", "train/completion_len", "perf/rollout_tokens_per_s"):
         assert sorted(train_losses(tmp_path, key)) == [0, 1], key

@@ -80,13 +80,14 @@ class Estimate:
         return cls(values.float().mean().item(), se)
 
 
-def select_chunks(num_chunks: int, limit: int | None, seed: int) -> torch.Tensor:
-    """Indices of a fixed random subset of ``limit`` held-out chunks (all of them when None), sorted."""
-    if num_chunks < 1:
-        raise ValueError("there are no held-out chunks; raise data.val_size or lower task.seq_len")
-    if limit is None or limit >= num_chunks:
-        return torch.arange(num_chunks)
-    order = torch.randperm(num_chunks, generator=torch.Generator().manual_seed(seed))
+def fixed_subset(size: int, limit: int | None, seed: int) -> torch.Tensor:
+    """Sorted indices of a fixed random subset of ``limit`` of ``size`` held-out items (chunks or rows;
+    all of them when ``limit`` is None): the same seed always picks the same items."""
+    if size < 1:
+        raise ValueError("the held-out split is empty; raise data.val_size or lower task.seq_len")
+    if limit is None or limit >= size:
+        return torch.arange(size)
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
     return order[:limit].sort().values
 
 

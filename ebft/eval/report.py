@@ -78,8 +78,8 @@ def write_profile(results: Sequence[dict], root: Path) -> list[Path]:
     if not profiled:
         return []
     csv_path, png_path = root / "fm_profile.csv", root / "fm_profile.png"
-    _write_csv(csv_path, ["model", "G", "cfm", "se"],
-               [[r["model"], g, m, s] for r in profiled for g, m, s in zip(*(r["profile"][k] for k in ("G", "cfm", "se")))])
+    points = [[r["model"], *point] for r in profiled for point in zip(*(r["profile"][k] for k in ("G", "cfm", "se")))]
+    _write_csv(csv_path, ["model", "G", "cfm", "se"], points)
     import matplotlib
 
     matplotlib.use("Agg")

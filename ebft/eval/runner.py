@@ -34,7 +34,7 @@ from ebft.config import ConfigError, validate_geometry
 from ebft.data.packing import PackedChunks, pack_rows
 from ebft.data.sources import load_rows, train_val_split
 from ebft.eval import report
-from ebft.eval.calibration import (Estimate, context_fm, fm_profile, profile_layouts, select_chunks,
+from ebft.eval.calibration import (Estimate, context_fm, fixed_subset, fm_profile, profile_layouts,
                                    validation_ce)
 from ebft.eval.code import CodeProblem, load_humaneval, load_mbpp, load_multipl_e, toolchain_for
 from ebft.eval.downstream import Outcome, TranslationPair, run_code, run_translation
@@ -68,7 +68,7 @@ def plan_metrics(cfg: DictConfig) -> list[str]:
         optional = {"mbpp": e.get("mbpp_path"), "multipl_e": e.get("multipl_e"), "comet": e.get("comet_python")}
         metrics = [m for m in offered if optional.get(m, True)]
         if suite == "translation" and "comet" not in metrics:
-            log.info("COMET skipped (eval.comet_python is not set). %s", COMET_HOWTO)
+            log.warning("COMET skipped (eval.comet_python is not set). %s", COMET_HOWTO)
     else:
         metrics = [m.strip() for m in requested.split(",")] if isinstance(requested, str) else list(requested)
         unknown = [m for m in metrics if m not in offered]
@@ -148,8 +148,8 @@ def held_out(cfg: DictConfig, tokenizer) -> HeldOut:
 
 
 def subset(chunks: PackedChunks, limit: int | None, seed: int) -> PackedChunks:
-    """A fixed random subset of ``limit`` chunks (:func:`~ebft.eval.calibration.select_chunks`)."""
-    idx = select_chunks(len(chunks), limit, seed)
+    """A fixed random subset of ``limit`` chunks (:func:`~ebft.eval.calibration.fixed_subset`)."""
+    idx = fixed_subset(len(chunks), limit, seed)
     return PackedChunks(chunks.input_ids[idx], chunks.answer_mask[idx], chunks.doc_ids[idx])
 
 
@@ -213,7 +213,7 @@ def load_benchmarks(cfg: DictConfig, metrics: Sequence[str], limit: int | None,
             path = Path(str(folder)) / f"humaneval-{lang}.jsonl" if folder else None
             out.append(CodeBenchmark(f"MultiPL-E {lang}", load_multipl_e(lang, path=path)[:limit], **code))
     if "bleu" in metrics or "comet" in metrics:
-        pick = select_chunks(len(rows), limit, int(cfg.seed)).tolist()
+        pick = fixed_subset(len(rows), limit, int(cfg.seed)).tolist()
         out.append(TranslationBenchmark([TranslationPair.from_row(rows[i]) for i in pick],
                                         e.get("comet_python") if "comet" in metrics else None))
     return out
@@ -249,7 +249,8 @@ def calibrate(model, critic: FeatureNetwork | None, chunks: PackedChunks, cfg: D
     return out, profile
 
 
-def run_downstream(model, tokenizer, benchmarks: Sequence[Benchmark], sampling: Sampling, progress: bool = True) -> tuple[dict[str, dict[str, float]], dict[str, Outcome]]:
+def run_downstream(model, tokenizer, benchmarks: Sequence[Benchmark], sampling: Sampling,
+                   progress: bool = True) -> tuple[dict[str, dict[str, float]], dict[str, Outcome]]:
     """Scores per metric family (``{"HumanEval": {"greedy": ..., "pass@1": ...}}``) and the outcomes."""
     outcomes = {b.name: b.run(model, tokenizer, sampling, progress) for b in benchmarks}
     scores = {}

@@ -80,6 +80,11 @@ class FineTuneModule(L.LightningModule):
         model.config.use_cache = False
         return model
 
+    def on_train_start(self) -> None:
+        """HF models load in eval mode and Lightning does not change it: train the generator, or its
+        gradient checkpointing (and dropout, where a model has any) would be off during training."""
+        self.generator.train()
+
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Last hidden states of a plain causal forward (batch, T, H)."""
         return self.generator.get_decoder()(input_ids=input_ids).last_hidden_state

@@ -144,7 +144,10 @@ def completion_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
     Pads after EOS are attended but never scored by the caller's mask; the LM head runs only on the
     ``L`` rows that score completion tokens (``token_logprobs``, logits / temperature).
     """
-    n = completions.shape[0] // prompt_ids.shape[0]
+    n, rest = divmod(completions.shape[0], prompt_ids.shape[0])
+    if rest or n == 0:
+        raise ValueError(f"{completions.shape[0]} completions for {prompt_ids.shape[0]} prompts: "
+                         "need the same number of completions for every prompt")
     prompt_len = prompt_ids.shape[1]
     ids = torch.cat([prompt_ids.repeat_interleave(n, 0), completions], 1)
     mask = torch.cat([prompt_mask.repeat_interleave(n, 0), torch.ones_like(completions)], 1)
@@ -217,8 +220,7 @@ class RLVRModule(FineTuneModule):
     def score(self, rollout: Rollout, rows: list[dict]) -> torch.Tensor:
         """Rewards (B, n) of the decoded completions against their rows."""
         n = int(self.cfg.method.num_samples)
-        texts = self.tokenizer.batch_decode(rollout.tokens.masked_fill(~rollout.mask, self.tokenizer.pad_token_id),
-                                            skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(rollout.tokens, skip_special_tokens=True)
         rewards = self.reward_fn(texts, [row for row in rows for _ in range(n)])
         return torch.tensor(rewards, dtype=torch.float32, device=rollout.tokens.device).view(len(rows), n)
 

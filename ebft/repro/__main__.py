@@ -12,6 +12,7 @@ interrupted reproduction (give the same flags: other settings are refused, not m
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 
@@ -23,7 +24,8 @@ from ebft.repro.sweep import chosen_lrs, sweep_points
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ebft.repro", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m ebft.repro",
+                                description="The small reproduction of the paper's Q&A coding comparison, end to end.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Settings: conf/experiment/repro_small.yaml (section repro).")
     p.add_argument("--out", help="output folder (default results/repro_small; with --quick outputs/repro_small_quick)")
@@ -35,7 +37,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--chunks", type=int, help="held-out chunks for CE / CFM / FM profile")
     p.add_argument("--mbpp", help="MBPP's mbpp.jsonl (default $EBFT_MBPP; without it MBPP is skipped)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra train.py override for every run (repeatable), e.g. trainer.accelerator=gpu")
+                   help="extra train.py override for every run (repeatable), e.g. trainer.accelerator=gpu; "
+                        "model/task/data settings reach evaluate.py too")
     p.add_argument("--dry-run", action="store_true", help="print the planned commands and stop")
     p.add_argument("--report-only", action="store_true", help="only rewrite README.md from the output folder")
     return p.parse_args(argv)
@@ -49,6 +52,7 @@ def learning_rates(settings: Settings, sweep: bool, dry_run: bool) -> tuple[dict
     jobs = planning.sweep_jobs(settings)
     if dry_run:
         print("\n".join(job.command for job in jobs))
+        print("# the training commands below take the lrs the sweep chooses; shown with the config's")
         return lrs, "lr sweep"
     run_all(jobs, "lr sweep (validation split only)")
     for method, point in chosen_lrs(sweep_points(settings.out, planning.sweep_entries(settings))).items():
@@ -69,6 +73,11 @@ def evaluate_pending(settings: Settings, planned: list[dict]) -> None:
             print(f"\n== evaluation ({part}): every model done before", flush=True)
 
 
+def fail(err: ReproError) -> int:
+    print(f"\npython -m ebft.repro: {err}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -76,11 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(args.out, args.quick, args.steps, args.seeds, args.limit, args.chunks, args.mbpp,
                                  args.override)
-        if args.report_only:
-            print(f"report: {write_report(settings.out)}")
-            return 0
-        print(f"== reproduction into {settings.out}: {len(settings.variants)} variants x seeds "
-              f"{', '.join(map(str, settings.seeds))}, {settings.steps} steps, model {settings.base_ckpt}", flush=True)
+    except ReproError as err:
+        return fail(err)
+    if args.report_only:
+        print(f"report: {write_report(settings.out)}")
+        return 0
+    print(f"== reproduction into {settings.out}: {len(settings.variants)} variants x seeds "
+          f"{', '.join(map(str, settings.seeds))}, {settings.steps} steps, model {settings.base_ckpt}", flush=True)
+    try:
         lrs, source = learning_rates(settings, args.lr_sweep, args.dry_run)
         planned = planning.models(settings, lrs)
         training = planning.training_jobs(settings, planned)
@@ -92,12 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         run_all(training, "training")
         evaluate_pending(settings, planned)
     except ReproError as err:
-        print(f"\npython -m ebft.repro: {err}", file=sys.stderr)
-        return 1
+        if (settings.out / planning.PLAN).is_file():
+            print(f"partial report: {write_report(settings.out)}", file=sys.stderr)
+        return fail(err)
     report = write_report(settings.out)
     print(f"\n== done in {(time.time() - start) / 60:.1f} min: {report}", flush=True)
     return 0
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the running job is stopped too
     sys.exit(main())

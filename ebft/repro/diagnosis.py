@@ -101,7 +101,10 @@ def stats_table(out: Path, plan: dict) -> tuple[list[str], list[list[str]]]:
         runs = variant_runs(out, plan["models"], name)
         if not runs:
             continue
-        arrow = lambda key: "→".join(_fmt(v) for v in mean_trend(runs, key)) if any(key in r.trend for r in runs) else "–"
+
+        def arrow(key: str) -> str:
+            return "→".join(_fmt(v) for v in mean_trend(runs, key)) if any(key in r.trend for r in runs) else "–"
+
         rows.append([variant["label"], _fmt(mean(r.seconds_per_step for r in runs), 1), arrow("train/reward"),
                      _fmt(mean_of(runs, "train/reward_std")), _fmt(mean_of(runs, "train/advantage_std")),
                      _fmt(mean_of(runs, "train/alignment")), _fmt(mean_of(runs, "train/diversity")),
@@ -123,70 +126,137 @@ def _profile_gap(models: list[dict], a: str, b: str) -> list[tuple[int, float]]:
     return [(g, pa[g] - pb[g]) for g in pa if g in pb]
 
 
-def diagnose(out: Path, plan: dict, models: list[dict], ebft: str, sft: str = "sft") -> list[str]:
-    """Findings (markdown bullet texts) on the EBFT variant ``ebft`` against ``sft``, from the logs."""
-    e_runs, s_runs = variant_runs(out, models, ebft), variant_runs(out, models, sft)
+@dataclass(frozen=True)
+class Evidence:
+    """What the findings read: the runs of the EBFT variant, of SFT and of RLVR, and the plan."""
+
+    plan: dict
+    models: list[dict]
+    ebft: str
+    e_runs: list[RunStats]
+    s_runs: list[RunStats]
+    r_runs: list[RunStats]
+
+    @property
+    def knobs(self) -> dict:
+        return self.plan["variants"][self.ebft]["knobs"]
+
+    @property
+    def sizes(self) -> dict:
+        return self.plan["sizes"]
+
+
+def cfm_finding(ev: Evidence) -> str | None:
+    cfm0, cfm1 = mean_trend(ev.e_runs, "val/cfm")
+    se = mean_trend(ev.e_runs, "val/cfm_se")[1]
+    if not (math.isfinite(cfm0) and math.isfinite(cfm1)):
+        return None
+    noise = 2 * math.sqrt(2) * se if math.isfinite(se) else math.nan
+    moved = "within" if abs(cfm1 - cfm0) <= noise else "beyond"
+    return (f"**CFM signal vs noise.** Over {ev.e_runs[0].steps} steps the in-training val CFM of EBFT went "
+            f"{_fmt(cfm0)} → {_fmt(cfm1)} (Δ {cfm1 - cfm0:+.4f}), {moved} twice the standard error of a "
+            f"difference of two estimates (±{_fmt(noise, 4)}, {ev.sizes['in_training_cfm_chunks']} chunks).")
+
+
+def reward_finding(ev: Evidence) -> str | None:
+    r0, r1 = mean_trend(ev.e_runs, "train/reward")
+    step_sd = mean(r.step_sd.get("train/reward") for r in ev.e_runs)
+    if not math.isfinite(r0):
+        return None
+    k = max(1, ev.e_runs[0].steps // 4)
+    noise = 2 * step_sd * math.sqrt(2 / k) if math.isfinite(step_sd) else math.nan
+    trend = "no trend beyond its step-to-step noise" if abs(r1 - r0) <= noise else ("a rise" if r1 > r0 else "a fall")
+    return (f"**Training reward.** Batch-mean feature-matching reward {_fmt(r0)} (first quarter) → {_fmt(r1)} "
+            f"(last quarter): {trend} (±{_fmt(noise)}; it varies by {_fmt(step_sd)} between steps because every "
+            "step draws new chunks).")
+
+
+def advantage_finding(ev: Evidence) -> str | None:
+    adv, rsd = mean_of(ev.e_runs, "train/advantage_std"), mean_of(ev.e_runs, "train/reward_std")
+    n = int(ev.knobs.get("num_samples", 0))
+    if not (math.isfinite(adv) and math.isfinite(rsd) and rsd > 0 and n > 1):
+        return None
+    within = min(1.0, ((n - 1) / n * adv / rsd) ** 2)
+    return (f"**Advantages.** RLOO advantage sd {_fmt(adv)} vs reward sd {_fmt(rsd)} within a batch: leave-one-out "
+            f"advantages are n/(n-1) × (reward − context mean), so about {within:.0%} of the reward variance is "
+            f"between the {n} samples of a context (the signal the policy gradient follows) and {1 - within:.0%} "
+            "between contexts (removed by the baseline).")
+
+
+def diversity_finding(ev: Evidence) -> str | None:
+    div = mean_of(ev.e_runs, "train/diversity")
+    if not (math.isfinite(div) and abs(div) < 1e-6 and ev.knobs.get("whitening", "none") != "none"):
+        return None
+    alphas = sorted({v["knobs"].get("alpha") for v in ev.plan["variants"].values() if v["method"] == "ebft"})
+    return ("**Diversity term.** The whitened diversity reward was 0 at every step: whitening makes distinct "
+            "rollouts orthonormal, so only duplicates are penalised. With no duplicates the reward is alignment "
+            f"only and alpha ({', '.join(f'{a:g}' for a in alphas)}) changes nothing: EBFT variants that differ "
+            "only in alpha train identically.")
+
+
+def duplicate_finding(ev: Evidence) -> str | None:
+    dup = mean_of(ev.e_runs, "train/duplicate_fraction")
+    if not math.isfinite(dup):
+        return None
+    reading = ("many samples repeat another one of their context: fewer distinct rollouts per context, and "
+               "whitening then gives those duplicates a diversity penalty" if dup > 0.25 else
+               "duplicates are rare, so the n samples are distinct and diversity is not the bottleneck")
+    return (f"**Duplicates.** {dup:.0%} of rollouts duplicate another sample of the same context (temperature "
+            f"{ev.knobs.get('temperature', '?')}, G={ev.sizes['gen_len']}): {reading}.")
+
+
+def ce_finding(ev: Evidence) -> str | None:
+    lr_e, lr_s = ev.plan["lr"].get("ebft"), ev.plan["lr"].get("sft")
+    gamma = ev.knobs.get("gamma")
+    if not (lr_e and lr_s and gamma is not None):
+        return None
+    ce_e = mean_trend(ev.e_runs, "val/ce")
+    ce_s = mean_trend(ev.s_runs, "val/ce") if ev.s_runs else (math.nan, math.nan)
+    return (f"**Cross-entropy.** EBFT's CE term has weight γ={gamma:g} at lr {lr_e:g}, SFT's is the whole loss at "
+            f"lr {lr_s:g}: EBFT's direct CE gradient step is {gamma * lr_e / lr_s:.3f}× SFT's (over all chunk "
+            f"tokens; SFT's over answer tokens). In-training val CE moved {ce_e[1] - ce_e[0]:+.3f} for EBFT and "
+            f"{ce_s[1] - ce_s[0]:+.3f} for SFT.")
+
+
+def budget_finding(ev: Evidence) -> str:
+    z, n = ev.sizes, int(ev.knobs.get("num_samples", 0))
+    steps, per_step = ev.e_runs[0].steps, z["batch_size"] * z["blocks"] * n
+    return (f"**Budget and horizon.** {steps} steps × {z['batch_size']} chunks × {z['blocks']} contexts × {n} "
+            f"samples = {steps * per_step:,} rollouts of G={z['gen_len']} tokens in all ({per_step} per step, lr "
+            f"{ev.plan['lr'].get('ebft', math.nan):g}); the paper's recipe takes {PAPER_ROLLOUTS_PER_STEP:,} "
+            f"rollouts per step at lr {PAPER_LR:g} for 2 epochs of 100k examples, "
+            f"{PAPER_ROLLOUTS_PER_STEP / max(per_step, 1):.0f}× more per step and thousands of steps.")
+
+
+def rlvr_finding(ev: Evidence) -> str | None:
+    zero = mean_of(ev.r_runs, "train/zero_signal_fraction")
+    if not math.isfinite(zero):
+        return None
+    reading = "it learned almost nothing at this scale" if zero > 0.9 else "its gradient comes from the other groups"
+    return (f"**RLVR for comparison.** Pass rate of its training completions "
+            f"{_fmt(mean_of(ev.r_runs, 'train/reward'))}; {zero:.0%} of prompt groups had all-equal rewards and so "
+            f"zero advantage: {reading}.")
+
+
+def profile_finding(ev: Evidence) -> str | None:
+    gap = _profile_gap(ev.models, ev.ebft, "sft")
+    if not gap:
+        return None
+    text = ", ".join(f"G={g}: {d:+.4f}" for g, d in gap)
+    return (f"**FM profile.** EBFT − SFT CFM by completion length (negative = EBFT better): {text}; training used "
+            f"G={ev.sizes['gen_len']}.")
+
+
+FINDINGS = (cfm_finding, reward_finding, advantage_finding, diversity_finding, duplicate_finding, ce_finding,
+            budget_finding, rlvr_finding, profile_finding)
+
+
+def diagnose(out: Path, plan: dict, models: list[dict], ebft: str) -> list[str]:
+    """Findings (markdown bullet texts) on the EBFT variant ``ebft`` against SFT, from the logs."""
+    e_runs = variant_runs(out, models, ebft)
     if not e_runs:
         return [f"No metrics.csv of {ebft} runs: nothing to diagnose."]
-    sizes, knobs = plan["sizes"], plan["variants"][ebft]["knobs"]
-    lines = []
-
-    cfm0, cfm1 = mean_trend(e_runs, "val/cfm")
-    se = mean_trend(e_runs, "val/cfm_se")[1]
-    if math.isfinite(cfm0) and math.isfinite(cfm1):
-        noise = 2 * math.sqrt(2) * se if math.isfinite(se) else math.nan
-        moved = "within" if abs(cfm1 - cfm0) <= noise else "beyond"
-        lines.append(f"**CFM signal vs noise.** Over {e_runs[0].steps} steps the in-training val CFM of EBFT went "
-                     f"{_fmt(cfm0)} → {_fmt(cfm1)} (Δ {cfm1 - cfm0:+.4f}), {moved} twice the standard error of a "
-                     f"difference of two estimates (±{_fmt(noise, 4)}, {sizes['in_training_cfm_chunks']} chunks).")
-
-    r0, r1 = mean_trend(e_runs, "train/reward")
-    step_sd = mean(r.step_sd.get("train/reward") for r in e_runs)
-    if math.isfinite(r0):
-        k = max(1, e_runs[0].steps // 4)
-        noise = 2 * step_sd * math.sqrt(2 / k) if math.isfinite(step_sd) else math.nan
-        trend = "no trend beyond its step-to-step noise" if abs(r1 - r0) <= noise else (
-            "a rise" if r1 > r0 else "a fall")
-        lines.append(f"**Training reward.** Batch-mean feature-matching reward {_fmt(r0)} (first quarter) → "
-                     f"{_fmt(r1)} (last quarter): {trend} (±{_fmt(noise)}; it varies by {_fmt(step_sd)} between "
-                     f"steps because every step draws new chunks).")
-
-    adv, rsd = mean_of(e_runs, "train/advantage_std"), mean_of(e_runs, "train/reward_std")
-    if math.isfinite(adv) and math.isfinite(rsd) and rsd > 0:
-        lines.append(f"**Advantages.** RLOO advantage sd {_fmt(adv)} vs reward sd {_fmt(rsd)} within a batch "
-                     f"(ratio {adv / rsd:.2f}): the baseline removes {max(0.0, 1 - (adv / rsd) ** 2):.0%} of the "
-                     f"reward variance (the part shared by the {knobs.get('num_samples', '?')} samples of a context); "
-                     "what is left is the per-sample signal the policy gradient follows.")
-
-    dup = mean_of(e_runs, "train/duplicate_fraction")
-    if math.isfinite(dup):
-        reading = ("many samples repeat another one of their context: fewer distinct rollouts per context, "
-                   "and whitening then gives those duplicates a diversity penalty" if dup > 0.25 else
-                   "duplicates are rare, so the n samples are distinct and diversity is not the bottleneck")
-        lines.append(f"**Duplicates.** {dup:.0%} of rollouts duplicate another sample of the same context "
-                     f"(temperature {knobs.get('temperature', '?')}, G={sizes['gen_len']}): {reading}.")
-
-    lr_e = plan["lr"].get("ebft", math.nan)
-    lr_s = plan["lr"].get("sft", math.nan)
-    gamma = knobs.get("gamma", math.nan)
-    ce_e = mean_trend(e_runs, "val/ce")
-    ce_s = mean_trend(s_runs, "val/ce") if s_runs else (math.nan, math.nan)
-    lines.append(f"**Cross-entropy.** EBFT's CE term has weight γ={gamma:g} at lr {lr_e:g}, SFT's is the whole "
-                 f"loss at lr {lr_s:g}: EBFT's direct CE gradient step is {gamma * lr_e / lr_s:.3f}× SFT's "
-                 f"(and over all chunk tokens, SFT's over answer tokens). In-training val CE moved "
-                 f"{ce_e[1] - ce_e[0]:+.3f} for EBFT and {ce_s[1] - ce_s[0]:+.3f} for SFT.")
-
-    steps, batch = e_runs[0].steps, sizes["batch_size"]
-    per_step = batch * sizes["blocks"] * int(knobs.get("num_samples", 0))
-    lines.append(f"**Budget and horizon.** {steps} steps × {batch} chunks × {sizes['blocks']} contexts × "
-                 f"{knobs.get('num_samples', '?')} samples = {steps * per_step:,} rollouts of G={sizes['gen_len']} "
-                 f"tokens in all ({per_step} per step, lr {lr_e:g}); the paper's recipe takes "
-                 f"{PAPER_ROLLOUTS_PER_STEP:,} rollouts per step at lr {PAPER_LR:g} for 2 epochs of 100k examples, "
-                 f"{PAPER_ROLLOUTS_PER_STEP / max(per_step, 1):.0f}× more per step and thousands of steps.")
-
-    gap = _profile_gap(models, ebft, sft)
-    if gap:
-        text = ", ".join(f"G={g}: {d:+.4f}" for g, d in gap)
-        lines.append(f"**FM profile.** EBFT − SFT CFM by completion length (negative = EBFT better): {text}; "
-                     f"training used G={sizes['gen_len']}.")
-    return lines
+    rlvr = next((n for n, v in plan["variants"].items() if v["method"] == "rlvr"), None)
+    ev = Evidence(plan, models, ebft, e_runs, variant_runs(out, models, "sft"),
+                  variant_runs(out, models, rlvr) if rlvr else [])
+    return [text for finding in FINDINGS if (text := finding(ev))]

@@ -69,6 +69,23 @@ def finished(job: Job) -> dict | None:
     return record if done else None
 
 
+def _wait(argv: list[str], out) -> int:
+    """Run ``argv`` in the repository root with its output to ``out``; return its exit code. When the
+    driver is interrupted (Ctrl-C, SIGTERM), the child is stopped too (terminate, then kill after 30 s)."""
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        return proc.wait()
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+
+
 def run_job(job: Job, index: int, total: int) -> dict:
     """Run ``job`` unless it finished before; print one progress line before and after; return its record.
 
@@ -89,16 +106,15 @@ def run_job(job: Job, index: int, total: int) -> dict:
     _write_record(job.directory, record)
     start = time.time()
     with log.open("w") as out:
-        proc = subprocess.run([sys.executable, *job.argv], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        returncode = _wait([sys.executable, *job.argv], out)
     seconds = round(time.time() - start, 1)
-    record.update(returncode=proc.returncode, seconds=seconds,
+    record.update(returncode=returncode, seconds=seconds,
                   finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     _write_record(job.directory, record)
-    if proc.returncode != 0:
+    if returncode != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
         if not job.may_fail:
-            raise ReproError(f"{job.name} failed (exit {proc.returncode}) after {seconds:.0f} s; "
+            raise ReproError(f"{job.name} failed (exit {returncode}) after {seconds:.0f} s; "
                              f"log: {log}\n{tail}")
         print(f"{head}: FAILED after {seconds:.0f} s (kept as a result; log: {log})", flush=True)
         return record

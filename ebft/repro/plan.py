@@ -71,6 +71,7 @@ def models(settings: Settings, lrs: dict[str, float]) -> list[dict]:
 
 
 def training_jobs(settings: Settings, planned: list[dict]) -> list[Job]:
+    """The train.py command of every planned model but the base one."""
     return [train_job(settings, f"train {m['variant']} seed={m['seed']} lr={format_lr(m['lr'])}",
                       settings.variants[m["variant"]], m["seed"], m["lr"], settings.out / m["dir"], settings.steps,
                       settings.val_interval) for m in planned if m["variant"] != "base"]
@@ -123,8 +124,8 @@ def matches(model: dict, result: dict) -> bool:
     ckpt = str(result.get("ckpt", ""))
     if ckpt == model["ckpt"]:
         return True
-    return model["variant"] != "base" and PurePosixPath(ckpt).parts[-len(PurePosixPath(model["key"]).parts):] \
-        == PurePosixPath(model["key"]).parts
+    key = PurePosixPath(model["key"]).parts
+    return model["variant"] != "base" and PurePosixPath(ckpt).parts[-len(key):] == key
 
 
 def pending(planned: list[dict], results: list[dict]) -> list[dict]:

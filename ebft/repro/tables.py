@@ -72,11 +72,9 @@ def attach_results(planned: list[dict], results: dict[str, list[dict]]) -> list[
     return out
 
 
-def columns(models: list[dict]) -> list[str]:
-    """Table 1's columns that some model has: CE, FM, then each benchmark's greedy and pass@k."""
-    seen = list(dict.fromkeys(k for m in models for k in m["metrics"]))
-    bench = [k for k in seen if is_rate(k)]
-    return [c for c in ("CE", "FM") if c in seen] + bench
+def rate_columns(models: list[dict]) -> list[str]:
+    """The benchmark columns some model has (``HumanEval greedy``, ``HumanEval pass@1``, ...), in order."""
+    return [k for k in dict.fromkeys(k for m in models for k in m["metrics"]) if is_rate(k)]
 
 
 def variant_stats(models: list[dict], variant: str) -> dict[str, Stat]:

@@ -107,6 +107,12 @@ def _build_mask(layout: StridedLayout, attn_implementation: str, dtype: torch.dt
         if query_rows is None and num_keys in (None, layout.length):
             mask.strided_layout = layout
             _install_banded_sdpa()
+        elif isinstance(query_rows, slice) and query_rows.step in (None, 1) and num_keys == query_rows.stop:
+            step, extra = divmod(query_rows.start - layout.seq_len, layout.num_samples * layout.num_blocks)
+            if (extra == 0 and 0 <= step < layout.gen_len
+                    and query_rows.stop - query_rows.start == layout.num_samples * layout.num_blocks):
+                mask.strided_step = (layout, step)
+                _install_banded_sdpa()
         return mask
     if attn_implementation == "eager":
         return additive_mask(dense_mask(layout, query_rows, num_keys), dtype)
@@ -139,11 +145,15 @@ def _install_banded_sdpa() -> None:
     _ORIGINAL_SDPA = original
 
     def sdpa_with_strided_bands(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-        layout = getattr(attention_mask, "strided_layout", None)
-        if (layout is not None and _use_banded(query.device) and query.shape[2] == key.shape[2] == layout.length
-                and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
-                and not kwargs.get("output_attentions", False)):
-            return banded_sdpa(query, key, value, layout, dropout=dropout, scaling=scaling), None
+        plain = (kwargs.get("position_bias") is None and kwargs.get("softcap") is None
+                 and not kwargs.get("output_attentions", False))
+        if plain and _use_banded(query.device):
+            layout = getattr(attention_mask, "strided_layout", None)
+            if layout is not None and query.shape[2] == key.shape[2] == layout.length:
+                return banded_sdpa(query, key, value, layout, dropout=dropout, scaling=scaling), None
+            layout, step = getattr(attention_mask, "strided_step", (None, None))
+            if layout is not None and (query.shape[2], key.shape[2]) == tuple(attention_mask.shape[-2:]):
+                return banded_step_sdpa(query, key, value, layout, step, dropout=dropout, scaling=scaling), None
         return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
     sdpa_with_strided_bands._ebft_banded = True
@@ -191,6 +201,56 @@ def band_plan(layout: StridedLayout, band_rows: int | None = None) -> list[tuple
             plan.append((len(rows), end, layout.allowed(rows, None)[:, keys][None, None]))
         cache[key] = plan
     return cache[key]
+
+
+def step_band_plan(layout: StridedLayout, step: int,
+                   band_rows: int | None = None) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Bands of the ``n*NB`` queries of KV-cached sampling step ``step`` in block-major order
+    ``(k, j)``: ``(rows, key_index, mask)`` per band, keys = the chunk prefix of the band's last
+    context plus the band's own rows of steps ``0..step`` (indices into the cache)."""
+    band_rows = band_rows or BAND_ROWS
+    n, NB, T = layout.num_samples, layout.num_blocks, layout.seq_len
+    width = n * NB
+    blocks = max(1, round(band_rows / (n * (step + 1))))
+    cache = _MASKS.setdefault(layout, {})
+    key = ("step_bands", blocks, step)
+    if key not in cache:
+        device = layout.device
+        order = torch.arange(width, device=device).view(n, NB).t().reshape(-1)  # (k, j) -> j*NB + k
+        plan = []
+        for k0 in range(0, NB, blocks):
+            k1 = min(NB, k0 + blocks)
+            own = order[k0 * n: k1 * n]
+            query_rows = T + step * width + own
+            end = int(layout.context_end[k1 - 1])
+            past = (T + torch.arange(step + 1, device=device)[:, None] * width + own[None, :]).reshape(-1)
+            keys = torch.cat([torch.arange(end, device=device), past])
+            plan.append((len(own), keys, layout.allowed(query_rows, None)[:, keys][None, None]))
+        cache[key] = plan
+    return cache[key]
+
+
+def banded_step_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: StridedLayout,
+                     step: int, dropout: float = 0.0, scaling: float | None = None) -> torch.Tensor:
+    """Attention of sampling step ``step``: ``query`` (B, Hq, n*NB, d) against the KV cache
+    ``key``/``value`` (B, Hkv, T + (step+1)*n*NB, d) -> (B, n*NB, Hq, d), equal to sdpa with
+    ``step_mask`` but reading only the keys each band of blocks can see."""
+    layout = layout.to(query.device)
+    n, NB = layout.num_samples, layout.num_blocks
+    rep = query.shape[1] // key.shape[1]
+    gqa = {}
+    if rep > 1:
+        if query.device.type == "cpu":
+            gqa = {"enable_gqa": True}
+        else:
+            key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
+    plan = step_band_plan(layout, step)
+    queries = query.unflatten(2, (n, NB)).transpose(2, 3).flatten(2, 3).split([rows for rows, _, _ in plan], 2)
+    outs = [F.scaled_dot_product_attention(q, key.index_select(2, keys), value.index_select(2, keys),
+                                           attn_mask=mask, dropout_p=dropout, scale=scaling, **gqa)
+            for (_, keys, mask), q in zip(plan, queries)]
+    out = torch.cat(outs, 2).unflatten(2, (NB, n)).transpose(2, 3).flatten(2, 3)
+    return out.transpose(1, 2).contiguous()
 
 
 def _block_major(x: torch.Tensor, layout: StridedLayout) -> torch.Tensor:

@@ -1,0 +1,251 @@
+"""The small reproduction driver (ebft.repro): its plan, lr choice, verdicts, resumable jobs and the
+report written from synthetic run directories (fast); the whole pipeline on the tiny model (slow)."""
+
+import csv
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ebft.repro.__main__ import main
+from ebft.repro.jobs import Job, finished, run_job
+from ebft.repro.plan import PLAN, matches, models, pending, training_jobs
+from ebft.repro.readme import write_report
+from ebft.repro.settings import ReproError, format_lr, load_settings, merge_overrides, val_interval
+from ebft.repro.sweep import SweepPoint, choose
+from ebft.repro.tables import Stat, verdict
+
+ROOT = Path(__file__).resolve().parents[1]
+MBPP = Path("/work/shared/data/mbpp/mbpp.jsonl")
+
+
+# ------------------------------------------------------------------------------- settings, plan
+
+def test_helpers():
+    assert format_lr(1e-4) == "1e-4" and format_lr(3e-5) == "3e-5" and format_lr(2.5e-5) == "2.5e-5"
+    assert merge_overrides(["a=1", "b=2"], ["a=3"]) == ["b=2", "a=3"]
+    assert val_interval(40, 10) == 10 and val_interval(25, 10) == 5 and val_interval(3, 10) == 3
+
+
+def test_every_method_gets_the_same_budget(tmp_path):
+    s = load_settings(tmp_path, steps=12, seeds=[1, 2])
+    planned = models(s, s.lr)
+    assert [m["variant"] for m in planned] == ["base"] + [v for v in s.variants for _ in (1, 2)]
+    jobs = training_jobs(s, planned)
+    assert len(jobs) == 2 * len(s.variants)
+    for job in jobs:
+        assert "trainer.max_steps=12" in job.argv and "trainer.val_check_interval=6" in job.argv
+        assert "experiment=repro_small" in job.argv and "data.mbpp_path=null" in job.argv
+    methods = {a.split("=")[1] for j in jobs for a in j.argv if a.startswith("method=")}
+    assert methods == {"sft", "ebft", "rlvr"}
+    assert {v.knobs["batch_size"] for v in s.variants.values()} == {2}
+    ebft = [v for v in s.variants.values() if v.method == "ebft"]
+    assert sorted(v.knobs["alpha"] for v in ebft) == [0.5, 1.0]
+    assert all(v.knobs["whitening"] == "reference" and v.knobs["gamma"] == 0.03 for v in ebft)
+
+
+def test_quick_profile_and_missing_mbpp(tmp_path):
+    s = load_settings(tmp_path, quick=True, mbpp=None)
+    assert s.base_ckpt == "tiny" and s.seeds == (43,) and s.downstream["limit"] == 2
+    assert "model=tiny" in s.eval_common and s.benchmarks == ["humaneval"]
+    with pytest.raises(ReproError, match="does not exist"):
+        load_settings(tmp_path, mbpp=str(tmp_path / "nope.jsonl"))
+
+
+def test_results_map_to_models_by_checkpoint():
+    run = {"key": "runs/sft/lr1e-4-seed43", "variant": "sft", "ckpt": "results/x/runs/sft/lr1e-4-seed43"}
+    base = {"key": "base", "variant": "base", "ckpt": "tiny"}
+    moved = {"ckpt": "/elsewhere/runs/sft/lr1e-4-seed43"}
+    assert matches(run, moved) and not matches(run, {"ckpt": "runs/sft/lr1e-4-seed44"})
+    assert matches(base, {"ckpt": "tiny"}) and not matches(base, moved)
+    assert pending([base, run], [moved]) == [base]
+
+
+# ------------------------------------------------------------------------------- lr choice, verdicts
+
+def point(lr, ce, cfm, se=0.01, ok=True):
+    return SweepPoint("ebft", "ebft", lr, f"lr{lr}", ok, ce, cfm, se)
+
+
+def test_lr_choice_prefers_cfm_then_breaks_ties_by_ce():
+    assert choose([point(1e-5, 3.0, 0.40), point(1e-4, 2.5, 0.50)]).lr == 1e-5   # CFM clearly better
+    assert choose([point(1e-5, 3.0, 0.50), point(1e-4, 2.5, 0.51)]).lr == 1e-4   # tied on CFM: CE decides
+    assert choose([point(1e-5, 3.0, 0.5), point(1e-3, math.nan, math.nan, ok=False)]).lr == 1e-5
+    with pytest.raises(ReproError, match="diverged"):
+        choose([point(1e-3, 0, 0, ok=False)])
+
+
+def test_verdicts_weigh_the_difference_against_the_noise():
+    lower = verdict("FM", Stat.of([0.40, 0.41]), Stat.of([0.50, 0.51]))
+    assert lower.outcome == "yes" and lower.difference == pytest.approx(-0.1)
+    assert verdict("CE", Stat.of([2.0, 2.4]), Stat.of([2.1, 2.3])).outcome == "no (within noise)"
+    assert verdict("HumanEval pass@1", Stat.of([0.1, 0.1]), Stat.of([0.5, 0.5]), problems=20).outcome == "no (worse)"
+    assert verdict("FM", Stat.of([]), Stat.of([0.5])).outcome == "not measured"
+    assert Stat.of([1.0, 3.0]).text(1) == "2.0 ± 1.4" and Stat.of([1.0]).text(1) == "1.0"
+
+
+# ------------------------------------------------------------------------------- resumable jobs
+
+def test_jobs_skip_when_done_and_refuse_other_commands(tmp_path, capsys):
+    job = Job("hello", ("-c", "print('hi')"), tmp_path / "j")
+    record = run_job(job, 1, 1)
+    assert record["returncode"] == 0 and (tmp_path / "j" / "stdout.log").read_text() == "hi\n"
+    assert finished(job) is not None
+    run_job(job, 1, 1)
+    assert "skipped" in capsys.readouterr().out
+    with pytest.raises(ReproError, match="different command"):
+        finished(Job("hello", ("-c", "print('ho')"), tmp_path / "j"))
+    failing = Job("boom", ("-c", "raise SystemExit(3)"), tmp_path / "f")
+    with pytest.raises(ReproError, match="exit 3"):
+        run_job(failing, 1, 1)
+    assert finished(failing) is None   # a failed job runs again next time
+    assert run_job(Job("boom", failing.argv, tmp_path / "g", may_fail=True), 1, 1)["returncode"] == 3
+
+
+# ------------------------------------------------------------------------------- report from synthetic runs
+
+VARIANTS = {
+    "sft": {"label": "SFT", "method": "sft", "overrides": ["method=sft"], "knobs": {"batch_size": 2}},
+    "ebft": {"label": "EBFT (α=1, γ=0.03, whitened)", "method": "ebft", "overrides": ["method=ebft"],
+             "knobs": {"batch_size": 2, "alpha": 1.0, "gamma": 0.03, "whitening": "reference", "num_samples": 4,
+                       "temperature": 0.6}},
+    "rlvr": {"label": "RLVR", "method": "rlvr", "overrides": ["method=rlvr"],
+             "knobs": {"batch_size": 2, "num_samples": 4, "max_new_tokens": 128, "temperature": 1.0}},
+}
+
+
+def write_run(directory: Path, method: str, seed: int, steps: int = 8) -> None:
+    directory.mkdir(parents=True)
+    rows = [{"step": 0, "val/ce": 3.0, "val/cfm": 0.50, "val/cfm_se": 0.01}]
+    for s in range(steps):
+        row = {"step": s, "train/ce": 3.0 - 0.05 * s}
+        if method == "ebft":
+            row.update({"train/reward": 1.0 + 0.01 * s + 0.001 * seed, "train/reward_std": 0.2,
+                        "train/advantage_std": 0.15, "train/alignment": 1.0, "train/diversity": 0.0,
+                        "train/duplicate_fraction": 0.05, "perf/sample_s": 1.5})
+        if method == "rlvr":
+            row = {"step": s, "train/reward": 0.0, "train/zero_signal_fraction": 1.0, "train/advantage_std": 0.0}
+        rows.append(row)
+    rows.append({"step": steps, "val/ce": 2.8 if method == "sft" else 2.95, "val/cfm": 0.49, "val/cfm_se": 0.01})
+    keys = sorted({k for r in rows for k in r})
+    with (directory / "metrics.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    (directory / "job.json").write_text(json.dumps({"command": f"python train.py method={method} seed={seed}",
+                                                    "returncode": 0, "seconds": 40.0}))
+
+
+def write_result(call: Path, index: int, ckpt: str, part: str, shift: float) -> None:
+    directory = call / f"{index:02d}-m"
+    directory.mkdir(parents=True)
+    result = {"model": ckpt, "ckpt": ckpt, "task": "qa_code", "order": [0, index], "settings": {"limit": 20}}
+    if part == "calibration":
+        result["calibration"] = {"ce": 2.9 + shift, "ce_answer": 2.0, "cfm": 0.5 + shift, "cfm_se": 0.006,
+                                 "cfm_whitened": 0.4}
+        result["profile"] = {"G": [1, 2, 4, 8, 16, 32], "cfm": [0.3 + shift + 0.05 * i for i in range(6)],
+                             "se": [0.01] * 6}
+    else:
+        result["downstream"] = {"HumanEval": {"greedy": 0.1 - shift, "pass@1": 0.1, "pass@4": 0.2},
+                                "MBPP": {"greedy": 0.05, "pass@1": 0.05, "pass@4": 0.1}}
+    (directory / "results.json").write_text(json.dumps(result))
+
+
+def synthetic_output(out: Path) -> dict:
+    """An output folder as the driver leaves it: plan.json, 3 variants x 2 seeds, both evaluation parts."""
+    planned = [{"key": "base", "variant": "base", "label": "Base", "ckpt": "embedded:smollm2-135m-instruct"}]
+    for name, v in VARIANTS.items():
+        for seed in (43, 44):
+            key = f"runs/{name}/lr1e-4-seed{seed}"
+            planned.append({"key": key, "variant": name, "label": v["label"], "method": v["method"], "seed": seed,
+                            "lr": 1e-4, "dir": key, "ckpt": str(out / key)})
+            write_run(out / key, v["method"], seed)
+    shifts = {"base": 0.0, "sft": -0.02, "ebft": -0.01, "rlvr": 0.03}
+    for part in ("calibration", "downstream"):
+        call = out / "eval" / part / "call00"
+        for i, m in enumerate(planned):
+            write_result(call, i, m["ckpt"], part, shifts[m["variant"]] + 0.002 * ((m.get("seed") or 43) - 43))
+        (call / "job.json").write_text(json.dumps({"command": f"python evaluate.py part={part}", "returncode": 0,
+                                                   "seconds": 120.0}))
+    sweep_runs = [{"variant": "sft", "method": "sft", "lr": lr, "dir": f"lr_sweep/sft/lr{format_lr(lr)}"}
+                  for lr in (1e-5, 1e-4)]
+    for entry in sweep_runs:
+        write_run(out / entry["dir"], "sft", 43, steps=2)
+    plan = {"command": "python -m ebft.repro --lr-sweep", "quick": False,
+            "sizes": {"model": "embedded:smollm2-135m-instruct", "task": "qa_code", "seq_len": 128, "context_len": 8,
+                      "stride": 8, "gen_len": 8, "blocks": 15, "batch_size": 2, "steps": 8, "val_size": 1000,
+                      "data_limit": None, "in_training_cfm_chunks": 16, "in_training_val_chunks": 16},
+            "seeds": [43, 44], "variants": VARIANTS, "lr": {"sft": 1e-4, "ebft": 1e-4, "rlvr": 1e-4},
+            "lr_source": "lr sweep", "sweep": {"lrs": [1e-5, 1e-4], "steps": 2, "seed": 43, "variants": ["sft"],
+                                               "runs": sweep_runs},
+            "models": planned,
+            "eval": {"calibration": {"chunks": 64, "profile_lengths": [1, 2, 4, 8, 16, 32]},
+                     "downstream": {"limit": 20, "n_samples": 4, "max_new_tokens": 256},
+                     "benchmarks": ["humaneval", "mbpp"], "mbpp_path": "/data/mbpp.jsonl"},
+            "train_common": ["experiment=repro_small"],
+            "hardware": {"cpu": "Test CPU", "cores": 2, "gpu": "none", "python": "3.11", "torch": "2", "transformers": "5",
+                         "lightning": "2", "os": "Linux"}}
+    (out / PLAN).write_text(json.dumps(plan))
+    return plan
+
+
+def test_report_from_synthetic_runs(tmp_path):
+    synthetic_output(tmp_path)
+    text = write_report(tmp_path).read_text()
+    assert "| method | seeds | CE | FM | HumanEval greedy | HumanEval pass@1 | HumanEval pass@4 | MBPP greedy" in text
+    sft_row = next(line for line in text.splitlines() if line.startswith("| SFT | 2 |"))
+    assert "| 2.881 ± 0.001 |" in sft_row   # CE 2.880 and 2.882 (seeds 43, 44): mean ± s.d.
+    assert "EBFT beat SFT?" in text and "**In plain words:** EBFT (α=1, γ=0.03, whitened) beat SFT on" in text
+    assert "## Diagnosis" in text and "**Diversity term.**" in text and "**RLVR for comparison.**" in text
+    assert "**chosen**" in text and "lr_sweep/sft/lr1e-4" in text
+    assert "runs/ebft/lr1e-4-seed44" in text and "eval/calibration/call00/00-m" in text
+    assert "Test CPU" in text and "python -m ebft.repro --lr-sweep" in text and "python evaluate.py part=" in text
+    for png in ("fm_profile.png", "training_curves.png"):
+        assert f"]({png})" in text and (tmp_path / png).stat().st_size > 1000
+    with (tmp_path / "runs.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 7
+
+
+def test_report_before_any_evaluation(tmp_path):
+    synthetic_output(tmp_path)
+    shutil.rmtree(tmp_path / "eval")
+    text = write_report(tmp_path).read_text()
+    assert "| Base | 0 |" in text and "not measured" in text and "(no profile yet)" in text
+    assert (tmp_path / "training_curves.png").is_file()
+
+
+def test_report_only_without_a_plan_says_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m ebft.repro"):
+        main(["--out", str(tmp_path), "--report-only"])
+
+
+def test_dry_run_prints_every_command(tmp_path, capsys):
+    assert main(["--quick", "--lr-sweep", "--dry-run", "--out", str(tmp_path)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("python ")]
+    assert sum("lr_sweep" in line for line in lines) == 2
+    assert sum(line.startswith("python train.py") and "/runs/" in line for line in lines) == 4
+    assert sum(line.startswith("python evaluate.py") for line in lines) == 2
+    assert not (tmp_path / PLAN).exists()
+
+
+# ------------------------------------------------------------------------------- the whole pipeline
+
+@pytest.mark.slow
+def test_quick_pipeline_end_to_end_and_resume(tmp_path):
+    cmd = [sys.executable, "-m", "ebft.repro", "--quick", "--lr-sweep", "--out", str(tmp_path)]
+    if MBPP.is_file():
+        cmd += ["--mbpp", str(MBPP)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3000)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    text = (tmp_path / "README.md").read_text()
+    assert "| method | seeds | CE | FM | HumanEval greedy | HumanEval pass@1 | HumanEval pass@4" in text
+    assert all(label in text for label in ("| Base |", "| SFT |", "| EBFT (α=1", "| EBFT (α=0.5", "| RLVR |"))
+    assert "–" not in next(line for line in text.splitlines() if line.startswith("| RLVR | 1 |"))
+    for png in ("fm_profile.png", "training_curves.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "running" not in again.stdout and "skipped" in again.stdout

@@ -1,0 +1,65 @@
+"""Warm start: ``init_from=<SFT run dir or HF dir>`` initialises the generator of any method; EBFT's
+feature network stays the base model (``model.name``) unless ``model.feature_network`` names another."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ebft.methods.ebft import EBFTModule
+from ebft.methods.rlvr import RLVRModule
+from ebft.models.loading import build_tiny_model
+from ebft.run import train
+from tests.test_train import make_cfg
+
+QUICK = ["eval.every_n_steps=0", "trainer.val_check_interval=1", "trainer.limit_val_batches=1"]
+PARAM = "model.layers.0.self_attn.q_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory) -> Path:
+    """Stage 1: a 2-step SFT run with a large lr, so its weights differ clearly from the base model."""
+    run = tmp_path_factory.mktemp("sft")
+    train(make_cfg(run, *QUICK, "method=sft", "trainer.max_steps=2", "method.lr=1e-2", "method.warmup_ratio=0"))
+    return run
+
+
+@pytest.fixture(scope="module")
+def weights(sft_run):
+    base = build_tiny_model()  # what model=tiny loads: seeded, so the same every time
+    sft = AutoModelForCausalLM.from_pretrained(sft_run / "hf_model")
+    assert not torch.equal(sft.state_dict()[PARAM], base.state_dict()[PARAM])
+    return base, sft
+
+
+def test_ebft_from_an_sft_run_starts_from_sft_and_keeps_the_base_critic(tmp_path, sft_run, weights, tokenizer):
+    base, sft = weights
+    cfg = make_cfg(tmp_path, *QUICK, "method=ebft", f"init_from={sft_run}", "trainer.max_steps=1")
+    module = EBFTModule(cfg, tokenizer)
+    assert torch.equal(module.generator.state_dict()[PARAM], sft.state_dict()[PARAM])
+    critic = module.features.backbone.state_dict()
+    assert critic and all(torch.equal(v, base.model.state_dict()[k]) for k, v in critic.items())
+    # stage 2 trains from there
+    summary = train(cfg)
+    assert summary["steps"] == 1
+    trained = AutoModelForCausalLM.from_pretrained(summary["hf_model"])
+    assert not torch.equal(trained.state_dict()[PARAM], sft.state_dict()[PARAM])
+
+
+def test_init_from_an_hf_dir_and_a_named_feature_network(tmp_path, sft_run, weights, tokenizer):
+    _, sft = weights
+    hf = sft_run / "hf_model"
+    cfg = make_cfg(tmp_path, "method=ebft", f"init_from={hf}", f"model.feature_network={hf}")
+    module = EBFTModule(cfg, tokenizer)
+    assert torch.equal(module.generator.state_dict()[PARAM], sft.state_dict()[PARAM])
+    critic = module.features.backbone.state_dict()
+    assert all(torch.equal(v, sft.model.state_dict()[k]) for k, v in critic.items())
+
+
+def test_rlvr_from_an_sft_run_uses_it_for_policy_and_kl_reference(tmp_path, sft_run, weights, tokenizer):
+    _, sft = weights
+    cfg = make_cfg(tmp_path, "method=rlvr", "task=translation", f"init_from={sft_run}", "method.kl_coef=0.05")
+    module = RLVRModule(cfg, tokenizer)
+    for model in (module.generator, module.reference):
+        assert torch.equal(model.state_dict()[PARAM], sft.state_dict()[PARAM])
