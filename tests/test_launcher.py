@@ -90,7 +90,7 @@ def test_two_runs_of_the_paper_grid_through_submitit_locally(tmp_path):
            "data.limit=300", "data.val_size=40", "task.seq_len=32", "method.batch_size=1", "global_batch=1",
            "trainer.limit_val_batches=1", "eval.cfm_chunks=2", "method.gradient_checkpointing=false",
            "trainer.enable_progress_bar=false",
-           f"hydra.sweep.dir={sweep}"]
+           f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"]  # short names: many overrides
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     runs = find_runs(sweep)

@@ -1,8 +1,8 @@
 """The fast paths of the EBFT step give the same numbers as the plain ones.
 
 - masks are cached per layout and equal freshly built ones;
-- banded sdpa over the strided row equals sdpa with the dense mask (values and gradients), and
-  every other attention call goes through transformers' sdpa unchanged;
+- banded sdpa over the strided row and over each sampling step equals sdpa with the dense mask
+  (values and gradients), and every other attention call goes through transformers' sdpa unchanged;
 - the fused chunked log-probs equal full-logits ones under autocast too;
 - inverse-CDF sampling draws the softmax distribution;
 - ``actor_loss`` equals the loss built by hand from full logits over the strided row.
@@ -18,8 +18,9 @@ from ebft.models.loading import build_tiny_model
 from ebft.objectives.losses import token_logprobs
 from ebft.rollout import masks
 from ebft.rollout.layout import StridedLayout
-from ebft.rollout.masks import band_plan, banded_sdpa, dense_strided_sdpa, step_mask, strided_mask
-from ebft.rollout.sampler import sample_from_logits
+from ebft.rollout.masks import (band_plan, banded_sdpa, banded_step_sdpa, dense_strided_sdpa, step_mask,
+                               strided_mask)
+from ebft.rollout.sampler import sample_from_logits, sample_strided
 
 VOCAB = 256
 GEOMETRIES = [(13, 3, 3, 2, 3), (12, 4, 4, 4, 1), (40, 4, 3, 5, 2), (64, 8, 8, 8, 4)]
@@ -91,6 +92,31 @@ def test_banded_sdpa_equals_dense_mask(band_rows, geometry, heads, rows):
     for g_got, g_ref in zip(torch.autograd.grad((got * probe).sum(), (q, k, v)),
                             torch.autograd.grad((ref * probe).sum(), (q, k, v))):
         torch.testing.assert_close(g_got, g_ref, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("rows", [1, 8, 128])
+def test_banded_step_sdpa_equals_step_mask(band_rows, geometry, rows):
+    band_rows(rows)
+    lay = StridedLayout(*geometry)
+    for g in range(lay.gen_len):
+        keys = lay.step_rows(g).stop
+        q = torch.randn(2, 4, lay.num_samples * lay.num_blocks, 8, dtype=torch.float64)
+        k, v = torch.randn(2, 2, keys, 8, dtype=torch.float64), torch.randn(2, 2, keys, 8, dtype=torch.float64)
+        got = banded_step_sdpa(q, k, v, lay, g, scaling=0.3)
+        ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                             attn_mask=step_mask(lay, g, "sdpa"), scale=0.3).transpose(1, 2)
+        torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-12)
+
+
+def test_sampler_draws_the_same_with_banded_and_dense_attention():
+    model = _double_model().eval()
+    lay = StridedLayout(40, 4, 3, 5, 3)
+    chunk = torch.randint(0, VOCAB, (2, 40))
+    banded = sample_strided(model, chunk, lay, temperature=1.0, generator=torch.Generator().manual_seed(5))
+    with dense_strided_sdpa():
+        dense = sample_strided(model, chunk, lay, temperature=1.0, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(banded, dense)
 
 
 def _double_model(**kwargs):

@@ -50,7 +50,7 @@ def test_every_method_gets_the_same_budget(tmp_path):
 
 def test_quick_profile_and_missing_mbpp(tmp_path):
     s = load_settings(tmp_path, quick=True, mbpp=None)
-    assert s.base_ckpt == "tiny" and s.seeds == (43,) and s.downstream["limit"] == 2
+    assert s.base_ckpt == "tiny" and s.seeds == (43,) and s.evaluation["downstream"]["limit"] == 2
     assert "model=tiny" in s.eval_common and s.benchmarks == ["humaneval"]
     with pytest.raises(ReproError, match="does not exist"):
         load_settings(tmp_path, mbpp=str(tmp_path / "nope.jsonl"))
@@ -147,6 +147,7 @@ def write_result(call: Path, index: int, ckpt: str, part: str, shift: float) -> 
     if part == "calibration":
         result["calibration"] = {"ce": 2.9 + shift, "ce_answer": 2.0, "cfm": 0.5 + shift, "cfm_se": 0.006,
                                  "cfm_whitened": 0.4}
+    elif part == "profile":
         result["profile"] = {"G": [1, 2, 4, 8, 16, 32], "cfm": [0.3 + shift + 0.05 * i for i in range(6)],
                              "se": [0.01] * 6}
     else:
@@ -165,7 +166,7 @@ def synthetic_output(out: Path) -> dict:
                             "lr": 1e-4, "dir": key, "ckpt": str(out / key)})
             write_run(out / key, v["method"], seed)
     shifts = {"base": 0.0, "sft": -0.02, "ebft": -0.01, "rlvr": 0.03}
-    for part in ("calibration", "downstream"):
+    for part in ("calibration", "profile", "downstream"):
         call = out / "eval" / part / "call00"
         for i, m in enumerate(planned):
             write_result(call, i, m["ckpt"], part, shifts[m["variant"]] + 0.002 * ((m.get("seed") or 43) - 43))
@@ -183,12 +184,12 @@ def synthetic_output(out: Path) -> dict:
             "lr_source": "lr sweep", "sweep": {"lrs": [1e-5, 1e-4], "steps": 2, "seed": 43, "variants": ["sft"],
                                                "runs": sweep_runs},
             "models": planned,
-            "eval": {"calibration": {"chunks": 64, "profile_lengths": [1, 2, 4, 8, 16, 32]},
+            "eval": {"calibration": {"chunks": 32}, "profile": {"chunks": 8, "lengths": [1, 2, 4, 8, 16, 32]},
                      "downstream": {"limit": 20, "n_samples": 4, "max_new_tokens": 256},
                      "benchmarks": ["humaneval", "mbpp"], "mbpp_path": "/data/mbpp.jsonl"},
             "train_common": ["experiment=repro_small"],
-            "hardware": {"cpu": "Test CPU", "cores": 2, "gpu": "none", "python": "3.11", "torch": "2", "transformers": "5",
-                         "lightning": "2", "os": "Linux"}}
+            "hardware": {"cpu": "Test CPU", "cores": 2, "gpu": "none", "python": "3.11", "torch": "2",
+                         "transformers": "5", "lightning": "2", "os": "Linux"}}
     (out / PLAN).write_text(json.dumps(plan))
     return plan
 
@@ -228,7 +229,7 @@ def test_dry_run_prints_every_command(tmp_path, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("python ")]
     assert sum("lr_sweep" in line for line in lines) == 2
     assert sum(line.startswith("python train.py") and "/runs/" in line for line in lines) == 4
-    assert sum(line.startswith("python evaluate.py") for line in lines) == 2
+    assert sum(line.startswith("python evaluate.py") for line in lines) == 3
     assert not (tmp_path / PLAN).exists()
 
 

@@ -30,11 +30,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                 epilog="Settings: conf/experiment/repro_small.yaml (section repro).")
     p.add_argument("--out", help="output folder (default results/repro_small; with --quick outputs/repro_small_quick)")
     p.add_argument("--quick", action="store_true", help="tiny random model, a few steps, 2 problems: a pipeline check")
-    p.add_argument("--lr-sweep", action="store_true", help="choose each method's lr by short runs on the validation split")
+    p.add_argument("--lr-sweep", action="store_true",
+                   help="choose each method's lr by short runs on the validation split")
     p.add_argument("--steps", type=int, help="optimizer steps per run (default: the experiment's trainer.max_steps)")
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",") if x], help="comma-separated seeds")
     p.add_argument("--limit", type=int, help="benchmark problems per benchmark (the first N)")
-    p.add_argument("--chunks", type=int, help="held-out chunks for CE / CFM / FM profile")
+    p.add_argument("--chunks", type=int, help="held-out chunks for CE and CFM")
+    p.add_argument("--profile-chunks", type=int, help="held-out chunks for the FM profile")
     p.add_argument("--mbpp", help="MBPP's mbpp.jsonl (default $EBFT_MBPP; without it MBPP is skipped)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra train.py override for every run (repeatable), e.g. trainer.accelerator=gpu; "
@@ -83,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.time()
     try:
-        settings = load_settings(args.out, args.quick, args.steps, args.seeds, args.limit, args.chunks, args.mbpp,
-                                 args.override)
+        settings = load_settings(args.out, args.quick, args.steps, args.seeds, args.limit, args.chunks,
+                                 args.profile_chunks, args.mbpp, args.override)
     except ReproError as err:
         return fail(err)
     if args.report_only:

@@ -117,8 +117,8 @@ def stats_table(out: Path, plan: dict) -> tuple[list[str], list[list[str]]]:
 def _profile_gap(models: list[dict], a: str, b: str) -> list[tuple[int, float]]:
     """(G, mean CFM of variant a - variant b) over the FM profile lengths both have."""
     def profile(variant):
-        curves = [m["calibration"]["profile"] for m in models
-                  if m["variant"] == variant and m.get("calibration") and m["calibration"].get("profile")]
+        curves = [m["profile"]["profile"] for m in models
+                  if m["variant"] == variant and m.get("profile") and m["profile"].get("profile")]
         if not curves:
             return {}
         return {g: mean(c["cfm"][i] for c in curves) for i, g in enumerate(curves[0]["G"])}

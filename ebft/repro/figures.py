@@ -35,8 +35,8 @@ def fm_profile(models: list[dict], path: Path, title: str) -> Path | None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     drawn = False
     for variant in _variants(models):
-        curves = [m["calibration"]["profile"] for m in models if m["variant"] == variant
-                  and m.get("calibration") and m["calibration"].get("profile")]
+        curves = [m["profile"]["profile"] for m in models if m["variant"] == variant
+                  and m.get("profile") and m["profile"].get("profile")]
         if not curves:
             continue
         lengths = curves[0]["G"]

@@ -2,10 +2,11 @@
 
 A job is one ``train.py`` or ``evaluate.py`` command line whose Hydra run directory is
 ``job.directory``. Its output goes to ``<directory>/stdout.log``; ``job.json`` records the exact
-command when it starts, and the return code and the wall time when it ends. A job whose ``job.json`` says it succeeded is
-skipped on the next call (one that failed is run again, from scratch, unless it may fail: the lr
-sweep keeps a diverged run as its result). A finished directory made by a different command is an
-error, so changed settings never mix with old outputs silently.
+command when it starts, and the return code, the wall time and the CPU time when it ends. A job
+whose ``job.json`` says it succeeded is skipped on the next call (one that failed or was interrupted
+is run again, from scratch, unless it may fail: the lr sweep keeps a diverged run as its result). A
+finished directory made by a different command is an error, so changed settings never mix with old
+outputs silently.
 """
 
 from __future__ import annotations
@@ -69,6 +70,13 @@ def finished(job: Job) -> dict | None:
     return record if done else None
 
 
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of the finished child processes so far: on a shared machine the
+    work a job did, where its wall time also counts the waiting for a core."""
+    t = os.times()
+    return t.children_user + t.children_system
+
+
 def _wait(argv: list[str], out) -> int:
     """Run ``argv`` in the repository root with its output to ``out``; return its exit code. When the
     driver is interrupted (Ctrl-C, SIGTERM), the child is stopped too (terminate, then kill after 30 s)."""
@@ -104,11 +112,11 @@ def run_job(job: Job, index: int, total: int) -> dict:
     record = {"name": job.name, "command": job.command, "returncode": None,
               "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     _write_record(job.directory, record)
-    start = time.time()
+    start, cpu = time.time(), _children_cpu()
     with log.open("w") as out:
         returncode = _wait([sys.executable, *job.argv], out)
     seconds = round(time.time() - start, 1)
-    record.update(returncode=returncode, seconds=seconds,
+    record.update(returncode=returncode, seconds=seconds, cpu_seconds=round(_children_cpu() - cpu, 1),
                   finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     _write_record(job.directory, record)
     if returncode != 0:

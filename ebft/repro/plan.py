@@ -4,8 +4,10 @@ Layout under the output folder (every number of the report comes from one of the
 
 - ``lr_sweep/<variant>/lr<lr>/``: the ``--lr-sweep`` runs (train.py run directories);
 - ``runs/<variant>/lr<lr>-seed<seed>/``: the headline runs (metrics.csv, hf_model/, checkpoints/);
-- ``eval/<calibration|downstream>/call<NN>/``: evaluate.py calls, one ``<NN>-<model>/results.json``
-  per model; a call evaluates every model still missing, so a resumed driver evaluates only those;
+- ``eval/<part>/call<NN>/``: evaluate.py calls, one ``<NN>-<model>/results.json`` per model; a call
+  evaluates every model still missing, so a resumed driver evaluates only those. Parts: ``calibration``
+  (CE, CFM), ``profile`` (the FM profile, on fewer chunks: it samples up to 32 tokens per context) and
+  ``downstream`` (the benchmarks);
 - ``plan.json``: what was planned (models, seeds, lrs, sizes, hardware), read by the report.
 """
 
@@ -22,7 +24,7 @@ from ebft.repro.jobs import Job, read_record
 from ebft.repro.settings import ReproError, Settings, Variant, format_lr, merge_overrides, override_value
 
 PLAN = "plan.json"
-PARTS = ("calibration", "downstream")
+PARTS = ("calibration", "profile", "downstream")
 RESULTS = "results.json"
 
 
@@ -81,13 +83,14 @@ def training_jobs(settings: Settings, planned: list[dict]) -> list[Job]:
 
 def eval_overrides(settings: Settings, part: str) -> list[str]:
     """evaluate.py overrides of one evaluation part (besides the checkpoints and the run directory)."""
+    e = settings.evaluation[part]
     if part == "calibration":
-        c = settings.calibration
-        return [*settings.eval_common, "metrics=[ce,cfm,profile]", "limit=null",
-                f"eval.cfm_chunks={int(c['chunks'])}", f"eval.profile_lengths={override_value(c['profile_lengths'])}"]
-    d = settings.downstream
-    return [*settings.eval_common, f"metrics={override_value(settings.benchmarks)}", f"limit={int(d['limit'])}",
-            f"n_samples={int(d['n_samples'])}", f"max_new_tokens={int(d['max_new_tokens'])}"]
+        return [*settings.eval_common, "metrics=[ce,cfm]", "limit=null", f"eval.cfm_chunks={int(e['chunks'])}"]
+    if part == "profile":
+        return [*settings.eval_common, "metrics=[profile]", "limit=null", f"eval.cfm_chunks={int(e['chunks'])}",
+                f"eval.profile_lengths={override_value(e['lengths'])}"]
+    return [*settings.eval_common, f"metrics={override_value(settings.benchmarks)}", f"limit={int(e['limit'])}",
+            f"n_samples={int(e['n_samples'])}", f"max_new_tokens={int(e['max_new_tokens'])}"]
 
 
 def _signature(command: str) -> list[str]:
@@ -105,8 +108,9 @@ def check_calls(settings: Settings, part: str) -> None:
     for call in eval_calls(settings.out, part):
         record = read_record(call)
         if record is not None and _signature(record["command"]) != wanted:
-            raise ReproError(f"{call} was evaluated with other settings:\n  was: {shlex.join(_signature(record['command']))}"
-                             f"\n  now: {shlex.join(wanted)}\nuse another --out, or delete {call.parent} to redo it")
+            was = shlex.join(_signature(record["command"]))
+            raise ReproError(f"{call} was evaluated with other settings:\n  was: {was}\n  now: {shlex.join(wanted)}"
+                             f"\nuse another --out, or delete {call.parent} to redo it")
 
 
 def read_results(out: Path, part: str) -> list[dict]:
@@ -176,8 +180,7 @@ def write_plan(settings: Settings, planned: list[dict], lrs: dict[str, float], l
                      for n, v in settings.variants.items()},
         "lr": lrs, "lr_source": lr_source, "sweep": sweep,
         "models": planned,
-        "eval": {"calibration": settings.calibration, "downstream": settings.downstream,
-                 "benchmarks": settings.benchmarks, "mbpp_path": settings.mbpp_path,
+        "eval": {**settings.evaluation, "benchmarks": settings.benchmarks, "mbpp_path": settings.mbpp_path,
                  "commands": {p: shlex.join(["python", "evaluate.py", *eval_overrides(settings, p)]) for p in PARTS}},
         "train_common": list(settings.train_common),
         "hardware": hardware(),

@@ -133,12 +133,13 @@ def budget_section(plan: dict) -> list[str]:
                      f"with unit tests or doctests), each with {rlvr['num_samples']} completions of at most "
                      f"{rlvr['max_new_tokens']} tokens (≤ {rl_tokens} generated tokens per step, close to EBFT's "
                      f"{ebft_tokens}). It sees questions only, never the reference answers.")
-    c, d = plan["eval"]["calibration"], plan["eval"]["downstream"]
+    c, f, d = (plan["eval"][p] for p in ("calibration", "profile", "downstream"))
     lines += [f"- Evaluation (evaluate.py): CE and FM on a fixed random subset of {c['chunks']} held-out chunks "
-              f"(FM = unbiased CFM estimate, n=4 samples at temperature 0.6, G={z['gen_len']}), the FM profile at "
-              f"G = {', '.join(map(str, c['profile_lengths']))}; {', '.join(plan['eval']['benchmarks'])} on their "
-              f"first {d['limit']} problems: greedy and {d['n_samples']} samples at temperature 0.6 (pass@1, "
-              f"pass@{d['n_samples']}), at most {d['max_new_tokens']} new tokens."
+              f"(FM = unbiased CFM estimate, n=4 samples at temperature 0.6, G={z['gen_len']}); the FM profile at "
+              f"G = {', '.join(map(str, f['lengths']))} on {f['chunks']} of those chunks; "
+              f"{', '.join(plan['eval']['benchmarks'])} on their first {d['limit']} problems: greedy and "
+              f"{d['n_samples']} samples at temperature 0.6 (pass@1, pass@{d['n_samples']}), at most "
+              f"{d['max_new_tokens']} new tokens."
               + ("" if plan["eval"]["mbpp_path"] else " MBPP skipped: no --mbpp / EBFT_MBPP given."),
               f"- Why these sizes: a 2-core CPU. T={z['seq_len']} keeps an EBFT step (all {z['blocks']} × "
               f"{ebft.get('num_samples', '?')} rollouts of a chunk in one strided row) at seconds, and "
@@ -153,14 +154,13 @@ def runs_section(out: Path, models: list[dict], cols: list[str]) -> tuple[list[s
     keys = cols[:2] + extra + cols[2:]
     rows, records = [], []
     for m in models:
-        cal, down = m.get("calibration"), m.get("downstream")
-        where = [m.get("dir") or m["ckpt"], _rel(out, cal and cal["_call"]), _rel(out, down and down["_call"])]
+        where = [m.get("dir") or m["ckpt"], *(_rel(out, m.get(p) and m[p]["_call"]) for p in PARTS)]
         rows.append([m["label"], str(m.get("seed") or "–"), format_lr(m["lr"]) if m.get("lr") else "–", *where,
                      *(_fmt(m["metrics"].get(k), 4) for k in keys)])
         records.append({"variant": m["variant"], "label": m["label"], "seed": m.get("seed"), "lr": m.get("lr"),
-                        "run_dir": where[0], "calibration": where[1], "downstream": where[2],
+                        "run_dir": where[0], **{f"{p}_result": w for p, w in zip(PARTS, where[1:])},
                         **{k: m["metrics"].get(k) for k in keys}})
-    header = ["model", "seed", "lr", "run dir", "calibration result", "downstream result", *keys]
+    header = ["model", "seed", "lr", "run dir", *(f"{p} result" for p in PARTS), *keys]
     return [markdown_table(header, rows), ""], records
 
 
@@ -173,15 +173,18 @@ def _records(out: Path, plan: dict) -> list[tuple[str, dict]]:
 
 
 def time_section(out: Path, plan: dict, models: list[dict]) -> list[str]:
-    records = _records(out, plan)
-    by_stage: dict[str, float] = {}
-    for stage, rec in records:
-        by_stage[stage] = by_stage.get(stage, 0.0) + float(rec.get("seconds") or 0.0)
-    total = sum(by_stage.values())
+    """Wall and CPU time per stage (from job.json), seconds per training step, the hardware."""
+    wall: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    for stage, rec in _records(out, plan):
+        wall[stage] = wall.get(stage, 0.0) + float(rec.get("seconds") or 0.0)
+        cpu[stage] = cpu.get(stage, 0.0) + float(rec.get("cpu_seconds") or 0.0)
     hw = plan["hardware"]
-    lines = ["| stage | wall time |", "|---|---:|"]
-    lines += [f"| {stage} | {seconds / 60:.1f} min |" for stage, seconds in by_stage.items()]
-    lines += [f"| **total** | **{total / 60:.1f} min** |", ""]
+    lines = ["| stage | wall time | CPU time |", "|---|---:|---:|"]
+    lines += [f"| {stage} | {wall[stage] / 60:.1f} min | {cpu[stage] / 60:.1f} min |" for stage in wall]
+    lines += [f"| **total** | **{sum(wall.values()) / 60:.1f} min** | {sum(cpu.values()) / 60:.1f} min |", "",
+              "CPU time is the work done (user + system, all cores); on a machine shared with other jobs the wall "
+              "time is longer than on an idle one.", ""]
     per_step = []
     for name, variant in plan["variants"].items():
         runs = diagnosis.variant_runs(out, models, name)
@@ -219,8 +222,8 @@ def write_report(out: str | Path) -> Path:
     table, cols = headline(models, plan)
     verdicts, all_won = verdict_section(models, plan, cols)
     main_ebft = next((n for n, v in plan["variants"].items() if v["method"] == "ebft"), None)
-    profile = figures.fm_profile(models, out / "fm_profile.png",
-                                 f"FM profile, {z['task']}, {z['model']} (T={z['seq_len']}, trained at G={z['gen_len']})")
+    title = f"FM profile, {z['task']}, {z['model']} (T={z['seq_len']}, trained at G={z['gen_len']})"
+    profile = figures.fm_profile(models, out / "fm_profile.png", title)
     curves = figures.training_curves(out, models, out / "training_curves.png")
     runs_lines, records = runs_section(out, models, cols)
     with (out / "runs.csv").open("w", newline="") as f:

@@ -97,8 +97,7 @@ class Settings:
     steps: int
     val_interval: int
     sweep: dict
-    calibration: dict
-    downstream: dict
+    evaluation: dict[str, dict]     # part (calibration, profile, downstream) -> its sizes
     mbpp_path: str | None
     base_ckpt: str
     sizes: dict
@@ -151,7 +150,8 @@ def _variant(name: str, overrides: list[str], common: list[str]) -> Variant:
 
 def load_settings(out: str | os.PathLike | None = None, quick: bool = False, steps: int | None = None,
                   seeds: list[int] | None = None, limit: int | None = None, chunks: int | None = None,
-                  mbpp: str | None = None, overrides: list[str] | None = None) -> Settings:
+                  profile_chunks: int | None = None, mbpp: str | None = None,
+                  overrides: list[str] | None = None) -> Settings:
     """Compose ``experiment=repro_small`` (+ the quick profile and the size flags) into :class:`Settings`.
 
     ``mbpp`` defaults to ``$EBFT_MBPP``; without it MBPP is neither trained on nor evaluated.
@@ -191,11 +191,13 @@ def load_settings(out: str | os.PathLike | None = None, quick: bool = False, ste
     if len(set(swept)) != len(swept):
         raise ReproError(f"repro.lr_sweep.variants {sweep['variants']} sweep a method twice; the chosen lr is per "
                          "method, so list one variant per method")
-    evals = {k: _section(cfg, quick, "eval")[k] for k in ("calibration", "downstream")}
-    if chunks is not None:
-        evals["calibration"]["chunks"] = int(chunks)
-    if limit is not None:
-        evals["downstream"]["limit"] = int(limit)
+    evaluation = _section(cfg, quick, "eval")
+    for part, key, value in (("calibration", "chunks", chunks), ("profile", "chunks", profile_chunks),
+                             ("downstream", "limit", limit)):
+        if value is not None:
+            if value < 1:
+                raise ReproError(f"{part} {key}={value} must be >= 1")
+            evaluation[part][key] = int(value)
     seed_list = tuple(int(s) for s in (seeds or (repro.quick.seeds if quick else repro.seeds)))
     if not seed_list:
         raise ReproError("no seeds: give --seeds 43,44 or set repro.seeds")
@@ -212,5 +214,5 @@ def load_settings(out: str | os.PathLike | None = None, quick: bool = False, ste
     return Settings(out=Path(out).resolve() if out else default_out, quick=quick, train_common=tuple(common),
                     eval_common=tuple(_eval_common(cfg, mbpp_path)), variants=variants, seeds=seed_list, lr=lr,
                     steps=total, val_interval=val_interval(total, int(cfg.trainer.val_check_interval)),
-                    sweep=sweep, calibration=evals["calibration"], downstream=evals["downstream"],
+                    sweep=sweep, evaluation=evaluation,
                     mbpp_path=mbpp_path, base_ckpt=str(cfg.model.name), sizes=sizes)

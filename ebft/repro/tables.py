@@ -1,8 +1,8 @@
 """The numbers of the report: per-model metrics from evaluate.py's results, means over seeds, verdicts.
 
-A model's metrics come from its two results (``calibration``: CE, FM = the unbiased CFM estimate,
-its whitened proxy, the FM profile; ``downstream``: per benchmark greedy and pass@k). A variant's
-row is the mean and the sample standard deviation over its seeds.
+A model's metrics come from its results (``calibration``: CE and FM = the unbiased CFM estimate with
+its whitened proxy; ``downstream``: per benchmark greedy and pass@k; the FM profile goes to the
+figure). A variant's row is the mean and the sample standard deviation over its seeds.
 
 Verdict of "A beat B" on a metric: the difference of the seed means against its noise,
 ``2 * sqrt(sd_A^2/n_A + sd_B^2/n_B + e_A^2 + e_B^2)``, where ``sd`` is the spread over seeds and ``e``
@@ -64,7 +64,7 @@ def model_metrics(calibration: dict | None, downstream: dict | None) -> dict[str
 
 
 def attach_results(planned: list[dict], results: dict[str, list[dict]]) -> list[dict]:
-    """``planned`` models (plan.json) with their ``calibration`` / ``downstream`` results and ``metrics``."""
+    """``planned`` models (plan.json) with their result per evaluation part and their ``metrics``."""
     out = []
     for model in planned:
         found = {part: next((r for r in reversed(rs) if matches(model, r)), None) for part, rs in results.items()}
