@@ -177,7 +177,7 @@ def test_two_models_one_table(tmp_path, tokenizer):
     build_tiny_model(vocab_size=len(tokenizer), seed=0).save_pretrained(run_dir / "hf_model")
     tokenizer.save_pretrained(run_dir / "hf_model")
     out = tmp_path / "eval"
-    text = evaluate(make_cfg(out, f"ckpt=[tiny,{run_dir}]", f"eval.mbpp_path={MBPP}"))
+    text = evaluate(make_cfg(out, f"ckpt=[tiny,{run_dir}]", f"eval.mbpp_path={MBPP}", "eval.profile_chunks=1"))
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["model"] for r in rows] == ["tiny (base)", str(run_dir)]
@@ -187,7 +187,8 @@ def test_two_models_one_table(tmp_path, tokenizer):
     assert "| tiny (base) |" in text and (out / "results.md").read_text().strip() == text
     results = [json.loads(p.read_text()) for p in sorted(out.glob("*/results.json"))]
     assert [r["order"] for r in results] == [[0, 0], [0, 1]]
-    assert results[0]["calibration"]["chunks"] == 2 and results[0]["profile"]["G"] == [1, 2, 8]
+    assert results[0]["calibration"]["chunks"] == 2 and results[0]["profile"]["chunks"] == 1
+    assert results[0]["profile"]["G"] == [1, 2, 8] and results[0]["profile"]["cfm"] == results[1]["profile"]["cfm"]
     assert (out / "fm_profile.png").stat().st_size > 1000
     with open(out / "fm_profile.csv") as f:
         assert len(list(csv.DictReader(f))) == 6

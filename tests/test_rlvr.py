@@ -19,6 +19,7 @@ from ebft.methods.rlvr import (
 from ebft.models.loading import build_tiny_model
 from ebft.objectives.verifiable import code_rewards
 from ebft import run as run_module
+from ebft.methods import rlvr
 from ebft.run import train
 from tests.test_train import SMALL, train_losses
 
@@ -134,14 +135,14 @@ def test_kl_reference_is_loaded_only_when_needed_and_frozen(tokenizer):
     batch = padded_prompts([11, 12, 13], [21, 22])
     rollout = module.rollout(batch, 0)
     rewards = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    _, _, kl, _ = module.policy_loss(batch, rollout, rewards)
-    assert kl.item() == pytest.approx(0.0, abs=1e-6)  # policy == reference at the start
+    _, parts = module.policy_loss(batch, rollout, rewards)
+    assert parts["kl"].item() == pytest.approx(0.0, abs=1e-6)  # policy == reference at the start
     opt = torch.optim.SGD(module.generator.parameters(), lr=1.0)
-    loss, *_ = module.policy_loss(batch, rollout, rewards)
+    loss, _ = module.policy_loss(batch, rollout, rewards)
     loss.backward()
     opt.step()
-    _, _, kl, _ = module.policy_loss(batch, rollout, rewards)
-    assert kl.item() > 1e-6
+    _, parts = module.policy_loss(batch, rollout, rewards)
+    assert parts["kl"].item() > 1e-6
 
 
 def test_rlvr_raises_the_reward_it_is_given(tokenizer):
@@ -163,7 +164,7 @@ def test_rlvr_raises_the_reward_it_is_given(tokenizer):
     opt = torch.optim.AdamW(module.generator.parameters(), lr=1e-2)
     for step in range(10):
         rollout = module.rollout(batch, step)
-        loss, *_ = module.policy_loss(batch, rollout, reward(rollout))
+        loss, _ = module.policy_loss(batch, rollout, reward(rollout))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -214,8 +215,8 @@ def test_prompt_selection_drops_code_rows_without_tests_or_with_a_failing_refere
 
 # ---------------------------------------------------------------- end to end
 
-RLVR_SMALL = [*SMALL, "eval.every_n_steps=0", "method=rlvr", "method.max_new_tokens=6", "method.num_samples=4", "method.lr=1e-3",
-              "trainer.max_steps=2"]
+RLVR_SMALL = [*SMALL, "eval.every_n_steps=0", "method=rlvr", "method.max_new_tokens=6", "method.num_samples=4",
+              "method.lr=1e-3", "trainer.max_steps=2"]
 
 
 class GeneratorMode(Callback):
@@ -251,3 +252,25 @@ def test_rlvr_trains_end_to_end_on_mbpp_code(tmp_path):
     assert summary["steps"] == 2
     assert all(v == 0.0 for v in train_losses(tmp_path, "train/reward").values())  # random weights write no code
     assert all(v == 1.0 for v in train_losses(tmp_path, "train/zero_signal_fraction").values())
+
+
+def test_rlvr_resume_gives_the_same_next_steps(tmp_path, monkeypatch):
+    from tests.test_train import Crash, CrashAt, make_cfg
+
+    # a dense reward, so that the policy moves and a wrong restore would show in the next steps
+    monkeypatch.setattr(rlvr, "reward_fn_for", lambda task: lambda texts, rows: [t.count("e") / (1 + len(t))
+                                                                                 for t in texts])
+    extra = [*RLVR_SMALL, "task=translation", "trainer.max_steps=4"]
+    train(make_cfg(tmp_path / "full", *extra))
+    original = run_module.build_trainer
+    monkeypatch.setattr(run_module, "build_trainer", lambda cfg, out, cbs: original(cfg, out, [*cbs, CrashAt(2)]))
+    with pytest.raises(Crash):
+        train(make_cfg(tmp_path / "crashed", *extra))
+    monkeypatch.setattr(run_module, "build_trainer", original)
+    train(make_cfg(tmp_path / "resumed", *extra, f"ckpt_path={tmp_path / 'crashed'}"))
+    assert len(set(train_losses(tmp_path / "full", "train/logprob").values())) == 4
+    for key in ("train/loss", "train/reward", "train/logprob"):
+        expected, got = train_losses(tmp_path / "full", key), train_losses(tmp_path / "resumed", key)
+        assert sorted(got) == [2, 3]
+        for step in (2, 3):
+            assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6)

@@ -75,20 +75,20 @@ def informative(rows: Sequence[dict], reward_fn: RewardFn) -> list[bool]:
 
 
 def select_prompts(rows: Sequence[dict], task: str, tokenizer, max_prompt_tokens: int,
-                   check_references: bool, reward_fn: RewardFn | None = None) -> tuple[list[dict], list[list[int]]]:
-    """Training rows and their prompt token ids, after the filters of the module docstring."""
+                   check_references: bool) -> tuple[list[dict], list[list[int]]]:
+    """Training rows and their prompt token ids, after the filters of the module docstring (the
+    sandbox runs of ``check_references`` last, on the rows the cheap filters kept)."""
     counts = {"rows": len(rows)}
     rows = [with_module_namespace(r) for r in rows if has_verifier(r, task)]
     counts["without a verifier"] = counts["rows"] - len(rows)
-    if check_references and rows:
-        keep = informative(rows, reward_fn or reward_fn_for(task))
-        counts["reference fails or empty passes"] = keep.count(False)
-        rows = [r for r, k in zip(rows, keep) if k]
     encoded = tokenizer([r["question"] for r in rows], add_special_tokens=False)["input_ids"] if rows else []
-    fits = [0 < len(ids) <= max_prompt_tokens for ids in encoded]
-    counts[f"empty or longer than {max_prompt_tokens} tokens"] = fits.count(False)
-    rows = [r for r, ok in zip(rows, fits) if ok]
-    encoded = [ids for ids, ok in zip(encoded, fits) if ok]
+    keep = [0 < len(ids) <= max_prompt_tokens for ids in encoded]
+    counts[f"empty or longer than {max_prompt_tokens} tokens"] = keep.count(False)
+    rows, encoded = [r for r, k in zip(rows, keep) if k], [e for e, k in zip(encoded, keep) if k]
+    if check_references and rows:
+        keep = informative(rows, reward_fn_for(task))
+        counts["reference fails or empty passes"] = keep.count(False)
+        rows, encoded = [r for r, k in zip(rows, keep) if k], [e for e, k in zip(encoded, keep) if k]
     dropped = ", ".join(f"{v} {k}" for k, v in counts.items() if k != "rows")
     log.info("rlvr prompts: %d of %d training rows (dropped: %s)", len(rows), counts["rows"], dropped)
     if not rows:

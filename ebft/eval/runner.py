@@ -226,7 +226,8 @@ def calibrate(model, critic: FeatureNetwork | None, chunks: PackedChunks, cfg: D
               progress: bool = True) -> tuple[dict[str, float], dict | None]:
     """Held-out CE, CFM (+ whitened proxy) and the FM profile that ``metrics`` asks for.
 
-    Returns the scalar metrics and the profile (``{"G": [...], "cfm": [...], "se": [...]}`` or None).
+    Returns the scalar metrics and the profile (``{"G": [...], "cfm": [...], "se": [...], "chunks": N}`` or
+    None); the profile runs on the first ``eval.profile_chunks`` of the chunks.
     """
     e, t, seed = cfg.eval, cfg.task, int(cfg.seed)
     ids, batch, temperature = chunks.input_ids, int(e.chunk_batch_size), float(e.cfm_temperature)
@@ -243,9 +244,10 @@ def calibrate(model, critic: FeatureNetwork | None, chunks: PackedChunks, cfg: D
     if "profile" in metrics:
         layouts = profile_layouts(int(t.seq_len), int(t.context_len), int(t.stride), list(e.profile_lengths),
                                   int(e.cfm_samples))
-        estimates = fm_profile(model, critic, ids, layouts, temperature, seed, batch, progress)
+        profiled = ids[:_positive_or_none(e.get("profile_chunks"), "eval.profile_chunks")]
+        estimates = fm_profile(model, critic, profiled, layouts, temperature, seed, batch, progress)
         profile = {"G": list(estimates), "cfm": [v.mean for v in estimates.values()],
-                   "se": [v.se for v in estimates.values()]}
+                   "se": [v.se for v in estimates.values()], "chunks": len(profiled)}
     return out, profile
 
 

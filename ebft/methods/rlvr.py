@@ -35,7 +35,6 @@ accumulation and clipping) cannot express; ``ppo_epochs`` other than 1 is refuse
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 
@@ -51,8 +50,6 @@ from ebft.objectives.baselines import group_normalized_advantages
 from ebft.objectives.losses import ppo_clipped_loss, token_logprobs
 from ebft.objectives.verifiable import reward_fn_for
 from ebft.rollout.sampler import sample_from_logits
-
-log = logging.getLogger(__name__)
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -224,8 +221,10 @@ class RLVRModule(FineTuneModule):
         rewards = self.reward_fn(texts, [row for row in rows for _ in range(n)])
         return torch.tensor(rewards, dtype=torch.float32, device=rollout.tokens.device).view(len(rows), n)
 
-    def policy_loss(self, batch: dict, rollout: Rollout, rewards: torch.Tensor):
-        """``(loss, pg, kl, advantages)`` of one update on a scored rollout."""
+    def policy_loss(self, batch: dict, rollout: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The loss of one update on a scored rollout and its detached parts: ``pg``, ``kl``,
+        ``advantage_std`` and ``logprob``, the mean log-prob of the sampled tokens (it rises as the
+        policy sharpens)."""
         m = self.cfg.method
         temperature = float(m.temperature)
         advantages = group_normalized_advantages(rewards, str(m.scale_rewards)).reshape(-1)
@@ -238,7 +237,9 @@ class RLVRModule(FineTuneModule):
                                                    rollout.tokens, temperature)
         loss, pg, kl = grpo_loss(logprobs, logprobs.detach(), advantages, rollout.mask, float(m.clip_eps),
                                  self.kl_coef, ref_logprobs)
-        return loss, pg, kl, advantages
+        parts = {"pg": pg.detach(), "kl": kl.detach(), "advantage_std": advantages.std(),
+                 "logprob": logprobs.detach()[rollout.mask].mean()}
+        return loss, parts
 
     def training_step(self, batch, batch_idx):
         t0 = time.perf_counter()
@@ -246,23 +247,21 @@ class RLVRModule(FineTuneModule):
         t1 = time.perf_counter()
         rewards = self.score(rollout, batch["rows"])
         t2 = time.perf_counter()
-        loss, pg, kl, advantages = self.policy_loss(batch, rollout, rewards)
+        loss, parts = self.policy_loss(batch, rollout, rewards)
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"non-finite RLVR loss at step {self.global_step} (pg={pg.item()}, kl={kl.item()}): "
+                f"non-finite RLVR loss at step {self.global_step} (pg={parts['pg'].item()}, kl={parts['kl'].item()}): "
                 "lower method.lr or use model.dtype=float32")
         lengths = rollout.lengths.float()
-        generated = float(lengths.sum())
         bs = rewards.shape[0]
         self.log_dict({
-            "train/loss": loss.detach(), "train/pg": pg.detach(), "train/kl": kl.detach(),
+            "train/loss": loss.detach(), **{f"train/{k}": v for k, v in parts.items()},
             "train/reward": rewards.mean(), "train/reward_std": rewards.std(),
             "train/zero_signal_fraction": zero_signal_fraction(rewards),
-            "train/advantage_std": advantages.std(),
             "train/completion_len": lengths.mean(), "train/completion_len_max": lengths.max(),
             "train/truncated_fraction": (~rollout.finished).float().mean(),
             "perf/sample_s": t1 - t0, "perf/reward_s": t2 - t1,
-            "perf/rollout_tokens_per_s": generated / max(t1 - t0, 1e-9),
+            "perf/rollout_tokens_per_s": float(lengths.sum()) / max(t1 - t0, 1e-9),
         }, batch_size=bs)
         self.log("train/reward_mean", rewards.mean(), prog_bar=True, batch_size=bs, logger=False)
         return loss
