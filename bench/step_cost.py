@@ -45,6 +45,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import ebft.methods.ebft as ebft_module  # noqa: E402
+import ebft.objectives.losses as losses_module  # noqa: E402
+import ebft.rollout.sampler as sampler_module  # noqa: E402
 from ebft.methods.ebft import actor_loss, strided_hidden  # noqa: E402
 from ebft.models.features import FeatureNetwork  # noqa: E402
 from ebft.objectives.baselines import rloo_advantages  # noqa: E402
@@ -53,21 +56,27 @@ from ebft.objectives.rewards import feature_matching_rewards  # noqa: E402
 from ebft.rollout import masks  # noqa: E402
 from ebft.rollout.layout import StridedLayout  # noqa: E402
 from ebft.rollout.sampler import sample_authors_style, sample_strided, sample_strided_nocache  # noqa: E402
+from ebft.rollout.sampler import sample_from_logits as _inverse_cdf  # noqa: E402
 
 MODELS = ("smollm2-shape", "smollm2", "qwen2.5-1.5b-shape", "tiny")
-ABLATIONS = ("nocache", "full_logits", "full_features", "copies", "dense_attention", "eager", "mask_build",
-             "inference_mode")
+ABLATIONS = ("nocache", "multinomial", "dense_attention", "copies", "full_features", "inference_mode",
+             "full_logits", "checkpointed_logprobs", "eager", "mask_build")
 
 
 # ------------------------------------------------------------------------------------------ models
 def qwen25_15b_config():
     """Qwen2.5-1.5B's architecture (its config.json), for random initialisation."""
+    import inspect
+
     from transformers import Qwen2Config
 
+    rope = {"rope_theta": 1000000.0}
+    if "rope_parameters" in inspect.signature(Qwen2Config.__init__).parameters:
+        rope = {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}
     return Qwen2Config(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                        intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True,
-                       max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                       hidden_act="silu", use_sliding_window=False, bos_token_id=151643, eos_token_id=151643)
+                       max_position_embeddings=32768, rms_norm_eps=1e-6, hidden_act="silu",
+                       use_sliding_window=False, bos_token_id=151643, eos_token_id=151643, **rope)
 
 
 def smollm2_config():
@@ -218,23 +227,35 @@ class Bench:
         model.train(was_training)
 
     def ablations(self, meter, ids, row, advantages, record):
+        """The variants the step avoids, each timed like the piece it replaces."""
         a, layout, model = self.args, self.layout, self.generator
         which = set(a.ablations)
-        if "nocache" in which:
-            with self.autocast(), meter.time("abl: sampling without KV cache", record):
-                sample_strided_nocache(model, ids, layout, temperature=a.temperature, generator=self.rng)
-        if "mask_build" in which:
-            with meter.time("abl: build full strided mask (uncached)", record):
-                masks.dense_mask(layout)
-        if "full_logits" in which:
-            with self.autocast(), meter.time("abl: actor fwd+bwd, full-length fp32 logits", record):
+
+        def actor(name):
+            with self.autocast(), meter.time(name, record):
                 self.opt.zero_grad(set_to_none=True)
-                hidden = strided_hidden(model, row, layout)
-                logits = model.get_output_embeddings()(hidden).float()  # (B, length, V), as the authors
-                logp_t = (logits / a.temperature).log_softmax(-1)
-                pg = logp_t[:, layout.score_index].gather(-1, row[:, layout.token_index, None])[..., 0]
-                ce = logits.log_softmax(-1)[:, : a.T - 1].gather(-1, row[:, 1: a.T, None])[..., 0]
-                (-(pg * layout.broadcast_to_tokens(advantages)).mean() - 0.03 * ce.mean()).backward()
+                loss, _, _ = actor_loss(model, layout, row, advantages, temperature=a.temperature, gamma=0.03)
+                loss.backward()
+
+        def sample(name):
+            with self.autocast(), meter.time(name, record):
+                sample_strided(model, ids, layout, temperature=a.temperature, generator=self.rng)
+
+        def features(name, single=None, rows=None):
+            with self.autocast(), meter.time(name, record):
+                self.features.strided_features(row if rows is None else rows, single or layout)
+
+        if "nocache" in which:
+            with self.autocast(), meter.time("abl: sampling without KV cache (G full-row forwards)", record):
+                sample_strided_nocache(model, ids, layout, temperature=a.temperature, generator=self.rng)
+        if "multinomial" in which:
+            with _patched(sampler_module, "sample_from_logits", _multinomial_sample_from_logits):
+                sample("abl: sampling, torch.multinomial draws")
+        if "dense_attention" in which:
+            with masks.dense_strided_sdpa():
+                sample("abl: sampling, dense sdpa step masks")
+                features("abl: features, dense sdpa mask")
+                actor("abl: actor fwd+bwd, dense sdpa mask")
         if "copies" in which:
             single = StridedLayout(a.T, a.C, a.s, a.G, 1).to(self.device)
             copies = single.scatter_generated(ids.repeat_interleave(a.n, 0),
@@ -244,8 +265,7 @@ class Bench:
                 self.opt.zero_grad(set_to_none=True)
                 loss, _, _ = actor_loss(model, single, copies, adv, temperature=a.temperature, gamma=0.03)
                 loss.backward()
-            with self.autocast(), meter.time("abl: features, n copies of the chunk", record):
-                self.features.strided_features(copies, single)
+            features("abl: features, n copies of the chunk", single, copies)
         if "full_features" in which:
             with self.autocast(), meter.time("abl: features, full depth + LM head", record), torch.no_grad():
                 model.eval()
@@ -253,31 +273,73 @@ class Bench:
                 model.get_output_embeddings()(hidden)
                 model.train()
         if "inference_mode" in which:
-            with self.autocast(), meter.time("abl: features under inference_mode", record), torch.inference_mode():
-                self.features.strided_features(row, layout)
-        for impl, name in (("dense_attention", "abl: actor fwd+bwd, dense sdpa mask"),
-                           ("eager", "abl: actor fwd+bwd, eager attention")):
-            if impl in which:
-                with self.autocast(), _attention(model, impl), meter.time(name, record):
-                    self.opt.zero_grad(set_to_none=True)
-                    loss, _, _ = actor_loss(model, layout, row, advantages, temperature=a.temperature, gamma=0.03)
-                    loss.backward()
+            with torch.inference_mode():
+                features("abl: features under inference_mode (step: no_grad)")
+        if "full_logits" in which:
+            with self.autocast(), meter.time("abl: actor fwd+bwd, full-length fp32 logits", record):
+                self.opt.zero_grad(set_to_none=True)
+                hidden = strided_hidden(model, row, layout)
+                logits = model.get_output_embeddings()(hidden).float()  # (B, length, V), as the authors
+                logp_t = (logits / a.temperature).log_softmax(-1)
+                pg = logp_t[:, layout.score_index].gather(-1, row[:, layout.token_index, None])[..., 0]
+                ce = logits.log_softmax(-1)[:, : a.T - 1].gather(-1, row[:, 1: a.T, None])[..., 0]
+                (-(pg * layout.broadcast_to_tokens(advantages)).mean() - 0.03 * ce.mean()).backward()
+        if "checkpointed_logprobs" in which:
+            with _patched(losses_module, "token_logprobs", _checkpointed_token_logprobs), \
+                    _patched(ebft_module, "token_logprobs", _checkpointed_token_logprobs):
+                actor("abl: actor fwd+bwd, log-probs by checkpointed autograd")
+        if "eager" in which:
+            old = model.config._attn_implementation
+            model.set_attn_implementation("eager")
+            try:
+                actor("abl: actor fwd+bwd, eager attention")
+            finally:
+                model.set_attn_implementation(old)
+        if "mask_build" in which:
+            impl = model.config._attn_implementation
+            with meter.time("abl: building the step's masks (uncached)", record):
+                masks._build_mask(layout, impl, torch.float32, None, None)
+                for g in range(a.G - 1):
+                    rows = layout.step_rows(g)
+                    masks._build_mask(layout, impl, torch.float32, rows, rows.stop)
+                if masks._use_banded(self.device):
+                    masks.band_plan(StridedLayout(a.T, a.C, a.s, a.G, a.n).to(self.device))
         self.opt.zero_grad(set_to_none=True)
 
 
 @contextlib.contextmanager
-def _attention(model, variant: str):
-    """Temporarily run the strided row with dense sdpa masks or with eager attention."""
-    if variant == "eager":
-        old = model.config._attn_implementation
-        model.set_attn_implementation("eager")
-        try:
-            yield
-        finally:
-            model.set_attn_implementation(old)
-    else:
-        with masks.dense_strided_sdpa():
-            yield
+def _patched(module, name: str, value):
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+def _multinomial_sample_from_logits(logits, temperature, top_p, generator):
+    """The sampler's draw with ``torch.multinomial`` (top_p = 1 only): the previous implementation."""
+    if temperature == 0 or top_p < 1:
+        return _inverse_cdf(logits, temperature, top_p, generator)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+
+
+def _checkpointed_token_logprobs(hidden, lm_head_weight, targets, temperature=1.0, chunk_size=1024,
+                                 lm_head_bias=None):
+    """Log-probs by plain autograd ops under activation checkpointing per chunk: the previous
+    implementation (same values; the backward recomputes the chunk's whole autograd graph)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk(h, w, b, t):
+        logits = torch.nn.functional.linear(h, w, b).float() / temperature
+        return logits.log_softmax(-1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
+
+    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    pieces = [checkpoint(chunk, flat_h[i:i + chunk_size], lm_head_weight, lm_head_bias, flat_t[i:i + chunk_size],
+                         use_reentrant=False) for i in range(0, max(flat_t.shape[0], 1), chunk_size)]
+    return torch.cat(pieces).reshape(targets.shape)
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -400,7 +462,7 @@ def report(meter: Meter, args) -> None:
     if "generate() per prefix" in med:
         print(f"strided sampler speedup over per-prefix generate(): "
               f"{med['generate() per prefix'] / med['ebft sample']:.2f}x")
-    print(f"process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB")
+    print(f"highest peak of any piece: {max(meter.peaks.values()):.2f} GiB")
     print(f"ebft_over_sft={ebft / sft:.3f}")
 
 

@@ -117,8 +117,9 @@ def train(cfg: DictConfig) -> dict:
     elapsed = time.time() - start
     summary = {"steps": trainer.global_step, "seconds": round(elapsed, 1),
                "val_ce": history.history, "output_dir": str(output_dir)}
+    full_state = trainer.strategy.lightning_module_state_dict()  # every rank: gathers sharded weights
     if trainer.is_global_zero:
-        summary["hf_model"] = str(module.save_hf(output_dir / HF_SUBDIR))
+        summary["hf_model"] = str(module.save_hf(output_dir / HF_SUBDIR, full_state))
         print_summary(summary, trainer)
     return summary
 

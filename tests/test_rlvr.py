@@ -17,6 +17,7 @@ from ebft.methods.rlvr import (
     RLVRModule, check_config, completion_logprobs, grpo_loss, k3_kl, sample_completions, zero_signal_fraction,
 )
 from ebft.models.loading import build_tiny_model
+from ebft.objectives.baselines import group_normalized_advantages
 from ebft.objectives.verifiable import code_rewards
 from ebft import run as run_module
 from ebft.methods import rlvr
@@ -62,8 +63,19 @@ def test_cached_sampling_of_padded_prompts_equals_full_forwards(tiny_model):
         assert torch.equal(logits.argmax(-1), greedy.tokens[row])
         # the recomputed log-probs (padded batch) are those of the unpadded sequence
         expected = logits.log_softmax(-1).gather(-1, greedy.tokens[row][:, None]).squeeze(-1)
-        got = completion_logprobs(tiny_model, batch["prompt_ids"], batch["prompt_mask"], greedy.tokens)[row]
+        rows = (batch["prompt_ids"].repeat_interleave(2, 0), batch["prompt_mask"].repeat_interleave(2, 0))
+        got = completion_logprobs(tiny_model, *rows, greedy.tokens)[row]
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+
+def test_sampler_logprobs_are_those_of_the_training_forward(tiny_model):
+    batch = padded_prompts([11, 12, 13], [21, 22, 23, 24, 25])
+    rollout = sample_completions(tiny_model, batch["prompt_ids"], batch["prompt_mask"], 3, 8, EOS, PAD,
+                                 temperature=0.7, generator=torch.Generator().manual_seed(0))
+    rows = (batch["prompt_ids"].repeat_interleave(3, 0), batch["prompt_mask"].repeat_interleave(3, 0))
+    recomputed = completion_logprobs(tiny_model, *rows, rollout.tokens, temperature=0.7)
+    torch.testing.assert_close(rollout.logprobs, recomputed * rollout.mask, atol=1e-5, rtol=1e-5)
 
 
 def test_completions_stop_at_eos_and_count_it(tiny_model):
@@ -143,6 +155,31 @@ def test_kl_reference_is_loaded_only_when_needed_and_frozen(tokenizer):
     opt.step()
     _, parts = module.policy_loss(batch, rollout, rewards)
     assert parts["kl"].item() > 1e-6
+
+
+def test_update_scores_only_completions_with_a_signal_and_gives_the_full_gradient(tokenizer):
+    module = RLVRModule(rlvr_cfg("task=translation", "method.max_new_tokens=5", "method.num_samples=4"), tokenizer)
+    batch = padded_prompts([11, 12, 13], [21, 22])
+    rollout = module.rollout(batch, 0)
+    rewards = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.5]])  # the first group has no signal
+    params = [p for p in module.generator.parameters() if p.requires_grad]
+
+    def gradients(loss):
+        return torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+
+    loss, parts = module.policy_loss(batch, rollout, rewards)
+    assert parts["scored_fraction"].item() == 0.5
+    rows = (batch["prompt_ids"].repeat_interleave(4, 0), batch["prompt_mask"].repeat_interleave(4, 0))
+    logprobs = completion_logprobs(module.generator, *rows, rollout.tokens)
+    advantages = group_normalized_advantages(rewards).reshape(-1)
+    full, _, _ = grpo_loss(logprobs, logprobs.detach(), advantages, rollout.mask)
+    torch.testing.assert_close(loss, full)
+    for got, expected in zip(gradients(loss), gradients(full)):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
+
+    loss, parts = module.policy_loss(batch, rollout, torch.ones(2, 4))  # no signal at all: one row, zero gradient
+    assert parts["scored_fraction"].item() == 1 / 8 and loss.item() == 0
+    assert all(not g.any() for g in gradients(loss))
 
 
 def test_rlvr_raises_the_reward_it_is_given(tokenizer):

@@ -15,7 +15,8 @@ from ebft.run import train
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 SMALL = ["model=tiny", "data.limit=300", "data.val_size=40", "task.seq_len=32", "method.batch_size=2",
-         "trainer.val_check_interval=2", "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false"]
+         "trainer.val_check_interval=2", "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false",
+         "eval.every_n_steps=0"]
 
 
 def make_cfg(output_dir: Path, *overrides: str):

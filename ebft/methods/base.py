@@ -123,13 +123,21 @@ class FineTuneModule(L.LightningModule):
         self.log("val/ce_answer", ce_answer, sync_dist=True, batch_size=ids.shape[0])
 
     # --------------------------------------------------------------- export
-    def save_hf(self, directory: str | os.PathLike) -> Path:
-        """Write generator + tokenizer with ``save_pretrained`` atomically (tmp dir, rename)."""
+    def save_hf(self, directory: str | os.PathLike, module_state: dict | None = None) -> Path:
+        """Write generator + tokenizer with ``save_pretrained`` atomically (tmp dir, rename).
+
+        ``module_state`` is this module's full state dict when the live weights are sharded
+        (FSDP: ``trainer.strategy.lightning_module_state_dict()`` gathers it on rank 0).
+        """
         target = Path(directory)
         tmp = target.with_name(target.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
-        self.generator.save_pretrained(tmp)
+        state = None
+        if module_state is not None:
+            prefix = "generator."
+            state = {k[len(prefix):]: v for k, v in module_state.items() if k.startswith(prefix)}
+        self.generator.save_pretrained(tmp, state_dict=state)
         self.tokenizer.save_pretrained(tmp)
         if target.exists():
             shutil.rmtree(target)

@@ -17,7 +17,7 @@ One training step on a micro-batch of ``B`` prompts (``ebft.data.prompts``), ``n
 4. ONE forward with grad of the generator over ``[prompt; completion]`` gives the token log-probs
    ``log p_T(y_t | x, y_<t)`` with the logits divided by the sampling temperature (the distribution
    the tokens were drawn from, top-p truncation aside), and the loss is the token-level PPO clipped
-   surrogate over all counted tokens of the micro-batch plus an optional KL penalty::
+   surrogate over all ``N`` counted tokens of the micro-batch plus an optional KL penalty::
 
        rho_t = exp(log p_T(y_t) - log p_old(y_t))
        loss  = -1/N sum_t min(rho_t A, clip(rho_t, 1 - clip_eps, 1 + clip_eps) A)
@@ -25,6 +25,10 @@ One training step on a micro-batch of ``B`` prompts (``ebft.data.prompts``), ``n
 
    ``k3`` is Schulman's non-negative, unbiased estimator of ``KL(p_T || p_ref)`` per sampled token;
    the reference is a frozen copy of the initial generator, loaded only when ``kl_coef > 0`` (paper: 0).
+   Without the KL term a completion with ``A = 0`` (every completion of a group whose rewards are all
+   equal) adds exactly 0 to the loss and its gradient, so the forward scores only the completions
+   with ``A != 0`` (one, with a zero gradient, when none has) and still divides by the ``N`` tokens
+   of the whole micro-batch: the same update for less compute where rewards are sparse.
 
 Training is online, as in the paper: one optimizer step per rollout batch (``global_batch`` prompts,
 accumulated over micro-batches), so ``p_old`` is the current policy, ``rho = 1`` and the gradient is
@@ -81,12 +85,14 @@ class Rollout:
     """``n`` completions per prompt, sample-major per prompt (row ``i*n + j`` = sample j of prompt i).
 
     ``tokens`` (B*n, L) right-padded with ``pad_id``; ``mask`` (B*n, L) marks the counted tokens (up to
-    and including EOS); ``finished`` (B*n,) whether the completion ended with EOS.
+    and including EOS); ``finished`` (B*n,) whether the completion ended with EOS; ``logprobs`` (B*n, L)
+    the sampling policy's ``log p_T`` of each counted token (0 elsewhere), fp32.
     """
 
     tokens: torch.Tensor
     mask: torch.Tensor
     finished: torch.Tensor
+    logprobs: torch.Tensor
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -118,9 +124,13 @@ def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
         tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=prompt_ids.device)
         done = torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)
         counted = torch.zeros_like(tokens, dtype=torch.bool)
+        logprobs = torch.zeros_like(tokens, dtype=torch.float32)
         for t in range(max_new_tokens):
             counted[:, t] = ~done
-            tokens[:, t] = torch.where(done, pad_id, sample_from_logits(logits, temperature, top_p, generator))
+            drawn = sample_from_logits(logits, temperature, top_p, generator)
+            drawn_logprob = (logits.float() / temperature).log_softmax(-1).gather(-1, drawn[:, None])[:, 0]
+            logprobs[:, t] = torch.where(done, 0.0, drawn_logprob)
+            tokens[:, t] = torch.where(done, pad_id, drawn)
             done |= tokens[:, t] == eos_id
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
@@ -130,27 +140,36 @@ def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
     finally:
         model.train(was_training)
     width = max(int(counted.sum(-1).max()), 1)
-    return Rollout(tokens[:, :width], counted[:, :width], done)
+    return Rollout(tokens[:, :width], counted[:, :width], done, logprobs[:, :width])
 
 
 def completion_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completions: torch.Tensor,
                         temperature: float = 1.0) -> torch.Tensor:
-    """``log p_T(y_t | prompt, y_<t)`` (B*n, L), fp32, from ONE forward over ``[prompt; completion]``.
+    """``log p_T(y_t | prompt, y_<t)`` (R, L), fp32, from ONE forward over ``[prompt; completion]``.
 
-    ``prompt_ids``/``prompt_mask`` (B, P) left-padded, ``completions`` (B*n, L) sample-major per prompt.
+    ``prompt_ids``/``prompt_mask`` (R, P) left-padded, one row per completion of ``completions`` (R, L).
     Pads after EOS are attended but never scored by the caller's mask; the LM head runs only on the
     ``L`` rows that score completion tokens (``token_logprobs``, logits / temperature).
     """
-    n, rest = divmod(completions.shape[0], prompt_ids.shape[0])
-    if rest or n == 0:
-        raise ValueError(f"{completions.shape[0]} completions for {prompt_ids.shape[0]} prompts: "
-                         "need the same number of completions for every prompt")
-    prompt_len = prompt_ids.shape[1]
-    ids = torch.cat([prompt_ids.repeat_interleave(n, 0), completions], 1)
-    mask = torch.cat([prompt_mask.repeat_interleave(n, 0), torch.ones_like(completions)], 1)
+    if prompt_ids.shape[0] != completions.shape[0]:
+        raise ValueError(f"{completions.shape[0]} completions for {prompt_ids.shape[0]} prompt rows: "
+                         "give each completion its prompt (prompt_ids[i] belongs to completions[i])")
+    start = int(prompt_mask.any(0).long().argmax())  # drop columns that are padding in every row
+    prompt_ids, prompt_mask = prompt_ids[:, start:], prompt_mask[:, start:]
+    ids = torch.cat([prompt_ids, completions], 1)
+    mask = torch.cat([prompt_mask, torch.ones_like(completions)], 1)
     hidden, _ = backbone_forward(model, ids, positions(mask), mask)
-    scoring = hidden[:, prompt_len - 1:-1]
+    scoring = hidden[:, prompt_ids.shape[1] - 1:-1]
     return token_logprobs(scoring, model.get_output_embeddings().weight, completions, temperature=temperature)
+
+
+def rows_to_score(advantages: torch.Tensor, all_rows: bool) -> torch.Tensor:
+    """Indices of the completions the update scores: all of them (``all_rows``, for the KL term), else
+    those with ``A != 0``, and the first one when none has (module docstring)."""
+    keep = torch.ones_like(advantages, dtype=torch.bool) if all_rows else advantages != 0
+    if not keep.any():
+        keep[0] = True
+    return keep.nonzero().squeeze(-1)
 
 
 # ---------------------------------------------------------------------------------------- loss
@@ -167,18 +186,19 @@ def zero_signal_fraction(rewards: torch.Tensor) -> torch.Tensor:
 
 
 def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-              clip_eps: float = 0.2, kl_coef: float = 0.0,
-              ref_logprobs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, pg, kl)``: token-level clipped surrogate with per-completion ``advantages`` (B*n,)
-    broadcast over its tokens, plus ``kl_coef`` times the token mean of ``k3`` (module docstring)."""
-    per_token = advantages[:, None].expand_as(logprobs)
-    pg = ppo_clipped_loss(logprobs, old_logprobs, per_token, mask, clip_eps)
+              clip_eps: float = 0.2, kl_coef: float = 0.0, ref_logprobs: torch.Tensor | None = None,
+              num_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, pg, kl)``: token-level clipped surrogate with per-completion ``advantages`` (R,)
+    broadcast over its tokens, plus ``kl_coef`` times the token mean of ``k3`` (module docstring).
+    Both means divide by ``num_tokens`` (default: the tokens ``mask`` counts here)."""
+    counted = int(mask.sum())
+    scale = counted / num_tokens if num_tokens else 1.0
+    pg = ppo_clipped_loss(logprobs, old_logprobs, advantages[:, None].expand_as(logprobs), mask, clip_eps) * scale
     if kl_coef == 0:
         return pg, pg, torch.zeros_like(pg)
     if ref_logprobs is None:
         raise ValueError(f"kl_coef={kl_coef} needs the reference model's log-probs")
-    weights = mask.to(logprobs.dtype)
-    kl = (k3_kl(logprobs, ref_logprobs) * weights).sum() / weights.sum().clamp_min(1)
+    kl = (k3_kl(logprobs, ref_logprobs) * mask).sum() / max(counted, 1) * scale
     return pg + kl_coef * kl, pg, kl
 
 
@@ -223,22 +243,25 @@ class RLVRModule(FineTuneModule):
 
     def policy_loss(self, batch: dict, rollout: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The loss of one update on a scored rollout and its detached parts: ``pg``, ``kl``,
-        ``advantage_std`` and ``logprob``, the mean log-prob of the sampled tokens (it rises as the
-        policy sharpens)."""
+        ``advantage_std`` and ``scored_fraction`` (of the completions the forward had to score)."""
         m = self.cfg.method
         temperature = float(m.temperature)
         advantages = group_normalized_advantages(rewards, str(m.scale_rewards)).reshape(-1)
-        logprobs = completion_logprobs(self.generator, batch["prompt_ids"], batch["prompt_mask"], rollout.tokens,
-                                       temperature)
+        rows = rows_to_score(advantages, all_rows=self.reference is not None)
+        prompt_of = rows // int(m.num_samples)
+        prompt_ids, prompt_mask = batch["prompt_ids"][prompt_of], batch["prompt_mask"][prompt_of]
+        mask = rollout.mask[rows]
+        width = max(int(mask.sum(-1).max()), 1)
+        tokens, mask = rollout.tokens[rows, :width], mask[:, :width]
+        logprobs = completion_logprobs(self.generator, prompt_ids, prompt_mask, tokens, temperature)
         ref_logprobs = None
         if self.reference is not None:
             with torch.no_grad():
-                ref_logprobs = completion_logprobs(self.reference, batch["prompt_ids"], batch["prompt_mask"],
-                                                   rollout.tokens, temperature)
-        loss, pg, kl = grpo_loss(logprobs, logprobs.detach(), advantages, rollout.mask, float(m.clip_eps),
-                                 self.kl_coef, ref_logprobs)
+                ref_logprobs = completion_logprobs(self.reference, prompt_ids, prompt_mask, tokens, temperature)
+        loss, pg, kl = grpo_loss(logprobs, logprobs.detach(), advantages[rows], mask, float(m.clip_eps),
+                                 self.kl_coef, ref_logprobs, num_tokens=int(rollout.mask.sum()))
         parts = {"pg": pg.detach(), "kl": kl.detach(), "advantage_std": advantages.std(),
-                 "logprob": logprobs.detach()[rollout.mask].mean()}
+                 "scored_fraction": torch.tensor(len(rows) / len(advantages))}
         return loss, parts
 
     def training_step(self, batch, batch_idx):
@@ -258,6 +281,7 @@ class RLVRModule(FineTuneModule):
             "train/loss": loss.detach(), **{f"train/{k}": v for k, v in parts.items()},
             "train/reward": rewards.mean(), "train/reward_std": rewards.std(),
             "train/zero_signal_fraction": zero_signal_fraction(rewards),
+            "train/logprob": rollout.logprobs.sum() / lengths.sum(),
             "train/completion_len": lengths.mean(), "train/completion_len_max": lengths.max(),
             "train/truncated_fraction": (~rollout.finished).float().mean(),
             "perf/sample_s": t1 - t0, "perf/reward_s": t2 - t1,
