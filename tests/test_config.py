@@ -51,7 +51,7 @@ def test_unknown_group_option_lists_the_choices(group, name):
     (["task.gen_len=0"], "task.gen_len=0"),
     (["method.lr=0"], "method.lr=0"),
     (["method.schedule=linear"], "method.schedule='linear'"),
-    (["method.loss_on=prompt"], "method.loss_on='prompt'"),
+    (["method=sft", "method.loss_on=prompt"], "method.loss_on='prompt'"),
     (["logger.kind=mlflow"], "logger.kind='mlflow'"),
     (["model.name=/does/not/exist"], "neither an existing local path"),
     (["model.name=missing.gguf"], "GGUF file 'missing.gguf' does not exist"),
