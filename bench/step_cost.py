@@ -51,7 +51,7 @@ import ebft.rollout.sampler as sampler_module  # noqa: E402
 from ebft.methods.ebft import actor_loss, strided_hidden  # noqa: E402
 from ebft.models.features import FeatureNetwork  # noqa: E402
 from ebft.objectives.baselines import rloo_advantages  # noqa: E402
-from ebft.objectives.losses import cross_entropy_term, token_logprobs  # noqa: E402
+from ebft.objectives.losses import cross_entropy_term  # noqa: E402
 from ebft.objectives.rewards import feature_matching_rewards  # noqa: E402
 from ebft.rollout import masks  # noqa: E402
 from ebft.rollout.layout import StridedLayout  # noqa: E402
@@ -456,7 +456,8 @@ def report(meter: Meter, args) -> None:
         print(f"| {name} | {med[name]:.3f} | {med[name] / sft:.2f} | {meter.peaks[name]:.2f} |")
     print()
     if "authors sampling" in med:
-        print(f"strided sampler speedup over authors-style sampling: {med['authors sampling'] / med['ebft sample']:.2f}x")
+        speedup = med["authors sampling"] / med["ebft sample"]
+        print(f"strided sampler speedup over authors-style sampling: {speedup:.2f}x")
         print(f"EBFT step with authors-style sampling / SFT: "
               f"{(ebft - med['ebft sample'] + med['authors sampling']) / sft:.2f}x")
     if "generate() per prefix" in med:

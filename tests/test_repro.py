@@ -32,13 +32,13 @@ def test_helpers():
 
 
 def test_every_method_gets_the_same_budget(tmp_path):
-    s = load_settings(tmp_path, steps=12, seeds=[1, 2])
+    s = load_settings(tmp_path, steps=18, seeds=[1, 2])
     planned = models(s, s.lr)
     assert [m["variant"] for m in planned] == ["base"] + [v for v in s.variants for _ in (1, 2)]
     jobs = training_jobs(s, planned)
     assert len(jobs) == 2 * len(s.variants)
     for job in jobs:
-        assert "trainer.max_steps=12" in job.argv and "trainer.val_check_interval=6" in job.argv
+        assert "trainer.max_steps=18" in job.argv and "trainer.val_check_interval=9" in job.argv
         assert "experiment=repro_small" in job.argv and "data.mbpp_path=null" in job.argv
     methods = {a.split("=")[1] for j in jobs for a in j.argv if a.startswith("method=")}
     assert methods == {"sft", "ebft", "rlvr"}
@@ -91,9 +91,11 @@ def test_verdicts_weigh_the_difference_against_the_noise():
 # ------------------------------------------------------------------------------- resumable jobs
 
 def test_jobs_skip_when_done_and_refuse_other_commands(tmp_path, capsys):
-    job = Job("hello", ("-c", "print('hi')"), tmp_path / "j")
+    job = Job("hello", ("-c", "import os; os.makedirs('{0}/bulky'); print('hi')".format(tmp_path / "j")),
+              tmp_path / "j", discard=("bulky",))
     record = run_job(job, 1, 1)
     assert record["returncode"] == 0 and (tmp_path / "j" / "stdout.log").read_text() == "hi\n"
+    assert not (tmp_path / "j" / "bulky").exists() and record["cpu_seconds"] >= 0
     assert finished(job) is not None
     run_job(job, 1, 1)
     assert "skipped" in capsys.readouterr().out
@@ -248,5 +250,6 @@ def test_quick_pipeline_end_to_end_and_resume(tmp_path):
     assert "–" not in next(line for line in text.splitlines() if line.startswith("| RLVR | 1 |"))
     for png in ("fm_profile.png", "training_curves.png"):
         assert (tmp_path / png).stat().st_size > 1000
+    assert not list((tmp_path / "runs").rglob("checkpoints")) and list((tmp_path / "runs").rglob("hf_model"))
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "running" not in again.stdout and "skipped" in again.stdout

@@ -11,16 +11,16 @@ from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import Callback
 from omegaconf import open_dict
 
+from ebft import run as run_module
 from ebft.config import ConfigError
 from ebft.data.prompts import left_pad_collate, select_prompts, with_module_namespace
+from ebft.methods import rlvr
 from ebft.methods.rlvr import (
     RLVRModule, check_config, completion_logprobs, grpo_loss, k3_kl, sample_completions, zero_signal_fraction,
 )
 from ebft.models.loading import build_tiny_model
 from ebft.objectives.baselines import group_normalized_advantages
 from ebft.objectives.verifiable import code_rewards
-from ebft import run as run_module
-from ebft.methods import rlvr
 from ebft.run import train
 from tests.test_train import SMALL, train_losses
 
@@ -280,6 +280,7 @@ def test_rlvr_trains_end_to_end_on_translation(tmp_path, monkeypatch):
     assert all(0 < v <= 6 for v in train_losses(tmp_path, "train/completion_len").values())
 
 
+@pytest.mark.slow
 def test_rlvr_trains_end_to_end_on_mbpp_code(tmp_path):
     if not MBPP_FILE.is_file():
         pytest.skip(f"MBPP data file {MBPP_FILE} not present")

@@ -36,6 +36,7 @@ class Job:
     argv: tuple[str, ...]
     directory: Path
     may_fail: bool = False
+    discard: tuple[str, ...] = ()   # subdirectories removed once the job succeeded (bulky, never read)
 
     @property
     def command(self) -> str:
@@ -126,6 +127,8 @@ def run_job(job: Job, index: int, total: int) -> dict:
                              f"log: {log}\n{tail}")
         print(f"{head}: FAILED after {seconds:.0f} s (kept as a result; log: {log})", flush=True)
         return record
+    for name in job.discard:
+        shutil.rmtree(job.directory / name, ignore_errors=True)
     print(f"{head}: done in {seconds:.0f} s", flush=True)
     return record
 

@@ -37,11 +37,15 @@ def run_key(variant: str, seed: int, lr: float) -> str:
 
 def train_job(settings: Settings, name: str, variant: Variant, seed: int, lr: float, directory: Path,
               steps: int, interval: int, may_fail: bool = False) -> Job:
-    """``python train.py`` for ``variant`` at ``seed`` and ``lr`` for ``steps`` optimizer steps."""
+    """``python train.py`` for ``variant`` at ``seed`` and ``lr`` for ``steps`` optimizer steps.
+
+    Its Lightning checkpoints (weights and optimizer state, ~1.6 GB for SmolLM2) are removed once it
+    finished: the driver restarts an interrupted run, and evaluation reads ``hf_model/``.
+    """
     run = [f"seed={seed}", f"method.lr={lr!r}", f"trainer.max_steps={steps}",
            f"trainer.val_check_interval={interval}", f"hydra.run.dir={settings.path_arg(directory)}"]
     return Job(name, ("train.py", *merge_overrides(settings.train_common, variant.overrides, run)), directory,
-               may_fail)
+               may_fail, discard=("checkpoints",))
 
 
 def sweep_entries(settings: Settings) -> list[dict]:

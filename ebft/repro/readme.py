@@ -74,7 +74,8 @@ def verdict_section(models: list[dict], plan: dict, cols: list[str]) -> tuple[li
         rows = [[v.metric, v.a.text(), v.b.text(), _fmt(v.difference, 4), f"±{_fmt(v.noise, 4)}", v.outcome]
                 for v in results]
         lines += [f"### {variant['label']} vs SFT", "",
-                  markdown_table(["metric", "EBFT", "SFT", "Δ (EBFT − SFT)", "noise (2σ)", "EBFT beat SFT?"], rows), "",
+                  markdown_table(["metric", "EBFT", "SFT", "Δ (EBFT − SFT)", "noise (2σ)", "EBFT beat SFT?"],
+                                 rows), "",
                   f"**In plain words:** {plain_words(variant['label'], results)}", ""]
         all_won &= all(v.outcome == "yes" for v in results)
     if len(plan["seeds"]) == 1 and lines:
@@ -141,10 +142,12 @@ def budget_section(plan: dict) -> list[str]:
               f"{d['n_samples']} samples at temperature 0.6 (pass@1, pass@{d['n_samples']}), at most "
               f"{d['max_new_tokens']} new tokens."
               + ("" if plan["eval"]["mbpp_path"] else " MBPP skipped: no --mbpp / EBFT_MBPP given."),
-              f"- Why these sizes: a 2-core CPU. T={z['seq_len']} keeps an EBFT step (all {z['blocks']} × "
-              f"{ebft.get('num_samples', '?')} rollouts of a chunk in one strided row) at seconds, and "
-              f"{z['steps']} steps × {len(plan['seeds'])} seeds × {len(v)} variants plus the evaluations fit "
-              "the time box (see wall times below); the paper's T=1024, 16-chunk batches and 2 epochs need a GPU."]
+              f"- Why these sizes: everything has to finish in about two hours on 2 CPU cores. T={z['seq_len']} "
+              f"keeps an EBFT step (all {z['blocks']} × {ebft.get('num_samples', '?')} rollouts of a chunk in one "
+              f"strided row) at seconds; {z['steps']} steps × {len(plan['seeds'])} seeds × {len(v)} variants, the "
+              "evaluations and the lr sweep then fit the time box (the measured cost of each piece is in "
+              "conf/experiment/repro_small.yaml; the wall times of this run are below). The paper's T=1024, "
+              "16-chunk batches and 2 epochs need a GPU."]
     return lines + [""]
 
 
@@ -261,8 +264,9 @@ def write_report(out: str | Path) -> Path:
               "## Learning rates", "", *sweep_section(out, plan),
               "## Sizes and budget", "", *budget_section(plan),
               "## Every run (traceability)", "", *runs_lines,
-              "Also in `runs.csv`. Run dirs hold `metrics.csv`, `hf_model/`, `.hydra/` and `job.json`; result "
-              "dirs hold `results.json` and the sampled completions.", "",
+              "Also in `runs.csv`. Run dirs hold `metrics.csv`, `hf_model/`, `.hydra/` and `job.json` (their "
+              "Lightning checkpoints are removed after the run); result dirs hold `results.json` and the sampled "
+              "completions.", "",
               "## Wall time and hardware", "", *time_section(out, plan, models),
               "## Commands", "", *commands_section(out, plan)]
     path = out / README

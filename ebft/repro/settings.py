@@ -148,6 +148,54 @@ def _variant(name: str, overrides: list[str], common: list[str]) -> Variant:
     return Variant(name, str(m.name), tuple(overrides), knobs)
 
 
+def _common(quick: bool, steps: int | None, overrides: list[str], mbpp_path: str | None) -> list[str]:
+    """train.py overrides shared by every run: the experiment, the quick profile, the size flags."""
+    common = [f"experiment={EXPERIMENT}"]
+    if quick:
+        common += list(compose_config("train", common).repro.quick.overrides)
+    if steps is not None:
+        if steps < 1:
+            raise ReproError(f"--steps={steps} must be >= 1")
+        common.append(f"trainer.max_steps={steps}")
+    return merge_overrides(common, overrides, [f"data.mbpp_path={override_value(mbpp_path)}"])
+
+
+def _sweep(cfg: DictConfig, quick: bool, variants: dict[str, Variant]) -> dict:
+    sweep = _section(cfg, quick, "lr_sweep")
+    unknown = [v for v in sweep["variants"] if v not in variants]
+    if unknown:
+        raise ReproError(f"repro.lr_sweep.variants {unknown} are not in repro.variants ({', '.join(variants)})")
+    swept = [variants[v].method for v in sweep["variants"]]
+    if len(set(swept)) != len(swept):
+        raise ReproError(f"repro.lr_sweep.variants {sweep['variants']} sweep a method twice; the chosen lr is per "
+                         "method, so list one variant per method")
+    return sweep
+
+
+def _evaluation(cfg: DictConfig, quick: bool, chunks: int | None, profile_chunks: int | None,
+                limit: int | None) -> dict[str, dict]:
+    evaluation = _section(cfg, quick, "eval")
+    for part, key, value in (("calibration", "chunks", chunks), ("profile", "chunks", profile_chunks),
+                             ("downstream", "limit", limit)):
+        if value is not None:
+            if value < 1:
+                raise ReproError(f"{part} {key}={value} must be >= 1")
+            evaluation[part][key] = int(value)
+    return evaluation
+
+
+def _sizes(cfg: DictConfig) -> dict:
+    """The sizes the report states: model, geometry, batch, steps, held-out data."""
+    t = cfg.task
+    return {"model": str(cfg.model.name), "task": str(t.name), "seq_len": int(t.seq_len),
+            "context_len": int(t.context_len), "stride": int(t.stride), "gen_len": int(t.gen_len),
+            "blocks": (int(t.seq_len) - int(t.gen_len) - int(t.context_len)) // int(t.stride) + 1,
+            "batch_size": int(cfg.method.batch_size), "steps": int(cfg.trainer.max_steps),
+            "val_size": int(cfg.data.val_size), "data_limit": cfg.data.get("limit"),
+            "in_training_cfm_chunks": int(cfg.eval.cfm_chunks),
+            "in_training_val_chunks": int(cfg.trainer.limit_val_batches) * int(cfg.method.batch_size)}
+
+
 def load_settings(out: str | os.PathLike | None = None, quick: bool = False, steps: int | None = None,
                   seeds: list[int] | None = None, limit: int | None = None, chunks: int | None = None,
                   profile_chunks: int | None = None, mbpp: str | None = None,
@@ -160,16 +208,7 @@ def load_settings(out: str | os.PathLike | None = None, quick: bool = False, ste
     if mbpp_path and not Path(mbpp_path).is_file():
         raise ReproError(f"MBPP file {mbpp_path} does not exist: pass --mbpp <mbpp.jsonl> or unset EBFT_MBPP")
     mbpp_path = str(Path(mbpp_path).resolve()) if mbpp_path else None
-    first = compose_config("train", [f"experiment={EXPERIMENT}"])
-    common = [f"experiment={EXPERIMENT}"]
-    if quick:
-        common += list(first.repro.quick.overrides)
-    if steps is not None:
-        if steps < 1:
-            raise ReproError(f"--steps={steps} must be >= 1")
-        common.append(f"trainer.max_steps={steps}")
-    common += [*(overrides or []), f"data.mbpp_path={override_value(mbpp_path)}"]
-    common = merge_overrides(common)
+    common = _common(quick, steps, overrides or [], mbpp_path)
     cfg = compose_config("train", common)
     total = int(cfg.trainer.max_steps)
     if total < 1:
@@ -183,36 +222,13 @@ def load_settings(out: str | os.PathLike | None = None, quick: bool = False, ste
     missing = sorted({v.method for v in variants.values()} - set(lr))
     if missing:
         raise ReproError(f"repro.lr has no learning rate for method(s) {', '.join(missing)}")
-    sweep = _section(cfg, quick, "lr_sweep")
-    unknown = [v for v in sweep["variants"] if v not in variants]
-    if unknown:
-        raise ReproError(f"repro.lr_sweep.variants {unknown} are not in repro.variants ({', '.join(variants)})")
-    swept = [variants[v].method for v in sweep["variants"]]
-    if len(set(swept)) != len(swept):
-        raise ReproError(f"repro.lr_sweep.variants {sweep['variants']} sweep a method twice; the chosen lr is per "
-                         "method, so list one variant per method")
-    evaluation = _section(cfg, quick, "eval")
-    for part, key, value in (("calibration", "chunks", chunks), ("profile", "chunks", profile_chunks),
-                             ("downstream", "limit", limit)):
-        if value is not None:
-            if value < 1:
-                raise ReproError(f"{part} {key}={value} must be >= 1")
-            evaluation[part][key] = int(value)
     seed_list = tuple(int(s) for s in (seeds or (repro.quick.seeds if quick else repro.seeds)))
     if not seed_list:
         raise ReproError("no seeds: give --seeds 43,44 or set repro.seeds")
-
-    t = cfg.task
-    blocks = (int(t.seq_len) - int(t.gen_len) - int(t.context_len)) // int(t.stride) + 1
-    sizes = {"model": str(cfg.model.name), "task": str(t.name), "seq_len": int(t.seq_len),
-             "context_len": int(t.context_len), "stride": int(t.stride), "gen_len": int(t.gen_len),
-             "blocks": blocks, "batch_size": int(cfg.method.batch_size), "steps": total,
-             "val_size": int(cfg.data.val_size), "data_limit": cfg.data.get("limit"),
-             "in_training_cfm_chunks": int(cfg.eval.cfm_chunks),
-             "in_training_val_chunks": int(cfg.trainer.limit_val_batches) * int(cfg.method.batch_size)}
     default_out = ROOT / ("outputs/repro_small_quick" if quick else "results/repro_small")
     return Settings(out=Path(out).resolve() if out else default_out, quick=quick, train_common=tuple(common),
                     eval_common=tuple(_eval_common(cfg, mbpp_path)), variants=variants, seeds=seed_list, lr=lr,
                     steps=total, val_interval=val_interval(total, int(cfg.trainer.val_check_interval)),
-                    sweep=sweep, evaluation=evaluation,
-                    mbpp_path=mbpp_path, base_ckpt=str(cfg.model.name), sizes=sizes)
+                    sweep=_sweep(cfg, quick, variants),
+                    evaluation=_evaluation(cfg, quick, chunks, profile_chunks, limit),
+                    mbpp_path=mbpp_path, base_ckpt=str(cfg.model.name), sizes=_sizes(cfg))
