@@ -7,11 +7,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from ebft.models.loading import ModelSourceError, resolve_source
 
 log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 SCHEDULES = ("constant", "cosine")
 LOSS_ON = ("answer", "all")
@@ -20,6 +23,13 @@ POOLING = ("last_token", "mean")
 NORMALISATION = ("joint", "per_layer")
 REDUCTIONS = ("token_mean", "sequence_sum")
 LOGGERS = ("csv", "tensorboard", "wandb")
+
+
+def compose_config(config_name: str, overrides) -> DictConfig:
+    """``conf/<config_name>.yaml`` composed with ``overrides`` outside a Hydra app (scripts, drivers),
+    with the Hydra node so that group choices can be read."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
 
 
 class ConfigError(ValueError):

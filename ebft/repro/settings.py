@@ -12,11 +12,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ebft.config import compose_config
+
 ROOT = Path(__file__).resolve().parents[2]
-CONF_DIR = ROOT / "conf"
 EXPERIMENT = "repro_small"
 METHOD_LABELS = {"sft": "SFT", "ebft": "EBFT", "rlvr": "RLVR"}
 
@@ -45,12 +45,6 @@ def merge_overrides(*groups) -> list[str]:
             merged.pop(key, None)
             merged[key] = str(item)
     return list(merged.values())
-
-
-def compose_config(config_name: str, overrides) -> DictConfig:
-    """``conf/<config_name>.yaml`` composed with ``overrides`` (with the Hydra node, for group choices)."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
 
 
 def val_interval(steps: int, wanted: int) -> int:
