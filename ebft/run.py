@@ -55,6 +55,31 @@ class ValidationHistory(Callback):
             self.history.append((trainer.global_step, float(trainer.callback_metrics["val/ce"])))
 
 
+class StepTimer(Callback):
+    """Wall time of the training batches (forward, backward and optimizer step; not validation):
+    ``perf/batch_s`` per batch, and seconds per optimizer step over this process's steps for the
+    summary. On an accelerator the host can run ahead of the device, so single values jitter
+    (there is no synchronisation per step); their sum is right up to the last step's queue."""
+
+    def __init__(self):
+        self.seconds, self.first_step, self._start = 0.0, 0, 0.0
+
+    def on_train_start(self, trainer, pl_module):
+        self.first_step = trainer.global_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        seconds = time.perf_counter() - self._start
+        self.seconds += seconds
+        pl_module.log("perf/batch_s", seconds, batch_size=1)
+
+    def per_step(self, trainer) -> float | None:
+        steps = trainer.global_step - self.first_step
+        return self.seconds / steps if steps > 0 else None
+
+
 def build_logger(cfg: DictConfig, output_dir: Path):
     kind = cfg.logger.kind
     if kind == "csv":
@@ -107,15 +132,15 @@ def train(cfg: DictConfig) -> dict:
     datamodule = module_cls.make_datamodule(cfg, tokenizer)
     datamodule.setup("fit")
     module = module_cls(cfg, tokenizer, datamodule=datamodule)
-    history = ValidationHistory()
-    trainer = build_trainer(cfg, output_dir, [history, CalibrationCallback(cfg)])
+    history, timer = ValidationHistory(), StepTimer()
+    trainer = build_trainer(cfg, output_dir, [history, timer, CalibrationCallback(cfg)])
     start = time.time()
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"))
     if ckpt_path is None and int(cfg.trainer.get("limit_val_batches") or 0) != 0:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     elapsed = time.time() - start
-    summary = {"steps": trainer.global_step, "seconds": round(elapsed, 1),
+    summary = {"steps": trainer.global_step, "seconds": round(elapsed, 1), "seconds_per_step": timer.per_step(trainer),
                "val_ce": history.history, "output_dir": str(output_dir)}
     full_state = trainer.strategy.lightning_module_state_dict()  # every rank: gathers sharded weights
     if trainer.is_global_zero:
@@ -126,6 +151,8 @@ def train(cfg: DictConfig) -> dict:
 
 def print_summary(summary: dict, trainer: L.Trainer) -> None:
     lines = [f"steps: {summary['steps']}  time: {summary['seconds']:.0f} s"]
+    if summary["seconds_per_step"] is not None:
+        lines[0] += f"  ({summary['seconds_per_step']:.2f} s per optimizer step, validation excluded)"
     if summary["val_ce"]:
         (s0, ce0), (s1, ce1) = summary["val_ce"][0], summary["val_ce"][-1]
         lines.append(f"validation CE: {ce0:.4f} (step {s0}) -> {ce1:.4f} (step {s1})")
