@@ -9,8 +9,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 
 from ebft.config import ConfigError
 from ebft.eval.callback import CalibrationCallback, preserved_state, schedule_of
@@ -20,18 +18,14 @@ from ebft.methods.sft import SFTModule
 from ebft.models.features import FeatureNetwork
 from ebft.models.loading import load_tokenizer
 from ebft.run import train
+from tests.test_train import make_cfg as train_cfg
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 SMALL = ["model=tiny", "data.limit=300", "data.val_size=40", "task.seq_len=32", "method.batch_size=2",
          "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "eval.cfm_chunks=3"]
 
 
 def make_cfg(output_dir: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*SMALL, *overrides])
-    with open_dict(cfg):
-        cfg.output_dir = str(output_dir)
-    return cfg
+    return train_cfg(output_dir, *overrides, base=SMALL)
 
 
 def module_and_trainer(cfg, module_cls):

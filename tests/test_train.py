@@ -19,9 +19,10 @@ SMALL = ["model=tiny", "data.limit=300", "data.val_size=40", "task.seq_len=32", 
          "eval.every_n_steps=0"]
 
 
-def make_cfg(output_dir: Path, *overrides: str):
+def make_cfg(output_dir: Path, *overrides: str, base: list[str] = SMALL):
+    """``conf/train.yaml`` with ``base`` then ``overrides``, writing to ``output_dir``."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*SMALL, *overrides])
+        cfg = compose(config_name="train", overrides=[*base, *overrides])
     with open_dict(cfg):
         cfg.output_dir = str(output_dir)
     return cfg
