@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 # frozen feature network is in eval mode on purpose: Lightning's generic warnings about both mislead.
 warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
+# The CSV logger warns that a non-empty log folder will be cleared when fit starts after the initial
+# validation wrote to it; it appends instead (metrics.csv keeps the step-0 validation).
+warnings.filterwarnings("ignore", message=".*exists and is not empty. Previous log files.*")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

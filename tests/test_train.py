@@ -58,6 +58,7 @@ def test_sft_trains_and_saves_hf_model(tmp_path):
     assert model.config.num_hidden_layers == 4
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert len(summary["val_ce"]) >= 2  # before training and after
+    assert 0 in train_losses(tmp_path, "val/ce")                    # the initial validation survives fit
     batch_s = train_losses(tmp_path, "perf/batch_s")
     assert sorted(batch_s) == [0, 1] and all(v > 0 for v in batch_s.values())
     assert summary["seconds_per_step"] == pytest.approx(sum(batch_s.values()) / 2, rel=1e-3)
