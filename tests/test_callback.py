@@ -93,3 +93,18 @@ def test_cfm_is_logged_during_sft_training(tmp_path):
     with open(tmp_path / "metrics.csv") as f:
         steps = sorted(int(r["step"]) for r in csv.DictReader(f) if r.get("val/cfm"))
     assert steps == [0, 1, 2]
+
+
+def test_callback_switches_itself_off_under_fsdp(tmp_path, caplog):
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    callback = CalibrationCallback(make_cfg(tmp_path, "eval.every_n_steps=2"))
+    calls = []
+    callback.run = lambda trainer, module: calls.append(trainer.global_step)
+    callback.on_train_start(SimpleNamespace(strategy=DDPStrategy(), global_step=0), None)
+    assert calls == [0] and callback.every == 2
+    with caplog.at_level("WARNING"):
+        callback.on_train_start(SimpleNamespace(strategy=FSDPStrategy(), global_step=0), None)
+    assert calls == [0] and callback.every == 0 and "trainer=fsdp" in caplog.text
+    callback.on_train_batch_end(SimpleNamespace(global_step=2), None, None, None, 0)
+    assert calls == [0]

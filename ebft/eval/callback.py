@@ -13,22 +13,29 @@ It runs the functions ``evaluate.py`` runs (:func:`ebft.eval.runner.calibrate`,
 it has one (``pl_module.features``), else the base model's, built once. Training is left exactly as
 it was: every RNG (torch CPU and CUDA, Python ``random``, NumPy) is restored afterwards, and so is
 the generator's train/eval mode. Validation CE is logged by the module itself (``val/ce``).
+
+Under ``trainer=fsdp`` the callback switches itself off with a warning: it calls the generator
+outside the strategy's forward, where FSDP keeps the root module's weights sharded.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig
 
 from ebft.config import ConfigError
 from ebft.eval.runner import (CALIBRATION, build_critic, calibrate, held_out, load_benchmarks, plan_metrics,
                               run_downstream, sampling_from, subset)
 from ebft.models.features import FeatureNetwork
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -101,6 +108,12 @@ class CalibrationCallback(Callback):
         return metrics
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if self.every and isinstance(trainer.strategy, FSDPStrategy):
+            log.warning("eval.every_n_steps=%d is switched off under trainer=fsdp: the callback runs the generator "
+                        "outside the sharded forward, where FSDP keeps the root weights sharded. Evaluate the "
+                        "checkpoints with evaluate.py (validation CE is still logged), or set eval.every_n_steps=0 "
+                        "to silence this.", self.every)
+            self.every = 0
         if self.every and trainer.global_step == 0:
             self.run(trainer, pl_module)
 
