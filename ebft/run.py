@@ -158,7 +158,7 @@ def print_summary(summary: dict, trainer: L.Trainer) -> None:
         lines[0] += f"  ({summary['seconds_per_step']:.2f} s per optimizer step, validation excluded)"
     if summary["val_ce"]:
         (s0, ce0), (s1, ce1) = summary["val_ce"][0], summary["val_ce"][-1]
-        lines.append(f"validation CE: {ce0:.4f} (step {s0}) -> {ce1:.4f} (step {s1})")
+        lines.append(f"validation CE: {ce0:.4f} (step {s0})" + (f" -> {ce1:.4f} (step {s1})" if s1 != s0 else ""))
     lines.append(f"HF model: {summary['hf_model']}")
     if trainer.logger is not None and getattr(trainer.logger, "log_dir", None):
         lines.append(f"metrics: {trainer.logger.log_dir}")
