@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ebft.config import compose_config, validate_rlvr
 from ebft.data.prompts import left_pad_collate, select_prompts
 from ebft.data.sources import load_rows, train_val_split
-from ebft.methods.rlvr import check_config, sample_completions
+from ebft.methods.rlvr import check_config, sample_completions, score_completions
 from ebft.models.loading import load_model, load_tokenizer
 from ebft.objectives.verifiable import reward_fn_for
 
@@ -88,9 +88,7 @@ def mean_reward(model, tokenizer, prompts: Prompts, reward_fn, num_samples: int,
         rollout = sample_completions(model, batch["prompt_ids"].to(device), batch["prompt_mask"].to(device),
                                      num_samples, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
                                      temperature, top_p, generator)
-        texts = tokenizer.batch_decode(rollout.tokens, skip_special_tokens=True)
-        rewards = reward_fn(texts, [row for row in batch["rows"] for _ in range(num_samples)])
-        per_prompt += [rewards[j:j + num_samples] for j in range(0, len(rewards), num_samples)]
+        per_prompt += score_completions(rollout, batch["rows"], tokenizer, reward_fn)
         lengths += rollout.lengths.tolist()
     flat = [r for group in per_prompt for r in group]
     return RewardEstimate(mean=sum(flat) / len(flat), solved=sum(max(g) for g in per_prompt) / len(per_prompt),

@@ -202,6 +202,14 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     return pg + kl_coef * kl, pg, kl
 
 
+def score_completions(rollout: Rollout, rows: list[dict], tokenizer, reward_fn) -> list[list[float]]:
+    """Rewards of the B*n decoded completions of ``rollout`` (n per row, in row order), one list per row."""
+    n = rollout.tokens.shape[0] // len(rows)
+    texts = tokenizer.batch_decode(rollout.tokens, skip_special_tokens=True)
+    rewards = reward_fn(texts, [row for row in rows for _ in range(n)])
+    return [rewards[i:i + n] for i in range(0, len(rewards), n)]
+
+
 # -------------------------------------------------------------------------------------- module
 
 class RLVRModule(FineTuneModule):
@@ -236,10 +244,8 @@ class RLVRModule(FineTuneModule):
 
     def score(self, rollout: Rollout, rows: list[dict]) -> torch.Tensor:
         """Rewards (B, n) of the decoded completions against their rows."""
-        n = int(self.cfg.method.num_samples)
-        texts = self.tokenizer.batch_decode(rollout.tokens, skip_special_tokens=True)
-        rewards = self.reward_fn(texts, [row for row in rows for _ in range(n)])
-        return torch.tensor(rewards, dtype=torch.float32, device=rollout.tokens.device).view(len(rows), n)
+        rewards = score_completions(rollout, rows, self.tokenizer, self.reward_fn)
+        return torch.tensor(rewards, dtype=torch.float32, device=rollout.tokens.device)
 
     def policy_loss(self, batch: dict, rollout: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The loss of one update on a scored rollout and its detached parts: ``pg``, ``kl``,
