@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ebft.eval.calibration import (Estimate, cfm_estimate, context_fm, fixed_subset, fm_profile, profile_layouts,
-                                   validation_ce, whitened_fm_proxy)
+from ebft.eval.calibration import (Estimate, cfm_estimate, chunk_nll, context_fm, fixed_subset, fm_profile,
+                                   profile_layouts, validation_ce, whitened_fm_proxy)
 from ebft.models.features import FeatureNetwork
 from ebft.rollout.layout import StridedLayout
 
@@ -79,10 +79,14 @@ def test_validation_ce_is_token_weighted(tiny_model):
     mask[3, 7] = True
     with torch.no_grad():
         nll = F.cross_entropy(tiny_model(ids).logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-    got = validation_ce(tiny_model, ids, mask, batch_size=2, progress=False)
+    sums = chunk_nll(tiny_model, ids, mask, batch_size=2, progress=False)
+    got = validation_ce(sums)
     assert got["ce"] == pytest.approx(nll.mean().item(), rel=1e-5)
     assert got["ce_answer"] == pytest.approx(nll[mask[:, 1:]].mean().item(), rel=1e-5)
-    assert math.isnan(validation_ce(tiny_model, ids, torch.zeros_like(mask), progress=False)["ce_answer"])
+    # per chunk: the sums behind the paired CE comparison
+    assert torch.allclose((sums[:, 0] / sums[:, 1]).float(), nll.mean(-1), rtol=1e-5)
+    assert sums[:, 3].tolist() == [9.0, 0.0, 0.0, 1.0, 0.0]
+    assert math.isnan(validation_ce(chunk_nll(tiny_model, ids, torch.zeros_like(mask), progress=False))["ce_answer"])
 
 
 def greedy_continuation(model, prefix: torch.Tensor, steps: int) -> torch.Tensor:
@@ -143,5 +147,5 @@ def test_profile_at_the_longest_length_is_the_full_layout_cfm(tiny_model):
     chunks = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(3))
     profile = fm_profile(tiny_model, critic, chunks, profile_layouts(32, 8, 8, [2, 8], 4), seed=7, progress=False)
     cfm, _ = context_fm(tiny_model, critic, chunks, StridedLayout(32, 8, 8, 8, 4), seed=7, progress=False)
-    assert profile[8].mean == pytest.approx(Estimate.of(cfm).mean, abs=1e-6)
-    assert set(profile) == {2, 8} and all(math.isfinite(e.mean) for e in profile.values())
+    assert torch.allclose(profile[8], cfm, atol=1e-6)
+    assert set(profile) == {2, 8} and profile[2].shape == (2, 3) and bool(torch.isfinite(profile[2]).all())

@@ -194,6 +194,14 @@ def test_two_models_one_table(tmp_path, tokenizer):
         assert len(list(csv.DictReader(f))) == 6
     records = [json.loads(line) for line in (out / "00-tiny_base" / "MBPP_samples.jsonl").read_text().splitlines()]
     assert len(records) == 2 and len(records[0]["samples"]) == 4
+    # same weights, same units, same random numbers: every paired difference is exactly 0
+    units = json.loads((out / "00-tiny_base" / report.UNITS_FILE).read_text())
+    assert len(units["ce"]) == 2 and len(units["cfm"]) == 2 and len(units["profile"]["8"]) == 1
+    with open(out / "paired.csv") as f:
+        paired = list(csv.DictReader(f))
+    assert {r["metric"] for r in paired} == {"CE", "FM", "FM whitened", "FM G=1", "FM G=2", "FM G=8"}
+    assert all(float(r["difference"]) == 0 and float(r["p (sign flip)"]) == 1 for r in paired)
+    assert "Paired differences" in text
 
 
 def test_translation_suite_end_to_end(tmp_path):
@@ -221,3 +229,35 @@ def test_report_gathers_a_sweep_in_job_order(tmp_path):
     with pytest.raises(FileNotFoundError, match="evaluate a model first"):
         report.write_report(tmp_path / "empty")
 
+
+
+def test_paired_table_against_the_reference(tmp_path):
+    """Per-context values of three models: differences, intervals and SEs equal the direct computation,
+    the reference is eval.reference, a model evaluated on other units is noted, not paired."""
+    g = torch.Generator().manual_seed(0)
+    difficulty = torch.rand(6, 5, generator=g)
+    values = {"base": difficulty, "sft": difficulty + 0.02 + 0.01 * torch.randn(6, 5, generator=g),
+              "ebft": difficulty - 0.03 + 0.01 * torch.randn(6, 5, generator=g)}
+    settings = {"seed": 43, "cfm_samples": 4, "cfm_temperature": 0.6, "critic": "tiny", "whitening": "reference"}
+    for i, (name, v) in enumerate(values.items()):
+        d = tmp_path / f"0{i}-{name}"
+        report.write_json({"model": name, "ckpt": name, "task": "qa_code", "order": [0, i], "settings": settings,
+                           "calibration": {"cfm": v.mean().item()}, "downstream": {}}, d / report.RESULTS_FILE)
+        report.write_json({"cfm": v.tolist(), "ce": v.mean(-1).tolist()}, d / report.UNITS_FILE)
+    odd = tmp_path / "03-odd"
+    report.write_json({"model": "odd", "ckpt": "odd", "task": "qa_code", "order": [0, 3], "settings": settings,
+                       "calibration": {}, "downstream": {}}, odd / report.RESULTS_FILE)
+    report.write_json({"cfm": difficulty[:3].tolist()}, odd / report.UNITS_FILE)
+    text = report.write_report(tmp_path, reference="sft")
+    rows, notes = report.paired_rows(report.collect(tmp_path), reference="sft")
+    by = {(r[0], r[1]): r for r in rows}
+    assert set(by) == {("FM", "base"), ("CE", "base"), ("FM", "ebft"), ("CE", "ebft")}
+    d = (values["ebft"] - values["sft"]).double()
+    row = by[("FM", "ebft")]
+    assert row[2] == "sft" and row[5] == pytest.approx(d.mean().item(), abs=1e-6)
+    assert row[9] == pytest.approx(d.flatten().std().item() / 30 ** 0.5, rel=1e-5)         # SE over contexts
+    assert row[10] == pytest.approx(d.mean(-1).std().item() / 6 ** 0.5, rel=1e-5)          # SE over chunks
+    assert row[7] < 0 and row[8] < 0.05                                                      # EBFT clearly lower
+    assert row[9] < row[11]                          # pairing removes the shared difficulty: tighter than unpaired
+    assert any("odd" in n and "(3, 5)" in n for n in notes)
+    assert "| FM | ebft |" in text and (tmp_path / "paired.md").is_file()

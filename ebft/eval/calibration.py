@@ -96,19 +96,18 @@ def _batches(n: int, batch_size: int, desc: str, progress: bool):
 
 
 @torch.no_grad()
-def validation_ce(model, input_ids: torch.Tensor, answer_mask: torch.Tensor, batch_size: int = 8,
-                  progress: bool = True) -> dict[str, float]:
-    """Teacher-forced cross-entropy per token over held-out chunks: ``ce`` (all tokens) and
-    ``ce_answer`` (answer tokens; NaN when there are none).
+def chunk_nll(model, input_ids: torch.Tensor, answer_mask: torch.Tensor, batch_size: int = 8,
+              progress: bool = True) -> torch.Tensor:
+    """Teacher-forced negative log-likelihood sums per held-out chunk: a (chunks, 4) float64 tensor of
+    ``[sum of -log p over all targets, number of targets, sum over answer targets, answer targets]``.
 
-    ``CE = sum over counted targets t of -log p(x_t | x_{<t}) / number of counted targets``, summed
-    over the whole set (not a mean of batch means); the first token of a chunk is never a target.
-    This is :func:`~ebft.objectives.losses.cross_entropy_term` (what validation during training
-    logs), with the chunked log-probs computed once for both masks.
+    Targets are ``x_1 .. x_{T-1}`` scored by ``-log p(x_t | x_{<t})``; the first token of a chunk is
+    never a target. The log-probs are :func:`~ebft.objectives.losses.token_logprobs` (chunked, with
+    the LM head's bias), computed once for both masks.
     """
     head = get_lm_head(model)
     device = head.weight.device
-    sums, counts = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    rows = []
     was_training = model.training
     model.eval()
     try:
@@ -117,12 +116,23 @@ def validation_ce(model, input_ids: torch.Tensor, answer_mask: torch.Tensor, bat
             hidden, _ = backbone_forward(model, ids, torch.arange(ids.shape[1], device=device))
             nll = -token_logprobs(hidden[:, :-1], head.weight, ids[:, 1:], lm_head_bias=head.bias).double()
             answer = answer_mask[start:start + batch_size, 1:].to(device, torch.float64)
-            sums += torch.stack([nll.sum(), (nll * answer).sum()]).cpu()
-            counts += torch.tensor([nll.numel(), answer.sum().item()], dtype=torch.float64)
+            rows.append(torch.stack([nll.sum(-1), torch.full_like(nll[:, 0], nll.shape[1]), (nll * answer).sum(-1),
+                                     answer.sum(-1)], -1).cpu())
     finally:
         model.train(was_training)
-    ce, ce_answer = (sums / counts).tolist()
-    return {"ce": ce, "ce_answer": ce_answer}
+    return torch.cat(rows)
+
+
+def validation_ce(sums: torch.Tensor) -> dict[str, float]:
+    """Cross-entropy per token over held-out chunks from :func:`chunk_nll`'s sums: ``ce`` (all tokens)
+    and ``ce_answer`` (answer tokens; NaN when there are none).
+
+    ``CE = sum over counted targets t of -log p(x_t | x_{<t}) / number of counted targets``, summed
+    over the whole set (not a mean of per-chunk means). This is
+    :func:`~ebft.objectives.losses.cross_entropy_term`, what validation during training logs.
+    """
+    total = sums.sum(0)
+    return {"ce": (total[0] / total[1]).item(), "ce_answer": (total[2] / total[3]).item()}
 
 
 def context_fm(model, critic, input_ids: torch.Tensor, layout: StridedLayout, temperature: float = 0.6,
@@ -167,9 +177,10 @@ def profile_layouts(seq_len: int, context_len: int, stride: int, lengths: Sequen
 
 
 def fm_profile(model, critic, input_ids: torch.Tensor, layouts: dict[int, StridedLayout], temperature: float = 0.6,
-               seed: int = 43, batch_size: int = 8, progress: bool = True) -> dict[int, Estimate]:
-    """Unwhitened CFM per completion length ``G`` (layouts from :func:`profile_layouts`); every
-    length starts its sampler from ``seed``, so all models see the same contexts and RNG."""
-    return {g: Estimate.of(context_fm(model, critic, input_ids, layout, temperature, seed, batch_size,
-                                      whitening=None, progress=progress, desc=f"FM profile G={g}")[0])
+               seed: int = 43, batch_size: int = 8, progress: bool = True) -> dict[int, torch.Tensor]:
+    """Unwhitened CFM per context (a (chunks, NB) tensor) per completion length ``G`` (layouts from
+    :func:`profile_layouts`); every length starts its sampler from ``seed``, so all models see the same
+    contexts and RNG."""
+    return {g: context_fm(model, critic, input_ids, layout, temperature, seed, batch_size, whitening=None,
+                          progress=progress, desc=f"FM profile G={g}")[0]
             for g, layout in layouts.items()}

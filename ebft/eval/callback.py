@@ -96,7 +96,7 @@ class CalibrationCallback(Callback):
             self._setup(trainer, pl_module)
         model = pl_module.generator
         with preserved_state(model):
-            scalars, _ = calibrate(model, self.critic, self.chunks, self.cfg, ("cfm",), progress=False)
+            scalars, _, _ = calibrate(model, self.critic, self.chunks, self.cfg, ("cfm",), progress=False)
             metrics = {f"val/{k}": scalars[k] for k in ("cfm", "cfm_se", "cfm_whitened", "cfm_whitened_se")}
             if self.benchmarks:
                 scores, _ = run_downstream(model, pl_module.tokenizer, self.benchmarks, self.sampling, progress=False)

@@ -6,7 +6,12 @@ Every evaluated model leaves one ``results.json``; a report gathers all of them 
 - ``results.md`` / ``results.csv``: one row per model, columns in the shape of the paper's Table 1
   (CE, FM, then per benchmark greedy and pass@k, or greedy and best-of-k);
 - ``fm_profile.csv`` / ``fm_profile.png``: CFM against completion length G, one curve per model
-  with its standard error (paper Figures 1 and 2).
+  with its standard error (paper Figures 1 and 2);
+- ``paired.md`` / ``paired.csv`` (also appended to ``results.md``): every model against a reference
+  model on the same held-out units (:mod:`ebft.eval.paired`): CE per chunk, CFM and its whitened
+  proxy per context, the FM profile per context and length, each with the paired difference, its 95%
+  interval, the sign-flip p-value and, to show what pairing gains, the standard error an unpaired
+  comparison of the two means would have.
 """
 
 from __future__ import annotations
@@ -18,22 +23,29 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
+from ebft.eval.paired import paired_by_chunk, paired_difference
+
 RESULTS_FILE = "results.json"
+UNITS_FILE = "per_context.json"
+PAIRED_SETTINGS = ("seed", "cfm_samples", "cfm_temperature", "critic", "whitening")
+"""Settings two results must share for their per-context values to be paired."""
 CALIBRATION_COLUMNS = {"ce": "CE", "ce_answer": "CE answer", "cfm": "FM", "cfm_whitened": "FM whitened"}
 
 
-def write_json(data: dict, path: Path) -> Path:
+def write_json(data: dict, path: Path, indent: int | None = 2) -> Path:
     """Write ``data`` as JSON atomically (temporary file, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False))
+    tmp.write_text(json.dumps(data, indent=indent, ensure_ascii=False))
     os.replace(tmp, path)
     return path
 
 
 def collect(root: str | os.PathLike) -> list[dict]:
     """All ``results.json`` under ``root``, in evaluation order (multirun job, then position in ckpt)."""
-    results = [json.loads(p.read_text()) for p in Path(root).rglob(RESULTS_FILE)]
+    results = [{**json.loads(p.read_text()), "dir": p.parent} for p in Path(root).rglob(RESULTS_FILE)]
     return sorted(results, key=lambda r: tuple(r["order"]))
 
 
@@ -105,14 +117,97 @@ def write_profile(results: Sequence[dict], root: Path) -> list[Path]:
     return [csv_path, png_path]
 
 
-def write_report(root: str | os.PathLike) -> str:
-    """Gather every result under ``root``, write the tables and the profile plot; return the markdown table."""
+def _units(result: dict) -> dict:
+    path = Path(result["dir"]) / UNITS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def reference_of(results: Sequence[dict], reference: str | None) -> dict | None:
+    """The reference result: the one whose ckpt or label is ``reference`` (None if there is none), or the
+    first evaluated when ``reference`` is None."""
+    if reference is None:
+        return results[0]
+    return next((r for r in results if str(reference) in (r["ckpt"], r["model"])), None)
+
+
+def _pairs(units: dict, ref_units: dict) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(metric label, model values, reference values) for every per-unit metric both results have."""
+    out = []
+    for key, label in (("ce", "CE"), ("cfm", "FM"), ("cfm_whitened", "FM whitened")):
+        if key in units and key in ref_units:
+            out.append((label, torch.tensor(units[key]), torch.tensor(ref_units[key])))
+    for g, values in units.get("profile", {}).items():
+        if g in ref_units.get("profile", {}):
+            out.append((f"FM G={g}", torch.tensor(values), torch.tensor(ref_units["profile"][g])))
+    return out
+
+
+PAIRED_HEADER = ["metric", "model", "reference", "value", "reference value", "difference", "95% CI low",
+                 "95% CI high", "p (sign flip)", "SE paired (contexts)", "SE paired (chunks)", "SE unpaired (chunks)",
+                 "units"]
+
+
+def paired_rows(results: Sequence[dict], reference: str | None = None) -> tuple[list[list], list[str]]:
+    """Rows of :data:`PAIRED_HEADER`, one per (model, metric) against the reference, and notes on the
+    models that could not be paired. CE is paired per chunk; CFM per (chunk, block) context, with the
+    chunk-clustered standard error beside it."""
+    ref = reference_of(results, reference)
+    if ref is None:
+        return [], [f"eval.reference={reference} is none of the evaluated models "
+                    f"({', '.join(r['ckpt'] for r in results)}): nothing paired"]
+    ref_units, rows, notes = _units(ref), [], []
+    for r in results:
+        if r is ref:
+            continue
+        differ = [k for k in PAIRED_SETTINGS if r.get("settings", {}).get(k) != ref.get("settings", {}).get(k)]
+        units = _units(r)
+        if differ or not units:
+            why = f"settings differ ({', '.join(differ)})" if differ else f"no {UNITS_FILE}"
+            notes.append(f"{r['model']} not paired with {ref['model']}: {why}")
+            continue
+        for label, a, b in _pairs(units, ref_units):
+            if a.shape != b.shape:
+                notes.append(f"{r['model']} {label}: {tuple(a.shape)} values vs {tuple(b.shape)} for the reference "
+                             "(other held-out chunks): not paired")
+                continue
+            if a.numel() < 2:
+                notes.append(f"{r['model']} {label}: one unit, nothing to pair")
+                continue
+            d = paired_difference(a, b)
+            by_chunk = d if a.dim() == 1 else paired_by_chunk(a, b) if len(a) > 1 else None
+            per_chunk = (a.mean(-1), b.mean(-1)) if a.dim() == 2 else (a, b)
+            unpaired = math.sqrt(sum(x.double().var().item() / len(x) for x in per_chunk))
+            rows.append([label, r["model"], ref["model"], a.double().mean().item(), b.double().mean().item(), d.mean,
+                         d.ci_low, d.ci_high, d.p_value, d.se, by_chunk.se if by_chunk else math.nan, unpaired, d.n])
+    return rows, notes
+
+
+def paired_markdown(rows: Sequence[Sequence], notes: Sequence[str]) -> str:
+    """The paired table in markdown: difference with its interval, p, and the SEs side by side."""
+    lines = ["| metric | model | value | reference | difference [95% CI] | p | SE paired | SE paired, chunks | "
+             "SE unpaired | units |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for (metric, model, ref, value, ref_value, diff, low, high, p, se, se_chunks, se_unpaired, n) in rows:
+        lines.append(f"| {metric} | {model} | {value:.4f} | {ref_value:.4f} ({ref}) | {diff:+.4f} [{low:+.4f}, "
+                     f"{high:+.4f}] | {p:.3g} | {se:.4f} | {se_chunks:.4f} | {se_unpaired:.4f} | {n} |")
+    return "\n".join(lines + [f"\n- {note}" for note in notes])
+
+
+def write_report(root: str | os.PathLike, reference: str | None = None) -> str:
+    """Gather every result under ``root``, write the tables, the paired comparison against ``reference``
+    (default: the first model evaluated) and the profile plot; return the markdown of both tables."""
     root = Path(root)
     results = collect(root)
     if not results:
         raise FileNotFoundError(f"no {RESULTS_FILE} under {root}: evaluate a model first")
     header, rows = table(results)
     text = markdown(header, rows)
+    if len(results) > 1:
+        paired, notes = paired_rows(results, reference)
+        if paired or notes:
+            _write_csv(root / "paired.csv", PAIRED_HEADER, paired)
+            section = paired_markdown(paired, notes)
+            (root / "paired.md").write_text(section + "\n")
+            text += f"\n\nPaired differences (model - reference) on the same held-out units:\n\n{section}"
     (root / "results.md").write_text(text + "\n")
     _write_csv(root / "results.csv", header, rows)
     write_profile(results, root)

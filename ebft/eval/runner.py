@@ -34,7 +34,7 @@ from ebft.config import ConfigError, validate_geometry
 from ebft.data.packing import PackedChunks, pack_rows
 from ebft.data.sources import load_rows, train_val_split
 from ebft.eval import report
-from ebft.eval.calibration import (Estimate, context_fm, fixed_subset, fm_profile, profile_layouts,
+from ebft.eval.calibration import (Estimate, chunk_nll, context_fm, fixed_subset, fm_profile, profile_layouts,
                                    validation_ce)
 from ebft.eval.code import CodeProblem, load_humaneval, load_mbpp, load_multipl_e, toolchain_for
 from ebft.eval.downstream import Outcome, TranslationPair, run_code, run_translation
@@ -223,32 +223,45 @@ def load_benchmarks(cfg: DictConfig, metrics: Sequence[str], limit: int | None,
 
 
 def calibrate(model, critic: FeatureNetwork | None, chunks: PackedChunks, cfg: DictConfig, metrics: Sequence[str],
-              progress: bool = True) -> tuple[dict[str, float], dict | None]:
+              progress: bool = True) -> tuple[dict[str, float], dict | None, dict]:
     """Held-out CE, CFM (+ whitened proxy) and the FM profile that ``metrics`` asks for.
 
-    Returns the scalar metrics and the profile (``{"G": [...], "cfm": [...], "se": [...], "chunks": N}`` or
-    None); the profile runs on the first ``eval.profile_chunks`` of the chunks.
+    Returns the scalar metrics, the profile (``{"G": [...], "cfm": [...], "se": [...], "chunks": N}`` or
+    None; it runs on the first ``eval.profile_chunks`` of the chunks) and the per-unit values behind them
+    for paired comparisons (:mod:`ebft.eval.paired`): ``ce`` per chunk, ``cfm`` / ``cfm_whitened`` per
+    (chunk, block) context and ``profile`` per G per context, as nested lists.
     """
     e, t, seed = cfg.eval, cfg.task, int(cfg.seed)
     ids, batch, temperature = chunks.input_ids, int(e.chunk_batch_size), float(e.cfm_temperature)
     out: dict[str, float] = {"chunks": len(ids)}
+    units: dict = {}
     if "ce" in metrics:
-        out.update(validation_ce(model, ids, chunks.answer_mask, batch, progress))
+        sums = chunk_nll(model, ids, chunks.answer_mask, batch, progress)
+        out.update(validation_ce(sums))
+        units["ce"] = _rounded(sums[:, 0] / sums[:, 1])
     if "cfm" in metrics:
         layout = StridedLayout(int(t.seq_len), int(t.context_len), int(t.stride), int(t.gen_len), int(e.cfm_samples))
         cfm, proxy = context_fm(model, critic, ids, layout, temperature, seed, batch, str(e.whitening), progress)
         plain, whitened = Estimate.of(cfm), Estimate.of(proxy)
         out.update(cfm=plain.mean, cfm_se=plain.se, cfm_whitened=whitened.mean, cfm_whitened_se=whitened.se,
                    contexts=cfm.numel())
+        units.update(cfm=_rounded(cfm), cfm_whitened=_rounded(proxy))
     profile = None
     if "profile" in metrics:
         layouts = profile_layouts(int(t.seq_len), int(t.context_len), int(t.stride), list(e.profile_lengths),
                                   int(e.cfm_samples))
         profiled = ids[:_positive_or_none(e.get("profile_chunks"), "eval.profile_chunks")]
-        estimates = fm_profile(model, critic, profiled, layouts, temperature, seed, batch, progress)
+        values = fm_profile(model, critic, profiled, layouts, temperature, seed, batch, progress)
+        estimates = {g: Estimate.of(v) for g, v in values.items()}
         profile = {"G": list(estimates), "cfm": [v.mean for v in estimates.values()],
                    "se": [v.se for v in estimates.values()], "chunks": len(profiled)}
-    return out, profile
+        units["profile"] = {str(g): _rounded(v) for g, v in values.items()}
+    return out, profile, units
+
+
+def _rounded(values: torch.Tensor) -> list:
+    """Per-unit values as (nested) lists, rounded to 1e-7 (far below any difference worth reporting)."""
+    return torch.round(values.double(), decimals=7).tolist()
 
 
 def run_downstream(model, tokenizer, benchmarks: Sequence[Benchmark], sampling: Sampling,
@@ -291,6 +304,10 @@ def check_request(cfg: DictConfig) -> Request:
     validate_geometry(cfg.task)
     names, metrics = checkpoints(cfg), plan_metrics(cfg)
     limit = _positive_or_none(cfg.get("limit"), "limit")
+    reference = cfg.eval.get("reference")
+    if reference is not None and len(names) > 1 and str(reference) not in names:   # a multirun job has one
+        raise ConfigError(f"eval.reference={reference} is not one of the models evaluated (ckpt={','.join(names)}): "
+                          "give one of them, or null for the first")
     chunk_limits = [v for v in (limit, _positive_or_none(cfg.eval.cfm_chunks, "eval.cfm_chunks")) if v is not None]
     if {"cfm", "profile"} & set(metrics) and int(cfg.eval.cfm_samples) < 2:
         raise ConfigError(f"eval.cfm_samples={cfg.eval.cfm_samples}: the unbiased CFM estimate needs >= 2 samples")
@@ -311,9 +328,12 @@ def _settings(cfg: DictConfig, request: Request) -> dict:
             "whitening": str(cfg.eval.whitening), "critic": str(cfg.eval.critic.name or cfg.model.name)}
 
 
-def _save(result: dict, outcomes: dict[str, Outcome], directory: Path) -> None:
-    """``results.json`` and one ``<benchmark>_samples.jsonl`` of per-problem records."""
+def _save(result: dict, outcomes: dict[str, Outcome], units: dict | None, directory: Path) -> None:
+    """``results.json``, the per-unit calibration values (``per_context.json``) and one
+    ``<benchmark>_samples.jsonl`` of per-problem records."""
     directory.mkdir(parents=True, exist_ok=True)
+    if units:
+        report.write_json(units, directory / report.UNITS_FILE, indent=None)
     for bench, outcome in outcomes.items():
         with (directory / f"{_slug(bench)}_samples.jsonl").open("w") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in outcome.records)
@@ -346,17 +366,18 @@ def evaluate(cfg: DictConfig, report_dir: str | None = None, job: int = 0) -> st
         model = load_model(name, dtype=dtype, attn_implementation=attn, vocab_size=len(tokenizer)).to(device).eval()
         result = {"model": label, "ckpt": name, "task": str(cfg.task.name), "order": [job, index],
                   "settings": _settings(cfg, request)}
+        units = None
         if chunks is not None:
-            result["calibration"], result["profile"] = calibrate(model, critic, chunks, cfg, metrics)
+            result["calibration"], result["profile"], units = calibrate(model, critic, chunks, cfg, metrics)
         result["downstream"], outcomes = run_downstream(model, tokenizer, benchmarks, request.sampling)
         result["details"] = {n: o.details for n, o in outcomes.items() if o.details}
         result["seconds"] = round(time.time() - start, 1)
         model_dir = Path(cfg.output_dir) / f"{index:02d}-{_slug(label)}"
-        _save(result, outcomes, model_dir)
+        _save(result, outcomes, units, model_dir)
         print(f"   {label}: {result['seconds']:.0f} s -> {model_dir}", flush=True)
         del model
 
     root = Path(report_dir) if report_dir else Path(cfg.output_dir)
-    text = report.write_report(root)
+    text = report.write_report(root, reference=cfg.eval.get("reference"))
     print(f"\n== {cfg.task.name}: results ({root / 'results.md'})\n{text}", flush=True)
     return text
