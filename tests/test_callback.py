@@ -21,7 +21,8 @@ from ebft.run import train
 from tests.test_train import make_cfg as train_cfg
 
 SMALL = ["model=tiny", "data.limit=300", "data.val_size=40", "task.seq_len=32", "method.batch_size=2",
-         "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "eval.cfm_chunks=3"]
+         "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "eval.cfm_chunks=3",
+         "eval.cfm_train_chunks=2"]
 
 
 def make_cfg(output_dir: Path, *overrides: str):
@@ -70,15 +71,48 @@ def test_callback_logs_what_evaluate_computes(tmp_path, module_cls, downstream):
     else:
         assert isinstance(callback.critic, FeatureNetwork) and not hasattr(module, "features")
     chunks = subset(trainer.datamodule.val_chunks, 3, int(cfg.seed))
-    expected, _ = calibrate(module.generator, callback.critic, chunks, cfg, ("cfm",), progress=False)
+    expected, _, _ = calibrate(module.generator, callback.critic, chunks, cfg, ("cfm",), progress=False)
     assert metrics["val/cfm"] == pytest.approx(expected["cfm"], abs=1e-6)
     assert metrics["val/cfm_whitened"] == pytest.approx(expected["cfm_whitened"], abs=1e-6)
+    in_sample, _, _ = calibrate(module.generator, callback.critic, trainer.datamodule.first_trained(2), cfg, ("cfm",),
+                                progress=False)
+    assert metrics["train/cfm_fixed"] == pytest.approx(in_sample["cfm"], abs=1e-6)
+    assert "val/cfm_change" not in metrics                       # the first evaluation is the reference
     assert logged == [(3, metrics)]
     assert ({"val/HumanEval/greedy", "val/HumanEval/pass@1"} <= set(metrics)) == bool(downstream)
     callback.on_train_batch_end(trainer, module, None, None, 0)   # already logged at this step
     trainer.global_step = 4
     callback.on_train_batch_end(trainer, module, None, None, 0)   # not a multiple of 3
     assert len(logged) == 1
+
+
+def test_first_trained_chunks_are_the_first_batches_of_the_run(tmp_path):
+    cfg = make_cfg(tmp_path, "method=sft")
+    datamodule = SFTModule.make_datamodule(cfg, load_tokenizer(str(cfg.model.name)))
+    datamodule.setup("fit")
+    batches = iter(datamodule.train_dataloader())
+    first = torch.cat([next(batches)["input_ids"] for _ in range(3)])
+    assert torch.equal(datamodule.first_trained(5).input_ids, first[:5])
+    assert torch.equal(datamodule.first_trained(6).input_ids, first)
+
+
+def test_change_since_the_first_evaluation_is_paired(tmp_path):
+    """After a weight change the callback reports the paired change of each set's CFM, equal to the
+    difference of per-context values on the same contexts and random numbers."""
+    cfg = make_cfg(tmp_path, "method=sft", "eval.every_n_steps=1")
+    module, trainer, _ = module_and_trainer(cfg, SFTModule)
+    callback = CalibrationCallback(cfg)
+    before = callback.run(trainer, module)
+    with torch.no_grad():
+        for p in module.generator.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    after = callback.run(trainer, module)
+    for name in ("val/cfm", "train/cfm_fixed"):
+        assert after[f"{name}_change"] == pytest.approx(after[name] - before[name], abs=1e-6)
+        assert 0 < after[f"{name}_change_se"] < 1
+    restored = CalibrationCallback(cfg)
+    restored.load_state_dict(callback.state_dict())          # a resumed run keeps the same reference
+    assert restored.initial.keys() == {"val/cfm", "train/cfm_fixed"}
 
 
 def test_schedule_must_be_whole_steps(tmp_path):
@@ -93,6 +127,10 @@ def test_cfm_is_logged_during_sft_training(tmp_path):
     with open(tmp_path / "metrics.csv") as f:
         steps = sorted(int(r["step"]) for r in csv.DictReader(f) if r.get("val/cfm"))
     assert steps == [0, 1, 2]
+    with open(tmp_path / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/cfm_fixed")]
+    assert [int(r["step"]) for r in rows] == [0, 1, 2] and rows[0]["train/cfm_fixed_change"] == ""
+    assert rows[2]["val/cfm_change"] != "" and rows[2]["train/cfm_fixed_change_se"] != ""
 
 
 def test_callback_switches_itself_off_under_fsdp(tmp_path, caplog):

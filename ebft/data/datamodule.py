@@ -8,6 +8,7 @@ uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import lightning as L
@@ -87,6 +88,19 @@ class ChunkDataModule(L.LightningDataModule):
         log.info("data: %d train rows -> %d chunks, %d held-out rows -> %d chunks of %d tokens",
                  len(train_rows), len(self.train_chunks.input_ids), len(self.val_rows),
                  len(self.val_chunks.input_ids), seq_len)
+
+    def first_trained(self, count: int) -> PackedChunks:
+        """The first ``count`` training chunks in the order the run trains on them (all ranks' shares of
+        the first global batches): the in-sample set whose CFM the calibration callback follows."""
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        size = len(self.train_chunks.input_ids)
+        order = ResumableBatchSampler(size, self.batch_size * world, int(self.cfg.seed))
+        picked = [i for batch in itertools.islice(iter(order), -(-min(count, size) // (self.batch_size * world)))
+                  for i in batch][:count]
+        idx = torch.tensor(picked)
+        return PackedChunks(self.train_chunks.input_ids[idx], self.train_chunks.answer_mask[idx],
+                            self.train_chunks.doc_ids[idx])
 
     def _consumed_batches(self) -> int:
         trainer = self.trainer

@@ -5,6 +5,12 @@ Every ``eval.every_n_steps`` optimizer steps (and once before the first step) th
 - ``val/cfm`` and ``val/cfm_whitened`` (with ``_se``): the CFM estimate and the proxy of paper eq. 53
   on a fixed random subset of ``eval.cfm_chunks`` held-out chunks (the same subset and sampler seed
   every time, so the curve moves with the model only);
+- ``train/cfm_fixed`` (with ``_se``): the same CFM on the first ``eval.cfm_train_chunks`` training
+  chunks of the run (those of its first optimizer steps): in-sample text the model has been trained
+  on. A method that lowers this but not ``val/cfm`` is memorising;
+- ``val/cfm_change`` and ``train/cfm_fixed_change`` (with ``_se``): the change since the run's first
+  evaluation, paired over the same contexts and random numbers (:mod:`ebft.eval.paired`), whose
+  standard error is far below that of either value;
 - with ``eval.downstream_limit > 0``: the task's default benchmark on its first that many problems
   (``val/HumanEval/greedy``, ``val/HumanEval/pass@1``, ``val/BLEU/best-of-4``, ...).
 
@@ -31,6 +37,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig
 
 from ebft.config import ConfigError
+from ebft.eval.paired import paired_difference
 from ebft.eval.runner import (CALIBRATION, build_critic, calibrate, held_out, load_benchmarks, plan_metrics,
                               run_downstream, sampling_from, subset)
 from ebft.models.features import FeatureNetwork
@@ -73,7 +80,12 @@ class CalibrationCallback(Callback):
         self.limit = int(cfg.eval.get("downstream_limit") or 0)
         self.sampling = sampling_from(cfg.eval, cfg, prefix="eval.") if self.limit else None
         self.downstream_metrics = [m for m in plan_metrics(cfg) if m not in CALIBRATION] if self.limit else []
-        self.critic = self.chunks = None
+        self.train_chunks = int(cfg.eval.get("cfm_train_chunks") or 0)
+        if self.train_chunks < 0:
+            raise ConfigError(f"eval.cfm_train_chunks={self.train_chunks} must be >= 0 (0 = no train/cfm_fixed)")
+        self.critic = None
+        self.sets = {}
+        self.initial: dict[str, list] = {}
         self.benchmarks = []
         self._last_step = -1
 
@@ -87,7 +99,10 @@ class CalibrationCallback(Callback):
         if chunks is None:
             data = held_out(cfg, pl_module.tokenizer)
             chunks, rows = data.chunks, data.rows
-        self.chunks = subset(chunks, cfg.eval.get("cfm_chunks"), int(cfg.seed))
+        self.sets = {"val/cfm": subset(chunks, cfg.eval.get("cfm_chunks"), int(cfg.seed))}
+        first_trained = getattr(trainer.datamodule, "first_trained", None)
+        if self.train_chunks and first_trained is not None:       # chunk data (SFT, EBFT); RLVR trains on prompts
+            self.sets["train/cfm_fixed"] = first_trained(self.train_chunks)
         self.benchmarks = load_benchmarks(cfg, self.downstream_metrics, self.limit, rows)
 
     def run(self, trainer, pl_module) -> dict[str, float]:
@@ -95,9 +110,10 @@ class CalibrationCallback(Callback):
         if self.critic is None:
             self._setup(trainer, pl_module)
         model = pl_module.generator
+        metrics = {}
         with preserved_state(model):
-            scalars, _, _ = calibrate(model, self.critic, self.chunks, self.cfg, ("cfm",), progress=False)
-            metrics = {f"val/{k}": scalars[k] for k in ("cfm", "cfm_se", "cfm_whitened", "cfm_whitened_se")}
+            for name, chunks in self.sets.items():
+                metrics.update(self._calibration(name, model, chunks))
             if self.benchmarks:
                 scores, _ = run_downstream(model, pl_module.tokenizer, self.benchmarks, self.sampling, progress=False)
                 metrics.update({f"val/{family}/{m}": v for family, values in scores.items() for m, v in values.items()})
@@ -106,6 +122,26 @@ class CalibrationCallback(Callback):
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         self._last_step = trainer.global_step
         return metrics
+
+    def _calibration(self, name: str, model, chunks) -> dict[str, float]:
+        """CFM on one fixed set of chunks, and its paired change since the run's first evaluation."""
+        scalars, _, units = calibrate(model, self.critic, chunks, self.cfg, ("cfm",), progress=False)
+        out = {name: scalars["cfm"], f"{name}_se": scalars["cfm_se"]}
+        if name == "val/cfm":
+            out.update({"val/cfm_whitened": scalars["cfm_whitened"], "val/cfm_whitened_se": scalars["cfm_whitened_se"]})
+        if name not in self.initial:
+            self.initial[name] = units["cfm"]
+        else:
+            change = paired_difference(units["cfm"], self.initial[name], n_permutations=0)
+            out.update({f"{name}_change": change.mean, f"{name}_change_se": change.se})
+        return out
+
+    def state_dict(self) -> dict:
+        """The first evaluation's per-context values, so a resumed run reports changes against them."""
+        return {"initial": self.initial}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.initial = dict(state_dict.get("initial", {}))
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.every and isinstance(trainer.strategy, FSDPStrategy):

@@ -60,7 +60,8 @@ def _as_vector(values: Sequence[float] | torch.Tensor, name: str) -> torch.Tenso
 
 def paired_difference(a: Sequence[float] | torch.Tensor, b: Sequence[float] | torch.Tensor, *,
                       n_permutations: int = 10_000, seed: int = 0) -> PairedDiff:
-    """Paired difference ``a - b`` of two equally long per-unit arrays (units = contexts or chunks)."""
+    """Paired difference ``a - b`` of two equally long per-unit arrays (units = contexts or chunks);
+    ``n_permutations=0`` skips the p-value (NaN)."""
     a, b = _as_vector(a, "a"), _as_vector(b, "b")
     if a.shape != b.shape:
         raise ValueError(f"paired comparison needs the same units for both models, got {a.numel()} and "
@@ -71,7 +72,8 @@ def paired_difference(a: Sequence[float] | torch.Tensor, b: Sequence[float] | to
     n = d.numel()
     mean = d.mean().item()
     se = d.std().item() / math.sqrt(n)
-    return PairedDiff(mean, se, mean - Z95 * se, mean + Z95 * se, sign_flip_p_value(d, n_permutations, seed), n)
+    p = sign_flip_p_value(d, n_permutations, seed) if n_permutations else math.nan
+    return PairedDiff(mean, se, mean - Z95 * se, mean + Z95 * se, p, n)
 
 
 def sign_flip_p_value(d: torch.Tensor, n_permutations: int = 10_000, seed: int = 0) -> float:
