@@ -74,6 +74,45 @@ def test_samples_are_seeded_and_leave_the_global_rng_alone(lm, tokenizer):
         Sampling(temperature=0)
 
 
+def _with_sampling_defaults(model):
+    """``model`` as a checkpoint that ships sampling defaults (as Llama-3.2-1B does) and a repetition penalty."""
+    model.generation_config.update(do_sample=True, temperature=0.6, top_p=0.9, top_k=50, repetition_penalty=1.3)
+    return model
+
+
+def _argmax_decode(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """Slow greedy decoding: the argmax of a full forward pass at every step, no cache."""
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    new = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(torch.cat([ids, torch.tensor([new], dtype=torch.long)], 1)).logits[0, -1].argmax())
+            new.append(token)
+            if token == tokenizer.eos_token_id:
+                break
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def test_greedy_is_argmax_whatever_the_checkpoint_generation_config_says(tokenizer):
+    model = _with_sampling_defaults(build_tiny_model(vocab_size=len(tokenizer), seed=0).eval())
+    prompts = ["def add(a, b):", "Translate this from German to English:\nGerman: Hallo\nEnglish:"]
+    runs = [generate(model, tokenizer, prompts, num_return=1, temperature=0, top_p=1, max_new_tokens=8, seed=s)
+            for s in (1, 2)]
+    assert runs[0] == runs[1] == [[_argmax_decode(model, tokenizer, p, 8)] for p in prompts]
+    for seed in (1, 2):
+        out = complete(model, tokenizer, prompts, Sampling(n_samples=2, max_new_tokens=8, seed=seed))
+        assert [c.greedy for c in out] == [r[0] for r in runs[0]]
+    assert model.generation_config.do_sample is True  # the checkpoint's own setting is left as it was
+
+
+def test_samples_follow_the_stated_decoding_not_the_checkpoint(tokenizer):
+    clean = build_tiny_model(vocab_size=len(tokenizer), seed=0).eval()
+    shipped = _with_sampling_defaults(build_tiny_model(vocab_size=len(tokenizer), seed=0).eval())
+    sampling = Sampling(n_samples=3, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=5)
+    assert complete(clean, tokenizer, ["x = 1", "hello"], sampling) == \
+        complete(shipped, tokenizer, ["x = 1", "hello"], sampling)
+
+
 # --------------------------------------------------------------------------- downstream
 
 
@@ -202,6 +241,24 @@ def test_two_models_one_table(tmp_path, tokenizer):
     assert {r["metric"] for r in paired} == {"CE", "FM", "FM whitened", "FM G=1", "FM G=2", "FM G=8"}
     assert all(float(r["difference"]) == 0 and float(r["p (sign flip)"]) == 1 for r in paired)
     assert "Paired differences" in text
+
+
+def test_evaluate_greedy_ignores_a_sampling_generation_config(tmp_path, tokenizer):
+    """evaluate.py on a checkpoint whose generation_config says do_sample=True: its greedy completions
+    are those of the same weights with a plain config, under two seeds."""
+    for name, model in (("plain", build_tiny_model(vocab_size=len(tokenizer), seed=0)),
+                        ("shipped", _with_sampling_defaults(build_tiny_model(vocab_size=len(tokenizer), seed=0)))):
+        model.save_pretrained(tmp_path / name / "hf_model")
+        tokenizer.save_pretrained(tmp_path / name / "hf_model")
+    greedy = {}
+    for seed in (1, 2):
+        out = tmp_path / f"eval{seed}"
+        evaluate(make_cfg(out, f"ckpt=[{tmp_path / 'plain'},{tmp_path / 'shipped'}]", "metrics=[humaneval]",
+                          "n_samples=0", f"seed={seed}"))
+        for model_dir in sorted(out.glob("0*")):
+            records = (model_dir / "HumanEval_samples.jsonl").read_text().splitlines()
+            greedy[seed, model_dir.name.split("_")[-1]] = [json.loads(r)["greedy"] for r in records]
+    assert len(greedy) == 4 and len({tuple(v) for v in greedy.values()}) == 1
 
 
 def test_translation_suite_end_to_end(tmp_path):

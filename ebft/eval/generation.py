@@ -9,10 +9,17 @@ so far (e.g. a stop sequence appeared); each sequence of the batch stops on its 
 
 The draws come from a ``torch`` RNG seeded per call inside ``torch.random.fork_rng``, so a fixed
 ``seed`` gives the same samples for the same model and the caller's RNG state is left untouched.
+
+Every call states its whole decoding (:func:`decoding`): greedy is ``do_sample=False`` (argmax at
+every step), sampling is ``do_sample=True`` with the given temperature and top-p and no top-k.
+Nothing comes from the checkpoint's ``generation_config`` (transformers fills every field a call
+leaves unset from it, and e.g. Llama-3.2-1B ships ``do_sample=True, temperature=0.6, top_p=0.9``):
+during the call the model's generation config is a neutral ``GenerationConfig()``.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -85,6 +92,25 @@ def left_padded(tokenizer, prompts: Sequence[str], device: torch.device) -> tupl
     return ids, mask
 
 
+def decoding(temperature: float, top_p: float) -> dict:
+    """The full decoding of a call: greedy when ``temperature == 0``, else nucleus sampling."""
+    if temperature == 0:
+        return {"do_sample": False, "num_beams": 1}
+    return {"do_sample": True, "num_beams": 1, "temperature": temperature, "top_p": top_p, "top_k": 0}
+
+
+@contextmanager
+def _neutral_generation_config(model):
+    """The model's ``generation_config`` is the library default while inside (restored after), so a
+    call's unset fields cannot be filled from the checkpoint's sampling defaults."""
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 def generate(model, tokenizer, prompts: Sequence[str], *, num_return: int, temperature: float, top_p: float,
              max_new_tokens: int, seed: int, done: Sequence[Done] | None = None) -> list[list[str]]:
     """``num_return`` completions per prompt (greedy when ``temperature == 0``), as decoded text.
@@ -92,9 +118,9 @@ def generate(model, tokenizer, prompts: Sequence[str], *, num_return: int, tempe
     ``done`` holds one predicate per prompt (None: stop at EOS or ``max_new_tokens`` only).
     """
     ids, mask = left_padded(tokenizer, prompts, next(model.parameters()).device)
-    sampler = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else {}
     config = GenerationConfig(max_new_tokens=max_new_tokens, num_return_sequences=num_return, use_cache=True,
-                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampler)
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                              **decoding(temperature, top_p))
     stops = None
     if done is not None:
         per_row = [d for d in done for _ in range(num_return)]
@@ -102,7 +128,8 @@ def generate(model, tokenizer, prompts: Sequence[str], *, num_return: int, tempe
     was_training = model.training
     model.eval()
     try:
-        with torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else []), torch.inference_mode():
+        with torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else []), \
+                torch.inference_mode(), _neutral_generation_config(model):
             torch.manual_seed(seed)
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
                                  stopping_criteria=stops)
