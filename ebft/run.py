@@ -21,6 +21,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from ebft.config import validate
+from ebft.data.sources import check_data_record
 from ebft.eval.callback import CalibrationCallback
 from ebft.models.loading import HF_SUBDIR, load_tokenizer
 from ebft.strategies import MemoryEstimate, apply_global_batch, build_strategy, check_launch
@@ -127,6 +128,8 @@ def resolve_ckpt_path(ckpt_path: str | None) -> str | None:
 def train(cfg: DictConfig) -> dict:
     """Validate, load data, build the method's module, fit, save the HF model, summarise."""
     validate(cfg)
+    if cfg.get("init_from"):
+        check_data_record(str(cfg.init_from), cfg, "init_from")
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True)

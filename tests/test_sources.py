@@ -193,3 +193,42 @@ def test_train_val_split_keeps_duplicates_together_and_falls_back():
         assert train_val_split(rows, 0) == (rows, [])
     with pytest.raises(DataConfigError, match="val_size"):
         train_val_split(rows, -1)
+
+
+def _pairs(rows):
+    """Each translation row as its unordered pair {(lang, text), (lang, text)}."""
+    from ebft.data.embedded import translation_source
+
+    return [frozenset({(r["source_lang"], translation_source(r["question"])), (r["target_lang"], r["answer"][1:])})
+            for r in rows]
+
+
+def test_translation_split_keeps_both_directions_of_a_pair_on_one_side(tmp_path, hub_stub):
+    rows = load_rows({"kind": "embedded", "langs": ["de", "cs"]}, "translation")
+    train, val = train_val_split(rows, 300, seed=43)
+    assert len(val) >= 300 and not set(_pairs(train)) & set(_pairs(val))
+    english = lambda part: {r["answer"] if r["target_lang"] == "en" else r["question"].split("\n")[1][9:]
+                            for r in part}
+    assert not english(train) & english(val)  # an English text held out is held out in every language
+    hub_stub(_parquet(tmp_path / "a.parquet", {"translation": [{"de": f"Satz {i}", "en": f"Sentence {i}"}
+                                                               for i in range(100)]}))
+    rows = load_rows({"kind": "hub", "name": "haoranxu/ALMA-Human-Parallel", "config": "de-en"}, "translation")
+    train, val = train_val_split(rows, 20, seed=43)
+    assert len(val) == 20 and len(set(_pairs(val))) == 10 and not set(_pairs(train)) & set(_pairs(val))
+
+
+def test_held_out_membership_is_a_property_of_the_row():
+    rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(2000)]
+    train, val = train_val_split(rows, 100, seed=43)
+    assert len(val) == 100
+    shuffled_train, shuffled_val = train_val_split(rows[::-1], 100, seed=43)
+    assert shuffled_val == val[::-1] and shuffled_train == train[::-1]
+    # more rows (another data config at evaluation): no row trained on becomes a held-out row
+    more = [{"question": f"extra{i}", "answer": "x"} for i in range(700)]
+    for bigger in (more + rows, rows + more, rows[:1000] + more + rows[1000:]):
+        _, val_bigger = train_val_split(bigger, 100, seed=43)
+        assert not [r for r in val_bigger if r in train]
+    # the same with the embedded translation data and one more language
+    train_de, _ = train_val_split(load_rows({"kind": "embedded", "langs": ["de"]}, "translation"), 300, seed=43)
+    _, val_more = train_val_split(load_rows({"kind": "embedded", "langs": ["de", "cs"]}, "translation"), 300, 43)
+    assert not {r["question"] for r in val_more} & {r["question"] for r in train_de}

@@ -1,16 +1,21 @@
 """Warm start: ``init_from=<SFT run dir or HF dir>`` initialises the generator of any method; EBFT's
 feature network stays the base model (``model.name``) unless ``model.feature_network`` names another."""
 
+import json
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from ebft.data.sources import DATA_RECORD, check_data_record, data_record
+from ebft.eval.runner import evaluate
 from ebft.methods.ebft import EBFTModule
 from ebft.methods.rlvr import RLVRModule
 from ebft.models.loading import build_tiny_model
 from ebft.run import train
+from tests.test_evaluate import make_cfg as make_eval_cfg
 from tests.test_train import make_cfg
 
 QUICK = ["eval.every_n_steps=0", "trainer.val_check_interval=1", "trainer.limit_val_batches=1"]
@@ -63,3 +68,19 @@ def test_rlvr_from_an_sft_run_uses_it_for_policy_and_kl_reference(tmp_path, sft_
     module = RLVRModule(cfg, tokenizer)
     for model in (module.generator, module.reference):
         assert torch.equal(model.state_dict()[PARAM], sft.state_dict()[PARAM])
+
+
+def test_other_data_settings_than_the_checkpoint_were_trained_on_are_warned_about(tmp_path, sft_run):
+    """The held-out rows come from this run's data settings: a warm start or an evaluation with other
+    settings than the checkpoint's training is warned about, naming the settings that differ."""
+    record = json.loads((sft_run / "hf_model" / DATA_RECORD).read_text())
+    assert record == data_record(make_cfg(tmp_path)) and record["data"]["limit"] == 300
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_data_record(str(sft_run), make_cfg(tmp_path, "method=ebft"), "init_from") == []
+        assert check_data_record("tiny", make_cfg(tmp_path, "data.limit=200"), "init_from") == []
+    with pytest.warns(UserWarning, match=r"init_from=.* \(data.limit: 300 there, 200 here\).*held-out"):
+        check_data_record(str(sft_run), make_cfg(tmp_path, "data.limit=200"), "init_from")
+    eval_cfg = make_eval_cfg(tmp_path / "eval", f"ckpt={sft_run}", "metrics=[ce]", "data.seed=7")
+    with pytest.warns(UserWarning, match=r"ckpt=.* \(data.seed: 43 there, 7 here\)"):
+        evaluate(eval_cfg)

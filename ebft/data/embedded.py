@@ -280,6 +280,15 @@ def translation_prompt(source_lang: str, target_lang: str, text: str) -> str:
     return f"Translate this from {src} to {tgt}:\n{src}: {text}\n{tgt}:"
 
 
+_ALMA_PROMPT = re.compile(r"^Translate this from (.+?) to (.+?):\n\1: (.*)\n\2:$", re.DOTALL)
+
+
+def translation_source(prompt: str) -> str | None:
+    """The source text inside an ALMA prompt (the inverse of ``translation_prompt``); None for another format."""
+    match = _ALMA_PROMPT.match(prompt)
+    return None if match is None else match.group(3)
+
+
 def _django_root() -> Path:
     try:
         import django

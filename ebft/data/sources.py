@@ -29,6 +29,7 @@ the first one kept.
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 import random
@@ -301,27 +302,112 @@ def load_rows(cfg_data, task: str) -> list[dict]:
     return rows
 
 
+def split_key(row: Mapping) -> str:
+    """The group a row is held out with: all rows of one group land on the same side of the split.
+
+    A translation row's group is its English text (the source of en->xx, the reference of xx->en),
+    so both directions of a pair, and the pairs of every language sharing that English text, stay
+    together; any other row's group is its exact ``(question, answer)``.
+    """
+    from ebft.data.embedded import translation_source
+
+    english = None
+    if row.get("target_lang") == "en":
+        english = row["answer"].strip()
+    elif row.get("source_lang") == "en":
+        english = translation_source(row["question"])
+    if english is not None:
+        return "en:" + english.strip()
+    return json.dumps([row["question"], row["answer"]], ensure_ascii=False)
+
+
+def held_out_score(key: str, seed: int) -> float:
+    """A stable pseudo-random number in [0, 1) of a group key and the split seed (SHA-256, no
+    process-dependent hashing), so held-out membership depends on the row, not on its position."""
+    digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+
+
 def train_val_split(rows: list[dict], val_size: int, seed: int = 43) -> tuple[list[dict], list[dict]]:
     """Deterministic held-out split ``(train, val)``, both in the rows' order.
 
-    Rows with the same (question, answer) always land on the same side, so no
-    text is in both. ``val_size`` counts distinct rows; when it is half of them
-    or more, it falls back to a tenth of them (at least 1) with a warning.
-    ``val_size=0`` gives an empty validation set.
+    Every group (``split_key``) gets a score (``held_out_score``); groups are held out in
+    increasing score until they hold ``val_size`` distinct (question, answer) rows (whole groups,
+    so a few more), i.e. a row is held out iff its group scores below a cutoff. Membership is a
+    property of the row: the order of the rows does not matter, and adding rows only lowers the
+    cutoff, so a row trained on never becomes a held-out row of a larger data set (a smaller one
+    can move it in, which is why evaluation warns when the data config differs from training's).
+    Rows with the same (question, answer) share a group, so no text is on both sides. When
+    ``val_size`` is half of the distinct rows or more, a tenth of them (at least 1) is held out
+    instead, with a warning; ``val_size=0`` gives an empty validation set.
     """
     if val_size < 0:
         raise DataConfigError(f"data.val_size={val_size} must be >= 0")
-    keys = list(dict.fromkeys((r["question"], r["answer"]) for r in rows))
-    if val_size and len(keys) < 2:
-        raise DataConfigError(f"{len(keys)} distinct row(s) cannot be split; add data or set data.val_size=0")
-    if val_size * 2 >= len(keys) and val_size:
-        fallback = max(1, len(keys) // 10)
-        warnings.warn(f"data.val_size={val_size} is at least half of the {len(keys)} rows; "
+    if not val_size:
+        return list(rows), []
+    groups: dict[str, set] = {}
+    for r in rows:
+        groups.setdefault(split_key(r), set()).add((r["question"], r["answer"]))
+    distinct = sum(map(len, groups.values()))
+    if len(groups) < 2:
+        raise DataConfigError(f"{len(groups)} group(s) of rows cannot be split; add data or set data.val_size=0")
+    if val_size * 2 >= distinct:
+        fallback = max(1, distinct // 10)
+        warnings.warn(f"data.val_size={val_size} is at least half of the {distinct} rows; "
                       f"holding out {fallback} instead", stacklevel=2)
         val_size = fallback
-    order = list(range(len(keys)))
-    random.Random(seed).shuffle(order)
-    val_keys = {keys[i] for i in order[:val_size]}
-    train = [r for r in rows if (r["question"], r["answer"]) not in val_keys]
-    val = [r for r in rows if (r["question"], r["answer"]) in val_keys]
+    held, count = set(), 0
+    for key in sorted(groups, key=lambda k: held_out_score(k, seed)):
+        if count >= val_size:
+            break
+        held.add(key)
+        count += len(groups[key])
+    train = [r for r in rows if split_key(r) not in held]
+    val = [r for r in rows if split_key(r) in held]
     return train, val
+
+
+# ---------------------------------------------------------------- the data a model was trained on
+
+DATA_RECORD = "training_data.json"
+"""Written beside a saved model: the task and data settings its training rows and held-out split came from."""
+
+
+def data_record(cfg) -> dict:
+    """The settings that decide the rows and the held-out split: ``task.name`` and ``data`` (resolved,
+    so an MBPP path taken from ``$EBFT_MBPP`` is recorded as the path)."""
+    data = OmegaConf.to_container(cfg.data, resolve=True) if isinstance(cfg.data, DictConfig) else dict(cfg.data)
+    return {"task": str(cfg.task.name), "data": {k: v for k, v in data.items() if k in CONFIG_KEYS}}
+
+
+def write_data_record(cfg, directory: str | os.PathLike) -> None:
+    (Path(directory) / DATA_RECORD).write_text(json.dumps(data_record(cfg), indent=1, sort_keys=True) + "\n")
+
+
+def check_data_record(model: str, cfg, key: str) -> list[str]:
+    """Warn when the model ``key=model`` names was trained on other data settings than ``cfg``'s.
+
+    Held-out rows are those of ``cfg.data``; with other settings they can include rows the model
+    was trained on. Returns the differing settings (empty when they agree or nothing was recorded:
+    a hub model, or a model saved before records were written).
+    """
+    from ebft.models.loading import ModelSourceError, resolve_source
+
+    try:
+        source = resolve_source(model)
+    except ModelSourceError:
+        return []
+    path = Path(source.path) / DATA_RECORD
+    if source.kind != "local" or not path.is_file():
+        return []
+    saved, here = json.loads(path.read_text()), data_record(cfg)
+    differ = [f"task.name: {saved['task']!r} there, {here['task']!r} here"] if saved["task"] != here["task"] else []
+    for name in sorted(set(saved["data"]) | set(here["data"])):
+        there, now = saved["data"].get(name), here["data"].get(name)
+        if there != now:
+            differ.append(f"data.{name}: {there!r} there, {now!r} here")
+    if differ:
+        warnings.warn(f"{key}={model} was trained with other data settings ({'; '.join(differ)}): the held-out "
+                      "rows here can include rows it was trained on. Use the training run's data settings "
+                      f"(recorded in {path}).", stacklevel=2)
+    return differ

@@ -19,21 +19,18 @@ Corpus BLEU and chrF of the greedy hypotheses, per target language, go to the de
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
+from ebft.data.embedded import translation_source
 from ebft.eval.code import CodeProblem, mean_pass_at_k, score_completions
 from ebft.eval.generation import Completions, Done, Sampling, complete
 from ebft.eval.translation import best_of_k, comet_scores, corpus_bleu, corpus_chrf, sentence_bleu
 
 KS = (1, 4, 16)
 """The k of pass@k and best-of-k (those with k <= n are reported)."""
-
-_ALMA_PROMPT = re.compile(r"^Translate this from (.+?) to (.+?):\n\1: (.*)\n\2:$", re.DOTALL)
-
 
 @dataclass(frozen=True)
 class Outcome:
@@ -122,11 +119,11 @@ class TranslationPair:
 
     def source(self) -> str:
         """The source sentence inside the ALMA prompt (COMET scores it with the translation)."""
-        match = _ALMA_PROMPT.match(self.prompt)
-        if match is None:
+        source = translation_source(self.prompt)
+        if source is None:
             raise ValueError("COMET needs the source sentence, and this prompt is not in the ALMA format "
                              "'Translate this from X to Y:\\nX: <text>\\nY:'; drop comet from metrics")
-        return match.group(3)
+        return source
 
 
 def first_line(text: str) -> str:

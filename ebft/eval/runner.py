@@ -32,7 +32,7 @@ from omegaconf import DictConfig, ListConfig
 
 from ebft.config import ConfigError, validate_geometry
 from ebft.data.packing import PackedChunks, pack_rows
-from ebft.data.sources import load_rows, train_val_split
+from ebft.data.sources import check_data_record, load_rows, train_val_split
 from ebft.eval import report
 from ebft.eval.calibration import (Estimate, chunk_nll, context_fm, fixed_subset, fm_profile, profile_layouts,
                                    validation_ce)
@@ -361,6 +361,7 @@ def evaluate(cfg: DictConfig, report_dir: str | None = None, job: int = 0) -> st
         start = time.time()
         label = f"{name} (base)" if name == base else name
         print(f"== evaluating {label} on {cfg.task.name}: {', '.join(metrics)}", flush=True)
+        check_data_record(name, cfg, "ckpt")
         tokenizer = base_tokenizer if name == base else load_tokenizer(name)
         _same_vocabulary(tokenizer, base_tokenizer, name, base)
         model = load_model(name, dtype=dtype, attn_implementation=attn, vocab_size=len(tokenizer)).to(device).eval()

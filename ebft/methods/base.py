@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ebft.data.datamodule import ChunkDataModule
+from ebft.data.sources import write_data_record
 from ebft.models.loading import load_model, resolve_attn, resolve_dtype
 from ebft.objectives.losses import cross_entropy_term
 
@@ -124,7 +125,8 @@ class FineTuneModule(L.LightningModule):
 
     # --------------------------------------------------------------- export
     def save_hf(self, directory: str | os.PathLike, module_state: dict | None = None) -> Path:
-        """Write generator + tokenizer with ``save_pretrained`` atomically (tmp dir, rename).
+        """Write generator + tokenizer with ``save_pretrained`` atomically (tmp dir, rename), and the
+        data settings they were trained on (``ebft.data.sources.DATA_RECORD``).
 
         ``module_state`` is this module's full state dict when the live weights are sharded
         (FSDP: ``trainer.strategy.lightning_module_state_dict()`` gathers it on rank 0).
@@ -139,6 +141,7 @@ class FineTuneModule(L.LightningModule):
             state = {k[len(prefix):]: v for k, v in module_state.items() if k.startswith(prefix)}
         self.generator.save_pretrained(tmp, state_dict=state)
         self.tokenizer.save_pretrained(tmp)
+        write_data_record(self.cfg, tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
