@@ -27,14 +27,19 @@ def reference_features(model, ids, taps, pooling, normalisation, start):
         model(ids[None])
     for hook in hooks:
         hook.remove()
-    pooled = []
-    for i in taps:
-        h = captured[i][0, start:]
-        pooled.append(h[-1] if pooling == "last_token" else h.mean(dim=0))
-    if normalisation == "joint":
-        cat = torch.cat(pooled)
-        return cat / cat.norm()
-    return torch.cat([p / p.norm() for p in pooled]) / len(pooled) ** 0.5
+    def nrm(hs):                                  # hs: one (H,) state per tap -> unit-norm features
+        if normalisation == "joint":
+            cat = torch.cat(hs)
+            return cat / cat.norm()
+        return torch.cat([h / h.norm() for h in hs]) / len(hs) ** 0.5
+
+    states = [captured[i][0, start:] for i in taps]   # (tokens, H) per tap
+    if pooling == "last_token":
+        return nrm([h[-1] for h in states])
+    if pooling == "mean_raw":
+        return nrm([h.mean(dim=0) for h in states])
+    # mean (the authors' order): normalise every token's taps, then average, no renormalisation
+    return torch.stack([nrm([h[t] for h in states]) for t in range(len(states[0]))]).mean(dim=0)
 
 
 def test_tap_indices():
@@ -72,7 +77,7 @@ def test_truncated_taps_equal_full_model_hidden_states(tiny_model):
     assert not torch.allclose(state, full[4], atol=1e-2)
 
 
-@pytest.mark.parametrize("pooling", ["last_token", "mean"])
+@pytest.mark.parametrize("pooling", ["last_token", "mean", "mean_raw"])
 @pytest.mark.parametrize("normalisation", ["joint", "per_layer"])
 def test_strided_features_equal_separate_sequences(model, pooling, normalisation):
     net = FeatureNetwork(model, pooling=pooling, normalisation=normalisation)
@@ -92,7 +97,7 @@ def test_strided_features_equal_separate_sequences(model, pooling, normalisation
                 torch.testing.assert_close(gen[b, k, j], ref, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("pooling", ["last_token", "mean"])
+@pytest.mark.parametrize("pooling", ["last_token", "mean", "mean_raw"])
 def test_sequence_features_padding_either_side(model, pooling):
     net = FeatureNetwork(model, pooling=pooling)
     short, long = torch.randint(3, VOCAB, (5,)), torch.randint(3, VOCAB, (8,))

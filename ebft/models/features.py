@@ -10,12 +10,19 @@ norm; L = number of decoder layers). Qwen2.5-1.5B (L = 28) -> 7, 14, 21; Llama-3
 The copy keeps only the embeddings and the decoder layers up to the deepest tap: layers after it,
 the final norm and the LM head are never run. Tap outputs are read with forward hooks.
 
-Pooling over the completion's tokens: ``last_token`` (the hidden state at its last token) or
-``mean`` (mean over its G tokens), per tap, in fp32. Normalisation of the pooled taps h_1..h_m:
+Normalisation of taps h_1..h_m (one token's, or pooled ones):
 
-- ``joint`` (the authors' released code, default): ``phi = [h_1; ...; h_m] / ||[h_1; ...; h_m]||``.
-- ``per_layer`` (the paper's description): ``phi = [h_1/||h_1||; ...; h_m/||h_m||] / sqrt(m)``; the
-  1/sqrt(m) keeps ``||phi|| = 1`` so rewards (paper eq. 6) have the same scale under both choices.
+- ``joint`` (the authors' released code, default): ``nrm(h) = [h_1; ...; h_m] / ||[h_1; ...; h_m]||``.
+- ``per_layer`` (the paper's description): ``nrm(h) = [h_1/||h_1||; ...; h_m/||h_m||] / sqrt(m)``; the
+  1/sqrt(m) keeps ``||nrm(h)|| = 1`` so rewards (paper eq. 6) have the same scale under both choices.
+
+Pooling over the completion's G tokens t (in fp32):
+
+- ``last_token``: ``phi = nrm(h(t_G))`` (code tasks);
+- ``mean`` (the authors' released code, translation): ``phi = (1/G) sum_t nrm(h(t))``: every token's
+  taps are normalised first, then averaged, with no renormalisation (so ``||phi|| <= 1``);
+- ``mean_raw``: ``phi = nrm((1/G) sum_t h(t))``: the raw hidden states are averaged first, then
+  normalised (a unit vector). The two orders give different features and rewards.
 """
 
 from __future__ import annotations
@@ -103,8 +110,8 @@ class FeatureNetwork(nn.Module):
         layout = layout.to(row_ids.device)
         mask = strided_mask(layout, attn_implementation(self.backbone), param_dtype(self.backbone))
         states = self.tap_states(row_ids, layout.position_ids, mask)
-        gen = self._combine([_pool_rows(h, layout.gen_feature_index(self.pooling), self.pooling) for h in states])
-        gt = self._combine([_pool_rows(h, layout.gt_feature_index(self.pooling), self.pooling) for h in states])
+        gen = self._pool([h[:, layout.gen_feature_index(self.pooling)] for h in states])
+        gt = self._pool([h[:, layout.gt_feature_index(self.pooling)] for h in states])
         return gen.transpose(1, 2), gt
 
     def sequence_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -127,11 +134,21 @@ class FeatureNetwork(nn.Module):
         states = self.tap_states(input_ids, position_ids, real.long())
         if self.pooling == "last_token":
             last = torch.arange(pool.shape[1], device=pool.device).masked_fill(~pool, -1).argmax(dim=1)
-            pooled = [h[torch.arange(h.shape[0], device=h.device), last].float() for h in states]
-        else:
-            weights = pool.float() / pool.sum(dim=1, keepdim=True)
-            pooled = [torch.einsum("bl,blh->bh", weights, h.float()) for h in states]
-        return self._combine(pooled)
+            return self._combine([h[torch.arange(h.shape[0], device=h.device), last].float() for h in states])
+        weights = pool.float() / pool.sum(dim=1, keepdim=True)
+        if self.pooling == "mean":
+            return torch.einsum("bl,bld->bd", weights, self._combine([h.float() for h in states]))
+        return self._combine([torch.einsum("bl,blh->bh", weights, h.float()) for h in states])
+
+    def _pool(self, windows: list[torch.Tensor]) -> torch.Tensor:
+        """Features from the taps' rows of each window: (..., H) rows for last_token, (..., G, H) for the
+        means; the order of normalising and averaging is the pooling's (module docstring)."""
+        windows = [w.float() for w in windows]
+        if self.pooling == "mean":
+            return self._combine(windows).mean(dim=-2)
+        if self.pooling == "mean_raw":
+            return self._combine([w.mean(dim=-2) for w in windows])
+        return self._combine(windows)
 
     def _combine(self, pooled: list[torch.Tensor]) -> torch.Tensor:
         """Concatenate the pooled taps (..., H) into unit-norm features (..., D) per ``normalisation``."""
@@ -145,13 +162,6 @@ def _capture(store: dict[int, torch.Tensor], index: int):
     def hook(module, args, output):
         store[index] = output[0] if isinstance(output, tuple) else output
     return hook
-
-
-def _pool_rows(hidden: torch.Tensor, index: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Gather ``hidden`` (batch, L, H) at rows ``index`` and pool: last_token -> (batch, *index.shape, H);
-    mean -> the mean over the last index dimension (the G tokens of a window)."""
-    picked = hidden[:, index].float()
-    return picked if pooling == "last_token" else picked.mean(dim=-2)
 
 
 def _truncated_copy(backbone: nn.Module, depth: int) -> nn.Module:

@@ -36,7 +36,8 @@ import copy
 
 import torch
 
-POOLINGS = ("last_token", "mean")
+POOLINGS = ("last_token", "mean", "mean_raw")
+"""Feature poolings: the last token of a window, or (both means) all its G tokens."""
 
 
 def _check_pooling(pooling: str) -> None:
