@@ -149,3 +149,12 @@ def test_profile_at_the_longest_length_is_the_full_layout_cfm(tiny_model):
     cfm, _ = context_fm(tiny_model, critic, chunks, StridedLayout(32, 8, 8, 8, 4), seed=7, progress=False)
     assert torch.allclose(profile[8], cfm, atol=1e-6)
     assert set(profile) == {2, 8} and profile[2].shape == (2, 3) and bool(torch.isfinite(profile[2]).all())
+
+
+def test_skip_gives_a_subset_disjoint_from_the_first_chunks():
+    first = set(fixed_subset(50, 10, 43).tolist())
+    after = fixed_subset(50, 20, 43, skip=10)
+    assert len(after) == 20 and not first & set(after.tolist())
+    assert set(fixed_subset(50, None, 43, skip=10).tolist()) == set(range(50)) - first
+    with pytest.raises(ValueError, match="cfm_skip"):
+        fixed_subset(5, 2, 43, skip=5)

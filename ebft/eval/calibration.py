@@ -80,14 +80,18 @@ class Estimate:
         return cls(values.float().mean().item(), se)
 
 
-def fixed_subset(size: int, limit: int | None, seed: int) -> torch.Tensor:
+def fixed_subset(size: int, limit: int | None, seed: int, skip: int = 0) -> torch.Tensor:
     """Sorted indices of a fixed random subset of ``limit`` of ``size`` held-out items (chunks or rows;
-    all of them when ``limit`` is None): the same seed always picks the same items."""
+    all of them when ``limit`` is None): the same seed always picks the same items. ``skip`` passes over
+    the first items of the same fixed order, so ``skip=k`` gives a subset disjoint from ``limit=k``'s
+    (e.g. from the chunks that chose a learning rate)."""
     if size < 1:
         raise ValueError("the held-out split is empty; raise data.val_size or lower task.seq_len")
-    if limit is None or limit >= size:
+    if skip >= size:
+        raise ValueError(f"skipping {skip} of {size} held-out items leaves none; lower eval.cfm_skip")
+    if (limit is None or limit >= size) and not skip:
         return torch.arange(size)
-    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[skip:]
     return order[:limit].sort().values
 
 

@@ -29,7 +29,7 @@ from ebft.eval.paired import paired_by_chunk, paired_difference
 
 RESULTS_FILE = "results.json"
 UNITS_FILE = "per_context.json"
-PAIRED_SETTINGS = ("seed", "cfm_samples", "cfm_temperature", "critic", "whitening")
+PAIRED_SETTINGS = ("seed", "cfm_samples", "cfm_temperature", "critic", "whitening", "cfm_skip")
 """Settings two results must share for their per-context values to be paired."""
 CALIBRATION_COLUMNS = {"ce": "CE", "ce_answer": "CE answer", "cfm": "FM", "cfm_whitened": "FM whitened"}
 

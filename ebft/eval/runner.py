@@ -147,9 +147,10 @@ def held_out(cfg: DictConfig, tokenizer) -> HeldOut:
     return HeldOut(val, pack_rows(val, tokenizer, int(cfg.task.seq_len)))
 
 
-def subset(chunks: PackedChunks, limit: int | None, seed: int) -> PackedChunks:
-    """A fixed random subset of ``limit`` chunks (:func:`~ebft.eval.calibration.fixed_subset`)."""
-    idx = fixed_subset(len(chunks), limit, seed)
+def subset(chunks: PackedChunks, limit: int | None, seed: int, skip: int = 0) -> PackedChunks:
+    """A fixed random subset of ``limit`` chunks after the first ``skip`` of the fixed order
+    (:func:`~ebft.eval.calibration.fixed_subset`)."""
+    idx = fixed_subset(len(chunks), limit, seed, skip)
     return PackedChunks(chunks.input_ids[idx], chunks.answer_mask[idx], chunks.doc_ids[idx])
 
 
@@ -325,7 +326,8 @@ def _settings(cfg: DictConfig, request: Request) -> dict:
     return {"metrics": request.metrics, "limit": request.limit, "seed": int(cfg.seed), "n_samples": s.n_samples,
             "temperature": s.temperature, "top_p": s.top_p, "max_new_tokens": s.max_new_tokens,
             "cfm_samples": int(cfg.eval.cfm_samples), "cfm_temperature": float(cfg.eval.cfm_temperature),
-            "whitening": str(cfg.eval.whitening), "critic": str(cfg.eval.critic.name or cfg.model.name)}
+            "whitening": str(cfg.eval.whitening), "critic": str(cfg.eval.critic.name or cfg.model.name),
+            "cfm_skip": int(cfg.eval.get("cfm_skip") or 0)}
 
 
 def _save(result: dict, outcomes: dict[str, Outcome], units: dict | None, directory: Path) -> None:
@@ -352,7 +354,8 @@ def evaluate(cfg: DictConfig, report_dir: str | None = None, job: int = 0) -> st
     base_tokenizer = load_tokenizer(base)
     calibration_metrics = [m for m in metrics if m in CALIBRATION]
     data = held_out(cfg, base_tokenizer) if calibration_metrics or {"bleu", "comet"} & set(metrics) else None
-    chunks = subset(data.chunks, request.chunk_limit, int(cfg.seed)) if calibration_metrics else None
+    chunks = (subset(data.chunks, request.chunk_limit, int(cfg.seed), int(cfg.eval.get("cfm_skip") or 0))
+              if calibration_metrics else None)
     benchmarks = load_benchmarks(cfg, metrics, request.limit, data.rows if data else ())
     critic = build_critic(cfg, device) if {"cfm", "profile"} & set(metrics) else None
     dtype, attn = resolve_dtype(str(cfg.model.dtype), device), resolve_attn(str(cfg.model.attn_implementation), device)
