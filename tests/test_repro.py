@@ -1,5 +1,5 @@
-"""The small reproduction driver (ebft.repro): its plan, lr choice, verdicts, resumable jobs and the
-report written from synthetic run directories (fast); the whole pipeline on the tiny model (slow)."""
+"""The small reproduction driver (ebft.repro): its plan, lr choice, paired comparisons, resumable jobs and
+the report written from synthetic run directories (fast); the whole pipeline on the tiny model (slow)."""
 
 import csv
 import json
@@ -13,11 +13,13 @@ import pytest
 
 from ebft.repro.__main__ import main
 from ebft.repro.jobs import Job, finished, run_job
-from ebft.repro.plan import PLAN, matches, models, pending, training_jobs
+from ebft.repro.plan import PLAN, matches, models, pending, sweep_jobs, training_jobs
 from ebft.repro.readme import write_report
 from ebft.repro.settings import ReproError, format_lr, load_settings, merge_overrides, val_interval
 from ebft.repro.sweep import SweepPoint, choose
-from ebft.repro.tables import Stat, verdict
+from ebft.eval.report import UNITS_FILE
+from ebft.repro.comparison import compare, curve
+from ebft.repro.tables import Stat
 
 ROOT = Path(__file__).resolve().parents[1]
 MBPP = Path("/work/shared/data/mbpp/mbpp.jsonl")
@@ -34,23 +36,41 @@ def test_helpers():
 def test_every_method_gets_the_same_budget(tmp_path):
     s = load_settings(tmp_path, steps=18, seeds=[1, 2])
     planned = models(s, s.lr)
-    assert [m["variant"] for m in planned] == ["base"] + [v for v in s.variants for _ in (1, 2)]
+    assert [m["variant"] for m in planned] == ["base", "sft", "sft", "ebft", "ebft", "ebft_no_whitening"]
+    assert [m.get("seed") for m in planned] == [None, 1, 2, 1, 2, 1]      # the ablation at the first seed only
     jobs = training_jobs(s, planned)
-    assert len(jobs) == 2 * len(s.variants)
+    assert len(jobs) == 5
     for job in jobs:
-        assert "trainer.max_steps=18" in job.argv and "trainer.val_check_interval=9" in job.argv
+        assert "trainer.max_steps=18" in job.argv and "trainer.val_check_interval=18" in job.argv
         assert "experiment=repro_small" in job.argv and "data.mbpp_path=null" in job.argv
     methods = {a.split("=")[1] for j in jobs for a in j.argv if a.startswith("method=")}
-    assert methods == {"sft", "ebft", "rlvr"}
+    assert methods == {"sft", "ebft"}
     assert {v.knobs["batch_size"] for v in s.variants.values()} == {2}
-    ebft = [v for v in s.variants.values() if v.method == "ebft"]
-    assert sorted(v.knobs["alpha"] for v in ebft) == [0.5, 1.0]
-    assert all(v.knobs["whitening"] == "reference" and v.knobs["gamma"] == 0.03 for v in ebft)
+    ebft = {n: v for n, v in s.variants.items() if v.method == "ebft"}
+    assert {n: v.knobs["whitening"] for n, v in ebft.items()} == {"ebft": "reference", "ebft_no_whitening": "none"}
+    assert all(v.knobs["alpha"] == 1.0 and v.knobs["gamma"] == 0.03 for v in ebft.values())
+    assert s.parts == ("calibration", "profile")
+    with_flags = load_settings(tmp_path, steps=18, seeds=[1, 2], rlvr=True, downstream=True)
+    assert "rlvr" in with_flags.variants and with_flags.parts[-1] == "downstream"
+
+
+def test_full_length_sweep_runs_are_the_first_seeds_runs(tmp_path):
+    """The sweep's run at the chosen lr is the headline run of its seed: same directory, same command,
+    so the driver skips it instead of training it again."""
+    s = load_settings(tmp_path, steps=18, seeds=[43, 44])
+    sweep = {job.directory: job.command for job in sweep_jobs(s)}
+    assert len(sweep) == 6 and all("/runs/" in str(d) for d in sweep)
+    planned = models(s, {"sft": 1e-4, "ebft": 3e-4})
+    headline = {job.directory: job.command for job in training_jobs(s, planned)}
+    shared = set(sweep) & set(headline)
+    assert {d.parts[-2] for d in shared} == {"sft", "ebft"} and all(sweep[d] == headline[d] for d in shared)
+    short = load_settings(tmp_path, steps=18, seeds=[43, 44], overrides=["repro.lr_sweep.steps=6"])
+    assert all("lr_sweep" in str(job.directory) for job in sweep_jobs(short))
 
 
 def test_quick_profile_and_missing_mbpp(tmp_path):
     s = load_settings(tmp_path, quick=True, mbpp=None)
-    assert s.base_ckpt == "tiny" and s.seeds == (43,) and s.evaluation["downstream"]["limit"] == 2
+    assert s.base_ckpt == "tiny" and s.seeds == (43, 44) and s.evaluation["calibration"]["skip"] == 4
     assert "model=tiny" in s.eval_common and s.benchmarks == ["humaneval"]
     with pytest.raises(ReproError, match="does not exist"):
         load_settings(tmp_path, mbpp=str(tmp_path / "nope.jsonl"))
@@ -79,13 +99,24 @@ def test_lr_choice_prefers_cfm_then_breaks_ties_by_ce():
         choose([point(1e-3, 0, 0, ok=False)])
 
 
-def test_verdicts_weigh_the_difference_against_the_noise():
-    lower = verdict("FM", Stat.of([0.40, 0.41]), Stat.of([0.50, 0.51]))
-    assert lower.outcome == "yes" and lower.difference == pytest.approx(-0.1)
-    assert verdict("CE", Stat.of([2.0, 2.4]), Stat.of([2.1, 2.3])).outcome == "no (within noise)"
-    assert verdict("HumanEval pass@1", Stat.of([0.1, 0.1]), Stat.of([0.5, 0.5]), problems=20).outcome == "no (worse)"
-    assert verdict("FM", Stat.of([]), Stat.of([0.5])).outcome == "not measured"
-    assert Stat.of([1.0, 3.0]).text(1) == "2.0 ± 1.4" and Stat.of([1.0]).text(1) == "1.0"
+def test_paired_comparison_pools_seeds_on_the_same_units(tmp_path):
+    """EBFT - SFT per unit at each seed, then averaged over seeds; the base model pairs with every seed."""
+    def model(variant, seed, values):
+        d = tmp_path / f"{variant}{seed}"
+        d.mkdir()
+        (d / UNITS_FILE).write_text(json.dumps({"cfm": values}))
+        return {"variant": variant, "seed": seed, "calibration": {"_call": str(d)}}
+    models = [model("base", None, [[0.5, 0.6], [0.4, 0.3]]),
+              model("sft", 43, [[0.5, 0.6], [0.4, 0.3]]), model("sft", 44, [[0.6, 0.6], [0.4, 0.4]]),
+              model("ebft", 43, [[0.4, 0.5], [0.4, 0.2]]), model("ebft", 44, [[0.5, 0.6], [0.3, 0.3]])]
+    c = compare(models, "ebft", "sft", "FM", "calibration", "cfm")
+    pooled = [(-0.1 - 0.1) / 2, (-0.1 + 0.0) / 2, (0.0 - 0.1) / 2, (-0.1 - 0.1) / 2]
+    assert c.diff.n == 4 and c.diff.mean == pytest.approx(sum(pooled) / 4)
+    assert c.per_seed == {43: pytest.approx(-0.075), 44: pytest.approx(-0.075)}
+    assert c.outcome == "yes (lower)" and c.value == pytest.approx(0.4) and c.reference_value == pytest.approx(0.475)
+    vs_base = compare(models, "sft", "base", "FM", "calibration", "cfm")
+    assert vs_base.per_seed == {43: 0.0, 44: pytest.approx(0.05)}
+    assert compare(models, "ebft", "sft", "CE", "calibration", "ce") is None     # not evaluated: no row
 
 
 # ------------------------------------------------------------------------------- resumable jobs
@@ -132,7 +163,10 @@ def write_run(directory: Path, method: str, seed: int, steps: int = 8) -> None:
         if method == "rlvr":
             row = {"step": s, "train/reward": 0.0, "train/zero_signal_fraction": 1.0, "train/advantage_std": 0.0}
         rows.append(row)
-    rows.append({"step": steps, "val/ce": 2.8 if method == "sft" else 2.95, "val/cfm": 0.49, "val/cfm_se": 0.01})
+    rows.append({"step": steps, "val/ce": 2.8 if method == "sft" else 2.95, "val/cfm": 0.49, "val/cfm_se": 0.01,
+                 "val/cfm_change": -0.01, "val/cfm_change_se": 0.004,
+                 "train/cfm_fixed": 0.3, "train/cfm_fixed_change": -0.2 if method == "sft" else -0.1,
+                 "train/cfm_fixed_change_se": 0.01})
     keys = sorted({k for r in rows for k in r})
     with (directory / "metrics.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
@@ -145,6 +179,15 @@ def write_run(directory: Path, method: str, seed: int, steps: int = 8) -> None:
 def write_result(call: Path, index: int, ckpt: str, part: str, shift: float) -> None:
     directory = call / f"{index:02d}-m"
     directory.mkdir(parents=True)
+    wobble = [[0.01 * ((i * 7 + k * 3) % 5 - 2) for k in range(4)] for i in range(6)]   # per-context spread
+    if part == "calibration":
+        (directory / UNITS_FILE).write_text(json.dumps({
+            "cfm": [[0.5 + shift + w for w in row] for row in wobble],
+            "ce": [2.9 + shift + row[0] for row in wobble]}))
+    if part == "profile":
+        (directory / UNITS_FILE).write_text(json.dumps({"profile": {
+            str(g): [[0.3 + shift + 0.05 * i + w for w in row] for row in wobble]
+            for i, g in enumerate([1, 2, 4, 8, 16, 32])}}))
     result = {"model": ckpt, "ckpt": ckpt, "task": "qa_code", "order": [0, index], "settings": {"limit": 20}}
     if part == "calibration":
         result["calibration"] = {"ce": 2.9 + shift, "ce_answer": 2.0, "cfm": 0.5 + shift, "cfm_se": 0.006,
@@ -167,7 +210,7 @@ def synthetic_output(out: Path) -> dict:
             planned.append({"key": key, "variant": name, "label": v["label"], "method": v["method"], "seed": seed,
                             "lr": 1e-4, "dir": key, "ckpt": str(out / key)})
             write_run(out / key, v["method"], seed)
-    shifts = {"base": 0.0, "sft": -0.02, "ebft": -0.01, "rlvr": 0.03}
+    shifts = {"base": 0.0, "sft": -0.02, "ebft": -0.03, "rlvr": 0.03}
     for part in ("calibration", "profile", "downstream"):
         call = out / "eval" / part / "call00"
         for i, m in enumerate(planned):
@@ -181,14 +224,16 @@ def synthetic_output(out: Path) -> dict:
     plan = {"command": "python -m ebft.repro --lr-sweep", "quick": False,
             "sizes": {"model": "embedded:smollm2-135m-instruct", "task": "qa_code", "seq_len": 128, "context_len": 8,
                       "stride": 8, "gen_len": 8, "blocks": 15, "batch_size": 2, "steps": 8, "val_size": 1000,
-                      "data_limit": None, "in_training_cfm_chunks": 16, "in_training_val_chunks": 16},
+                      "data_limit": None, "in_training_cfm_chunks": 16, "in_training_val_chunks": 16,
+                      "in_training_train_chunks": 8},
             "seeds": [43, 44], "variants": VARIANTS, "lr": {"sft": 1e-4, "ebft": 1e-4, "rlvr": 1e-4},
             "lr_source": "lr sweep", "sweep": {"lrs": [1e-5, 1e-4], "steps": 2, "seed": 43, "variants": ["sft"],
                                                "runs": sweep_runs},
             "models": planned,
             "eval": {"calibration": {"chunks": 32}, "profile": {"chunks": 8, "lengths": [1, 2, 4, 8, 16, 32]},
                      "downstream": {"limit": 20, "n_samples": 4, "max_new_tokens": 256},
-                     "benchmarks": ["humaneval", "mbpp"], "mbpp_path": "/data/mbpp.jsonl"},
+                     "benchmarks": ["humaneval", "mbpp"], "mbpp_path": "/data/mbpp.jsonl",
+                     "parts": ["calibration", "profile", "downstream"]},
             "train_common": ["experiment=repro_small"],
             "hardware": {"cpu": "Test CPU", "cores": 2, "gpu": "none", "python": "3.11", "torch": "2",
                          "transformers": "5", "lightning": "2", "os": "Linux"}}
@@ -202,8 +247,17 @@ def test_report_from_synthetic_runs(tmp_path):
     assert "| method | seeds | CE | FM | HumanEval greedy | HumanEval pass@1 | HumanEval pass@4 | MBPP greedy" in text
     sft_row = next(line for line in text.splitlines() if line.startswith("| SFT | 2 |"))
     assert "| 2.881 ± 0.001 |" in sft_row   # CE 2.880 and 2.882 (seeds 43, 44): mean ± s.d.
-    assert "EBFT beat SFT?" in text and "**In plain words:** EBFT (α=1, γ=0.03, whitened) beat SFT on" in text
-    assert "## Diagnosis" in text and "**Diversity term.**" in text and "**RLVR for comparison.**" in text
+    assert "EBFT beat SFT?" in text
+    # EBFT's per-unit values are SFT's minus 0.01 at both seeds: lower beyond noise, at every profile length
+    ebft_vs_sft = text[text.index("### EBFT (α=1, γ=0.03, whitened) vs SFT"):text.index("### SFT vs Base")]
+    assert "| FM | 0.4710 | 0.4810 | -0.0100 [-0.0100, -0.0100] | 0.0001 | 0.0000 | 24 | 43: -0.0100, 44: -0.0100" in ebft_vs_sft
+    assert ebft_vs_sft.count("yes (lower)") == 2 + 6            # FM, CE and the six profile lengths
+    assert "**In plain words:** EBFT (α=1, γ=0.03, whitened) was lower than SFT on FM, CE, FM G=1" in ebft_vs_sft
+    assert "### RLVR vs" not in text                            # RLVR is only compared when asked for
+    curves = text[text.index("## In-sample vs held-out"):]
+    assert "| SFT | 2 | 16 | -0.0100 ± 0.0028 | -0.2000 ± 0.0071 | -1.2500 |" in curves
+    assert (tmp_path / "cfm_curves.png").stat().st_size > 1000
+    assert "## Diagnosis" not in text                           # EBFT won: nothing to diagnose
     assert "**chosen**" in text and "lr_sweep/sft/lr1e-4" in text
     assert "runs/ebft/lr1e-4-seed44" in text and "eval/calibration/call00/00-m" in text
     assert "Test CPU" in text and "python -m ebft.repro --lr-sweep" in text and "python evaluate.py part=" in text
@@ -217,7 +271,7 @@ def test_report_before_any_evaluation(tmp_path):
     synthetic_output(tmp_path)
     shutil.rmtree(tmp_path / "eval")
     text = write_report(tmp_path).read_text()
-    assert "| Base | 0 |" in text and "not measured" in text and "(no profile yet)" in text
+    assert "| Base | 0 |" in text and "(not evaluated yet)" in text and "(no profile yet)" in text
     assert (tmp_path / "training_curves.png").is_file()
 
 
@@ -229,9 +283,9 @@ def test_report_only_without_a_plan_says_what_to_do(tmp_path):
 def test_dry_run_prints_every_command(tmp_path, capsys):
     assert main(["--quick", "--lr-sweep", "--dry-run", "--out", str(tmp_path)]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("python ")]
-    assert sum("lr_sweep" in line for line in lines) == 2
-    assert sum(line.startswith("python train.py") and "/runs/" in line for line in lines) == 4
-    assert sum(line.startswith("python evaluate.py") for line in lines) == 3
+    assert sum("lr_sweep" in line for line in lines) == 0       # full-length sweep runs are the seed-43 runs
+    assert sum(line.startswith("python train.py") and "/runs/" in line for line in lines) == 4 + 5
+    assert sum(line.startswith("python evaluate.py") for line in lines) == 2
     assert not (tmp_path / PLAN).exists()
 
 
@@ -245,10 +299,11 @@ def test_quick_pipeline_end_to_end_and_resume(tmp_path):
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3000)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     text = (tmp_path / "README.md").read_text()
-    assert "| method | seeds | CE | FM | HumanEval greedy | HumanEval pass@1 | HumanEval pass@4" in text
-    assert all(label in text for label in ("| Base |", "| SFT |", "| EBFT (α=1", "| EBFT (α=0.5", "| RLVR |"))
-    assert "–" not in next(line for line in text.splitlines() if line.startswith("| RLVR | 1 |"))
-    for png in ("fm_profile.png", "training_curves.png"):
+    assert "| method | seeds | CE | FM |" in text and "### EBFT (α=1, γ=0.03, whitened) vs SFT" in text
+    assert all(label in text for label in ("| Base |", "| SFT | 2 |", "| EBFT (α=1, γ=0.03, whitened) | 2 |",
+                                           "| EBFT (α=1, γ=0.03) | 1 |"))
+    assert "| FM |" in text and "## In-sample vs held-out" in text
+    for png in ("fm_profile.png", "training_curves.png", "cfm_curves.png"):
         assert (tmp_path / png).stat().st_size > 1000
     assert not list((tmp_path / "runs").rglob("checkpoints")) and list((tmp_path / "runs").rglob("hf_model"))
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -1,7 +1,7 @@
 """``python -m ebft.repro``: the small reproduction of the paper's Q&A coding comparison, end to end.
 
-    python -m ebft.repro                       # config lrs, 2 seeds -> results/repro_small/README.md
-    python -m ebft.repro --lr-sweep            # choose the lrs on the validation split first
+    python -m ebft.repro --lr-sweep            # lrs chosen on the validation chunks -> results/repro_small/README.md
+    python -m ebft.repro                       # the config's lrs, 2 seeds
     python -m ebft.repro --quick --out /tmp/q  # the whole pipeline on the tiny random model
     python -m ebft.repro --report-only         # rewrite README.md from what is there
 
@@ -41,6 +41,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra train.py override for every run (repeatable), e.g. trainer.accelerator=gpu; "
                         "model/task/data settings reach evaluate.py too")
+    p.add_argument("--rlvr", action="store_true", help="also train and evaluate RLVR (no reward at 135M: off by default)")
+    p.add_argument("--downstream", action="store_true",
+                   help="also evaluate HumanEval/MBPP pass@k (near zero at 135M on a few problems: off by default)")
     p.add_argument("--dry-run", action="store_true", help="print the planned commands and stop")
     p.add_argument("--report-only", action="store_true", help="only rewrite README.md from the output folder")
     return p.parse_args(argv)
@@ -66,7 +69,7 @@ def learning_rates(settings: Settings, sweep: bool, dry_run: bool) -> tuple[dict
 
 def evaluate_pending(settings: Settings, planned: list[dict]) -> None:
     """One evaluate.py call per part for the models that have no result of it yet."""
-    for part in planning.PARTS:
+    for part in settings.parts:
         planning.check_calls(settings, part)
         todo = planning.pending(planned, planning.read_results(settings.out, part))
         if todo:
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     try:
         settings = load_settings(args.out, args.quick, args.steps, args.seeds, args.limit, args.chunks,
-                                 args.profile_chunks, args.mbpp, args.override)
+                                 args.profile_chunks, args.mbpp, args.override, args.rlvr, args.downstream)
     except ReproError as err:
         return fail(err)
     if args.report_only:
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         training = planning.training_jobs(settings, planned)
         if args.dry_run:
             print("\n".join(job.command for job in training))
-            print("\n".join(planning.eval_job(settings, p, planned).command for p in planning.PARTS))
+            print("\n".join(planning.eval_job(settings, p, planned).command for p in settings.parts))
             return 0
         planning.write_plan(settings, planned, lrs, source, argv)
         run_all(training, "training")

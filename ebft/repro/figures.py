@@ -3,7 +3,9 @@
 - ``fm_profile.png``: held-out CFM against completion length G (paper Figure 2), one curve per
   variant (mean over seeds; error bars: the CFM estimate's standard error of that mean);
 - ``training_curves.png``: validation CE and CFM and the training CE over optimizer steps, from each
-  run's ``metrics.csv`` (paper Figure 3): thin lines per seed, a thick line for the seed mean.
+  run's ``metrics.csv`` (paper Figure 3): thin lines per seed, a thick line for the seed mean;
+- ``cfm_curves.png``: the paired change of CFM since the start of each run, in-sample (the run's first
+  training chunks) and held-out, against training chunks seen, with standard-error bars.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import math
 from pathlib import Path
 
 from ebft.collect import load_run
+from ebft.repro.comparison import curve
 
 CURVES = (("val/ce", "validation CE"), ("val/cfm", "validation CFM"), ("train/ce", "training CE (batch)"))
 
@@ -102,5 +105,40 @@ def training_curves(out: Path, models: list[dict], path: Path) -> Path | None:
                    bbox_to_anchor=(0.5, -0.08))
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def cfm_curves(out: Path, models: list[dict], plan: dict, path: Path) -> Path | None:
+    """Write ``cfm_curves.png`` (module docstring); None when no run has logged a change yet."""
+    plt = _pyplot()
+    batch = int(plan["sizes"]["batch_size"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    drawn = False
+    trained = [m for m in models if m["variant"] != "base" and m.get("dir")]
+    for i, variant in enumerate(_variants(trained)):
+        label = next(m["label"] for m in trained if m["variant"] == variant)
+        for m in (m for m in trained if m["variant"] == variant):
+            c = curve(out / m["dir"], batch)
+            if c is None:
+                continue
+            for ax, points in zip(axes, (c.train, c.val)):
+                ax.errorbar(c.chunks, [v for v, _ in points], yerr=[0 if math.isnan(s) else 1.96 * s for _, s in points],
+                            color=colours[i % len(colours)], marker="o", markersize=3, capsize=2,
+                            label=f"{label}, seed {m.get('seed')}")
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    for ax, title in zip(axes, ("in-sample: the run's first training chunks", "held-out validation chunks")):
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xlabel("training chunks seen")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("CFM change since the start (paired, 95% CI)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import shlex
-import sys
 from pathlib import Path, PurePosixPath
 
 from ebft.repro.jobs import Job, read_record
@@ -25,6 +24,7 @@ from ebft.repro.settings import ReproError, Settings, Variant, format_lr, merge_
 
 PLAN = "plan.json"
 PARTS = ("calibration", "profile", "downstream")
+"""Every evaluation part; a reproduction runs ``settings.parts`` (downstream only with --downstream)."""
 RESULTS = "results.json"
 
 
@@ -48,19 +48,29 @@ def train_job(settings: Settings, name: str, variant: Variant, seed: int, lr: fl
                may_fail, discard=("checkpoints",))
 
 
+def sweep_is_headline(settings: Settings) -> bool:
+    """Whether the sweep's runs are full headline runs (full length, at one of the seeds): then the run of
+    the chosen lr is that seed's headline run, in the same directory, and is not trained again."""
+    s = settings.sweep
+    return int(s["steps"]) == settings.steps and int(s["seed"]) in settings.seeds
+
+
 def sweep_entries(settings: Settings) -> list[dict]:
     """The lr-sweep runs: one per (swept variant, lr), each with its directory under the output folder."""
+    seed, reuse = int(settings.sweep["seed"]), sweep_is_headline(settings)
     return [{"variant": name, "method": settings.variants[name].method, "lr": float(lr),
-             "dir": f"lr_sweep/{name}/lr{format_lr(lr)}"}
+             "dir": run_key(name, seed, float(lr)) if reuse else f"lr_sweep/{name}/lr{format_lr(lr)}"}
             for name in settings.sweep["variants"] for lr in settings.sweep["lrs"]]
 
 
 def sweep_jobs(settings: Settings) -> list[Job]:
-    """The commands of :func:`sweep_entries`; a diverged run is a result, not an error."""
+    """The commands of :func:`sweep_entries`; a diverged run is a result, not an error. Full-length
+    sweep runs validate on the headline schedule, so their command is the headline run's."""
     s = settings.sweep
     steps = int(s["steps"])
+    interval = settings.val_interval if sweep_is_headline(settings) else steps
     return [train_job(settings, f"lr sweep {e['variant']} lr={format_lr(e['lr'])}", settings.variants[e["variant"]],
-                      int(s["seed"]), e["lr"], settings.out / e["dir"], steps, steps, may_fail=True)
+                      int(s["seed"]), e["lr"], settings.out / e["dir"], steps, interval, may_fail=True)
             for e in sweep_entries(settings)]
 
 
@@ -69,7 +79,7 @@ def models(settings: Settings, lrs: dict[str, float]) -> list[dict]:
     out = [{"key": "base", "variant": "base", "label": "Base", "ckpt": settings.base_ckpt}]
     for name, variant in settings.variants.items():
         lr = lrs[variant.method]
-        for seed in settings.seeds:
+        for seed in settings.seeds[:1] if name in settings.first_seed_only else settings.seeds:
             key = run_key(name, seed, lr)
             out.append({"key": key, "variant": name, "label": variant.label, "method": variant.method,
                         "seed": seed, "lr": lr, "dir": key, "ckpt": settings.path_arg(settings.out / key)})
@@ -89,12 +99,20 @@ def eval_overrides(settings: Settings, part: str) -> list[str]:
     """evaluate.py overrides of one evaluation part (besides the checkpoints and the run directory)."""
     e = settings.evaluation[part]
     if part == "calibration":
-        return [*settings.eval_common, "metrics=[ce,cfm]", "limit=null", f"eval.cfm_chunks={int(e['chunks'])}"]
+        return [*settings.eval_common, "metrics=[ce,cfm]", "limit=null", f"eval.cfm_chunks={int(e['chunks'])}",
+                *_skip(settings)]
     if part == "profile":
-        return [*settings.eval_common, "metrics=[profile]", "limit=null", f"eval.cfm_chunks={int(e['chunks'])}",
-                f"eval.profile_lengths={override_value(e['lengths'])}"]
+        return [*settings.eval_common, "metrics=[profile]", "limit=null",
+                f"eval.cfm_chunks={int(settings.evaluation['calibration']['chunks'])}", *_skip(settings),
+                f"eval.profile_chunks={int(e['chunks'])}", f"eval.profile_lengths={override_value(e['lengths'])}"]
     return [*settings.eval_common, f"metrics={override_value(settings.benchmarks)}", f"limit={int(e['limit'])}",
             f"n_samples={int(e['n_samples'])}", f"max_new_tokens={int(e['max_new_tokens'])}"]
+
+
+def _skip(settings: Settings) -> list[str]:
+    """``eval.cfm_skip``: the comparison's chunks exclude those of the in-training val/cfm (the lr choice)."""
+    skip = int(settings.evaluation["calibration"].get("skip") or 0)
+    return [f"eval.cfm_skip={skip}"] if skip else []
 
 
 def _signature(command: str) -> list[str]:
@@ -180,15 +198,17 @@ def write_plan(settings: Settings, planned: list[dict], lrs: dict[str, float], l
         "quick": settings.quick,
         "sizes": settings.sizes,
         "seeds": list(settings.seeds),
+        "first_seed_only": list(settings.first_seed_only),
         "variants": {n: {"label": v.label, "method": v.method, "overrides": list(v.overrides), "knobs": v.knobs}
                      for n, v in settings.variants.items()},
         "lr": lrs, "lr_source": lr_source, "sweep": sweep,
         "models": planned,
         "eval": {**settings.evaluation, "benchmarks": settings.benchmarks, "mbpp_path": settings.mbpp_path,
-                 "commands": {p: shlex.join(["python", "evaluate.py", *eval_overrides(settings, p)]) for p in PARTS}},
+                 "parts": list(settings.parts),
+                 "commands": {p: shlex.join(["python", "evaluate.py", *eval_overrides(settings, p)])
+                              for p in settings.parts}},
         "train_common": list(settings.train_common),
         "hardware": hardware(),
-        "driver_python": sys.executable,
     }
     path = settings.out / PLAN
     settings.out.mkdir(parents=True, exist_ok=True)

@@ -15,12 +15,12 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ebft.repro import diagnosis, figures
+from ebft.repro import comparison, diagnosis, figures
 from ebft.repro.jobs import read_record
 from ebft.repro.plan import PARTS, PLAN, eval_calls, read_results
 from ebft.repro.settings import format_lr
 from ebft.repro.sweep import sweep_points
-from ebft.repro.tables import Stat, attach_results, is_rate, rate_columns, variant_stats, verdict
+from ebft.repro.tables import attach_results, rate_columns, variant_stats
 
 README = "README.md"
 VERDICT_METRICS = ("FM", "CE")
@@ -58,43 +58,79 @@ def headline(models: list[dict], plan: dict) -> tuple[str, list[str]]:
     return markdown_table(["method", "seeds", *cols], rows), cols
 
 
-def verdict_section(models: list[dict], plan: dict, cols: list[str]) -> tuple[list[str], bool]:
-    """Per EBFT variant: did it beat SFT on FM, CE and each pass@k? Returns lines and whether it always did."""
-    metrics = list(VERDICT_METRICS) + [c for c in cols if is_rate(c)]
-    sft = variant_stats(models, "sft")
-    problems = int(plan["eval"]["downstream"]["limit"])
-    lines, all_won = [], True
-    for name, variant in plan["variants"].items():
-        if variant["method"] != "ebft":
+def _seed_text(c: comparison.Comparison) -> str:
+    return ", ".join(f"{seed if seed is not None else '–'}: {v:+.4f}" for seed, v in c.per_seed.items())
+
+
+def comparison_table(found: list[comparison.Comparison], what: str) -> str:
+    rows = [[c.metric, _fmt(c.value, 4), _fmt(c.reference_value, 4),
+             f"{c.diff.mean:+.4f} [{c.diff.ci_low:+.4f}, {c.diff.ci_high:+.4f}]", f"{c.diff.p_value:.3g}",
+             f"{c.diff.se:.4f}", str(c.diff.n), _seed_text(c), c.outcome] for c in found]
+    return markdown_table(["metric", what.split(" vs ")[0], what.split(" vs ")[1], "Δ [95% CI]", "p", "SE", "units",
+                           "Δ per seed", "lower?"], rows)
+
+
+def verdict_section(models: list[dict], plan: dict) -> tuple[list[str], bool]:
+    """Per EBFT variant: paired differences against SFT and against the base model; and SFT against
+    the base model. Returns the lines and whether EBFT's FM was lower than SFT's beyond noise."""
+    lengths = list(plan["eval"]["profile"]["lengths"])
+    lines, won = [], False
+    pairs = [(n, "sft") for n, v in plan["variants"].items() if v["method"] == "ebft"]
+    pairs += [(n, "base") for n, v in plan["variants"].items() if v["method"] in ("sft", "ebft")]
+    for variant, reference in pairs:
+        found = comparison.comparisons(models, variant, reference, lengths)
+        label = plan["variants"][variant]["label"]
+        ref_label = "Base" if reference == "base" else plan["variants"][reference]["label"]
+        if not found:
+            lines += [f"### {label} vs {ref_label}", "", "(not evaluated yet)", ""]
             continue
-        stats = variant_stats(models, name)
-        results = []
-        for metric in metrics:
-            results.append(verdict(metric, stats.get(metric, Stat.of([])), sft.get(metric, Stat.of([])), problems))
-        rows = [[v.metric, v.a.text(), v.b.text(), _fmt(v.difference, 4), f"±{_fmt(v.noise, 4)}", v.outcome]
-                for v in results]
-        lines += [f"### {variant['label']} vs SFT", "",
-                  markdown_table(["metric", "EBFT", "SFT", "Δ (EBFT − SFT)", "noise (2σ)", "EBFT beat SFT?"],
-                                 rows), "",
-                  f"**In plain words:** {plain_words(variant['label'], results)}", ""]
-        all_won &= all(v.outcome == "yes" for v in results)
-    if len(plan["seeds"]) == 1 and lines:
-        lines += ["With one seed there is no spread between seeds: the noise is the estimators' error only "
-                  "(none for CE), so small CE differences read as wins or losses.", ""]
-    return lines, all_won
+        fm = next((c for c in found if c.metric == "FM"), None)
+        if reference == "sft" and variant == "ebft" and fm is not None:
+            won = fm.outcome.startswith("yes")
+        lines += [f"### {label} vs {ref_label}", "", comparison_table(found, f"{label} vs {ref_label}"), "",
+                  f"**In plain words:** {plain_words(label, ref_label, found)}", ""]
+    return lines, won
 
 
-def plain_words(label: str, results: list) -> str:
-    """One sentence: on which metrics the EBFT variant beat SFT, on which not, which are not measured."""
-    won = [v.metric for v in results if v.outcome == "yes"]
-    lost = [v.metric for v in results if v.outcome.startswith("no")]
-    missing = [v.metric for v in results if v.outcome == "not measured"]
-    parts = [f"{label} beat SFT on {', '.join(won)}" if won else f"{label} beat SFT on none of the measured metrics"]
-    if lost:
-        parts.append(f"it did not beat SFT on {', '.join(lost)}")
-    if missing:
-        parts.append(f"not measured yet: {', '.join(missing)}")
-    return "; ".join(parts) + "."
+def plain_words(label: str, ref_label: str, found: list[comparison.Comparison]) -> str:
+    """One sentence: where the variant was lower than the reference beyond the 95% interval, where higher."""
+    lower = [c.metric for c in found if c.outcome.startswith("yes")]
+    higher = [c.metric for c in found if c.outcome.startswith("no (higher")]
+    parts = [f"{label} was lower than {ref_label} on {', '.join(lower)}" if lower
+             else f"{label} was lower than {ref_label} on none of these metrics beyond noise"]
+    if higher:
+        parts.append(f"higher (worse) on {', '.join(higher)}")
+    rest = [c.metric for c in found if c.outcome == "no (within noise)"]
+    if rest:
+        parts.append(f"within noise on {', '.join(rest)}")
+    return "; ".join(parts) + " (paired 95% intervals over the same held-out units and random numbers)."
+
+
+def curves_section(out: Path, models: list[dict], plan: dict) -> list[str]:
+    """In-sample vs held-out: the paired change of CFM since the start of each run, by chunks seen."""
+    batch = int(plan["sizes"]["batch_size"])
+    rows = []
+    for name, variant in plan["variants"].items():
+        curves = [c for m in models if m["variant"] == name and m.get("dir")
+                  if (c := comparison.curve(out / m["dir"], batch)) is not None]
+        final = comparison.final_changes(curves) if curves else {}
+        if not final:
+            continue
+        val, train = final.get("val"), final.get("train")
+        per_100 = (f"{100 * train[0] / train[2]:+.4f}" if train else "–")
+        rows.append([variant["label"], str(len(curves)), str(val[2] if val else "–"),
+                     f"{val[0]:+.4f} ± {val[1]:.4f}" if val else "–",
+                     f"{train[0]:+.4f} ± {train[1]:.4f}" if train else "–", per_100])
+    if not rows:
+        return ["(no run has logged a change yet)", ""]
+    z = plan["sizes"]
+    return [markdown_table(["method", "runs", "chunks seen", "held-out CFM change (val/cfm)",
+                            "in-sample CFM change (train/cfm_fixed)", "in-sample change per 100 chunks"], rows), "",
+            f"Paired changes since each run's first evaluation (the base model), mean over seeds ± standard error: "
+            f"held-out on {z['in_training_cfm_chunks']} fixed validation chunks, in-sample on the run's first "
+            f"{z.get('in_training_train_chunks', '?')} training chunks (trained on in its first steps). A method "
+            "that lowers the in-sample CFM but not the held-out one is memorising.", "",
+            "![in-sample vs held-out CFM](cfm_curves.png)", ""]
 
 
 def sweep_section(out: Path, plan: dict) -> list[str]:
@@ -106,9 +142,13 @@ def sweep_section(out: Path, plan: dict) -> list[str]:
     rows = [[plan["variants"][p.variant]["label"], format_lr(p.lr), _fmt(p.start_ce), _fmt(p.val_ce), _fmt(p.start_cfm),
              f"{_fmt(p.val_cfm)} ± {_fmt(p.val_cfm_se)}", "ok" if p.ok else "failed/diverged",
              "**chosen**" if plan["lr"].get(p.method) == p.lr else "", p.dir] for p in sweep_points(out, s["runs"])]
-    return [f"{len(s['lrs'])} lrs × {s['steps']} steps per method at seed {s['seed']}, on the validation split only "
-            "(the benchmarks are never looked at). Rule: the lowest final val CFM; lrs within two standard errors "
-            "of it are tied, and the lowest final val CE among the tied wins.", "",
+    reused = all(r["dir"].startswith("runs/") for r in s["runs"])
+    return [f"{len(s['lrs'])} lrs × {s['steps']} steps per method at seed {s['seed']}, chosen on the in-training "
+            f"val/cfm of {plan['sizes']['in_training_cfm_chunks']} fixed validation chunks only (the comparison "
+            "below uses other held-out chunks; the benchmarks are never looked at). Rule: the lowest final val "
+            "CFM; lrs within two paired standard errors of it are tied, and the lowest final val CE among the "
+            "tied wins." + (" These runs are the headline runs of that seed: the chosen lr is not trained again."
+                            if reused else ""), "",
             markdown_table(["method", "lr", "val CE start", "val CE end", "val CFM start", "val CFM end ± se",
                             "status", "", "run dir"], rows), "",
             "Chosen: " + ", ".join(f"{m} {format_lr(plan['lr'][m])}" for m in plan["lr"]) + ".", ""]
@@ -136,34 +176,39 @@ def budget_section(plan: dict) -> list[str]:
                      f"{ebft_tokens}). It sees questions only, never the reference answers.")
     c, f, d = (plan["eval"][p] for p in ("calibration", "profile", "downstream"))
     lines += [f"- Evaluation (evaluate.py): CE and FM on a fixed random subset of {c['chunks']} held-out chunks "
-              f"(FM = unbiased CFM estimate, n=4 samples at temperature 0.6, G={z['gen_len']}); the FM profile at "
-              f"G = {', '.join(map(str, f['lengths']))} on {f['chunks']} of those chunks; "
-              f"{', '.join(plan['eval']['benchmarks'])} on their first {d['limit']} problems: greedy and "
-              f"{d['n_samples']} samples at temperature 0.6 (pass@1, pass@{d['n_samples']}), at most "
-              f"{d['max_new_tokens']} new tokens."
-              + ("" if plan["eval"]["mbpp_path"] else " MBPP skipped: no --mbpp / EBFT_MBPP given."),
-              f"- Why these sizes: everything has to finish in about two hours on 2 CPU cores. T={z['seq_len']} "
-              f"keeps an EBFT step (all {z['blocks']} × {ebft.get('num_samples', '?')} rollouts of a chunk in one "
-              f"strided row) at seconds; {z['steps']} steps × {len(plan['seeds'])} seeds × {len(v)} variants, the "
-              "evaluations and the lr sweep then fit the time box (the measured cost of each piece is in "
-              "conf/experiment/repro_small.yaml; the wall times of this run are below). The paper's T=1024, "
-              "16-chunk batches and 2 epochs need a GPU."]
+              f"({c['chunks'] * z['blocks']} contexts) that excludes the {c.get('skip', 0)} chunks of the in-training "
+              f"val/cfm (FM = unbiased CFM estimate, n=4 samples at temperature 0.6, G={z['gen_len']}); the FM "
+              f"profile at G = {', '.join(map(str, f['lengths']))} on the first {f['chunks']} of those chunks."]
+    if "downstream" in plan["eval"].get("parts", ()):
+        lines.append(f"- {', '.join(plan['eval']['benchmarks'])} on their first {d['limit']} problems: greedy and "
+                     f"{d['n_samples']} samples at temperature 0.6 (pass@1, pass@{d['n_samples']}), at most "
+                     f"{d['max_new_tokens']} new tokens."
+                     + ("" if plan["eval"]["mbpp_path"] else " MBPP skipped: no --mbpp / EBFT_MBPP given."))
+    else:
+        lines.append("- Not run by default (flags `--downstream`, `--rlvr`): pass@k on a few benchmark problems, "
+                     "which a 135M model nearly never solves, and RLVR, which earns no reward at this size and so "
+                     "never moves.")
+    lines.append(f"- Why these sizes: the question needs many optimizer steps and CFM differences measured to "
+                 f"~0.005 (see the comment of conf/experiment/repro_small.yaml for the measured costs). "
+                 f"T={z['seq_len']} keeps an EBFT step (all {z['blocks']} × {ebft.get('num_samples', '?')} rollouts "
+                 f"of a chunk in one strided row) at seconds on a CPU. The paper's T=1024, 16-chunk batches and 2 "
+                 "epochs need a GPU.")
     return lines + [""]
 
 
-def runs_section(out: Path, models: list[dict], cols: list[str]) -> tuple[list[str], list[dict]]:
+def runs_section(out: Path, models: list[dict], cols: list[str], parts: list[str]) -> tuple[list[str], list[dict]]:
     """Every model's numbers with the directories they come from; also the rows of runs.csv."""
     extra = [c for c in ("CE answer", "FM se", "FM whitened") if any(c in m["metrics"] for m in models)]
     keys = cols[:2] + extra + cols[2:]
     rows, records = [], []
     for m in models:
-        where = [m.get("dir") or m["ckpt"], *(_rel(out, m.get(p) and m[p]["_call"]) for p in PARTS)]
+        where = [m.get("dir") or m["ckpt"], *(_rel(out, m.get(p) and m[p]["_call"]) for p in parts)]
         rows.append([m["label"], str(m.get("seed") or "–"), format_lr(m["lr"]) if m.get("lr") else "–", *where,
                      *(_fmt(m["metrics"].get(k), 4) for k in keys)])
         records.append({"variant": m["variant"], "label": m["label"], "seed": m.get("seed"), "lr": m.get("lr"),
-                        "run_dir": where[0], **{f"{p}_result": w for p, w in zip(PARTS, where[1:])},
+                        "run_dir": where[0], **{f"{p}_result": w for p, w in zip(parts, where[1:])},
                         **{k: m["metrics"].get(k) for k in keys}})
-    header = ["model", "seed", "lr", "run dir", *(f"{p} result" for p in PARTS), *keys]
+    header = ["model", "seed", "lr", "run dir", *(f"{p} result" for p in parts), *keys]
     return [markdown_table(header, rows), ""], records
 
 
@@ -171,7 +216,7 @@ def _records(out: Path, plan: dict) -> list[tuple[str, dict]]:
     """(stage, job.json) of every job under the output folder, in running order."""
     dirs = [("lr sweep", out / r["dir"]) for r in (plan.get("sweep") or {}).get("runs", [])]
     dirs += [("training", out / m["dir"]) for m in plan["models"] if m.get("dir")]
-    dirs += [(f"evaluation ({p})", call) for p in PARTS for call in eval_calls(out, p)]
+    dirs += [(f"evaluation ({p})", call) for p in plan["eval"].get("parts", PARTS) for call in eval_calls(out, p)]
     return [(stage, rec) for stage, d in dirs if (rec := read_record(d)) is not None]
 
 
@@ -220,25 +265,28 @@ def write_report(out: str | Path) -> Path:
     if not plan_path.is_file():
         raise FileNotFoundError(f"no {PLAN} in {out}: run `python -m ebft.repro --out {out}` first")
     plan = json.loads(plan_path.read_text())
-    models = attach_results(plan["models"], {p: read_results(out, p) for p in PARTS})
+    parts = plan["eval"].get("parts", PARTS)
+    models = attach_results(plan["models"], {p: read_results(out, p) for p in parts})
     z = plan["sizes"]
     table, cols = headline(models, plan)
-    verdicts, all_won = verdict_section(models, plan, cols)
+    verdicts, ebft_won = verdict_section(models, plan)
     main_ebft = next((n for n, v in plan["variants"].items() if v["method"] == "ebft"), None)
     title = f"FM profile, {z['task']}, {z['model']} (T={z['seq_len']}, trained at G={z['gen_len']})"
     profile = figures.fm_profile(models, out / "fm_profile.png", title)
     curves = figures.training_curves(out, models, out / "training_curves.png")
-    runs_lines, records = runs_section(out, models, cols)
+    figures.cfm_curves(out, models, plan, out / "cfm_curves.png")
+    runs_lines, records = runs_section(out, models, cols, parts)
     with (out / "runs.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(records[0]))
         writer.writeheader()
         writer.writerows(records)
 
-    lines = [f"# EBFT vs SFT vs RLVR, small reproduction ({z['task']}, {z['model']})", "",
+    lines = [f"# EBFT vs SFT, small reproduction ({z['task']}, {z['model']})", "",
              f"Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by `{plan['command']}` from this folder's "
              f"runs (seeds {', '.join(map(str, plan['seeds']))}). It repeats, at CPU scale, the comparison of the "
              "paper's Table 1 (Q&A coding) and Figures 2-3, where EBFT reached a lower held-out CE and FM than SFT "
-             "and the base model, matched RLVR's pass@k, and RLVR made CE and FM worse than the base model.", ""]
+             "and the base model. Every comparison is paired: the same held-out units and random numbers for both "
+             "models.", ""]
     if plan["quick"]:
         lines += ["> **Quick mode**: a tiny random model and a few steps check the pipeline; the numbers mean "
                   "nothing.", ""]
@@ -247,8 +295,9 @@ def write_report(out: str | Path) -> Path:
               f"tokens; FM: held-out conditional feature-matching loss (lower is better for both); "
               f"greedy / pass@k: fraction of problems solved (unbiased pass@k). Learning rates: "
               + ", ".join(f"{k} {format_lr(v)}" for k, v in plan["lr"].items()) + f" ({plan['lr_source']}).", "",
-              "## Did EBFT beat SFT?", "", *verdicts]
-    if not all_won and main_ebft:
+              "## Did EBFT beat SFT? (paired differences, lower is better)", "", *verdicts,
+              "## In-sample vs held-out CFM during training", "", *curves_section(out, models, plan)]
+    if not ebft_won and main_ebft:
         label = plan["variants"][main_ebft]["label"]
         header, rows = diagnosis.stats_table(out, plan)
         lines += ["## Diagnosis", "", f"Computed from the runs' metrics.csv ({label} against SFT):", ""]

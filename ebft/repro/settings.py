@@ -87,6 +87,7 @@ class Settings:
     eval_common: tuple[str, ...]    # evaluate.py overrides giving it the training data, model and geometry
     variants: dict[str, Variant]
     seeds: tuple[int, ...]
+    first_seed_only: tuple[str, ...]   # variants run at the first seed only (ablations)
     lr: dict[str, float]
     steps: int
     val_interval: int
@@ -95,6 +96,7 @@ class Settings:
     mbpp_path: str | None
     base_ckpt: str
     sizes: dict
+    parts: tuple[str, ...] = ("calibration", "profile")   # evaluation parts; + downstream with --downstream
 
     def path_arg(self, path: Path) -> str:
         """``path`` as the commands name it: relative to the repository when inside it, else absolute."""
@@ -154,8 +156,9 @@ def _common(quick: bool, steps: int | None, overrides: list[str], mbpp_path: str
     return merge_overrides(common, overrides, [f"data.mbpp_path={override_value(mbpp_path)}"])
 
 
-def _sweep(cfg: DictConfig, quick: bool, variants: dict[str, Variant]) -> dict:
+def _sweep(cfg: DictConfig, quick: bool, variants: dict[str, Variant], steps: int) -> dict:
     sweep = _section(cfg, quick, "lr_sweep")
+    sweep["steps"] = steps if sweep.get("steps") is None else int(sweep["steps"])
     unknown = [v for v in sweep["variants"] if v not in variants]
     if unknown:
         raise ReproError(f"repro.lr_sweep.variants {unknown} are not in repro.variants ({', '.join(variants)})")
@@ -187,21 +190,24 @@ def _sizes(cfg: DictConfig) -> dict:
             "batch_size": int(cfg.method.batch_size), "steps": int(cfg.trainer.max_steps),
             "val_size": int(cfg.data.val_size), "data_limit": cfg.data.get("limit"),
             "in_training_cfm_chunks": int(cfg.eval.cfm_chunks),
+            "in_training_train_chunks": int(cfg.eval.get("cfm_train_chunks") or 0),
+            "val_interval": int(cfg.trainer.val_check_interval),
             "in_training_val_chunks": int(cfg.trainer.limit_val_batches) * int(cfg.method.batch_size)}
 
 
 def load_settings(out: str | os.PathLike | None = None, quick: bool = False, steps: int | None = None,
                   seeds: list[int] | None = None, limit: int | None = None, chunks: int | None = None,
                   profile_chunks: int | None = None, mbpp: str | None = None,
-                  overrides: list[str] | None = None) -> Settings:
+                  overrides: list[str] | None = None, rlvr: bool = False, downstream: bool = False) -> Settings:
     """Compose ``experiment=repro_small`` (+ the quick profile and the size flags) into :class:`Settings`.
 
-    ``mbpp`` defaults to ``$EBFT_MBPP``; without it MBPP is neither trained on nor evaluated.
+    ``mbpp`` defaults to ``$EBFT_MBPP``; without it MBPP is neither trained on nor evaluated. ``rlvr``
+    adds the optional RLVR variant, ``downstream`` the benchmark evaluation.
     """
     mbpp_path = mbpp or os.environ.get("EBFT_MBPP") or None
     if mbpp_path and not Path(mbpp_path).is_file():
         raise ReproError(f"MBPP file {mbpp_path} does not exist: pass --mbpp <mbpp.jsonl> or unset EBFT_MBPP")
-    mbpp_path = str(Path(mbpp_path).resolve()) if mbpp_path else None
+    mbpp_path = os.path.relpath(Path(mbpp_path).resolve(), ROOT) if mbpp_path else None   # commands run in ROOT
     common = _common(quick, steps, overrides or [], mbpp_path)
     cfg = compose_config("train", common)
     total = int(cfg.trainer.max_steps)
@@ -210,8 +216,12 @@ def load_settings(out: str | os.PathLike | None = None, quick: bool = False, ste
 
     repro = cfg.repro
     extra = OmegaConf.to_container(repro.quick.variant_overrides, resolve=True) if quick else {}
+    chosen = OmegaConf.to_container(repro.variants, resolve=True)
+    if rlvr:
+        chosen.update(OmegaConf.to_container(repro.optional_variants, resolve=True))
     variants = {name: _variant(name, merge_overrides(list(ov), extra.get(name, [])), common)
-                for name, ov in OmegaConf.to_container(repro.variants, resolve=True).items()}
+                for name, ov in chosen.items()}
+    first_seed_only = tuple(v for v in repro.get("first_seed_only", []) if v in variants)
     lr = {k: float(v) for k, v in OmegaConf.to_container(repro.lr, resolve=True).items()}
     missing = sorted({v.method for v in variants.values()} - set(lr))
     if missing:
@@ -221,8 +231,10 @@ def load_settings(out: str | os.PathLike | None = None, quick: bool = False, ste
         raise ReproError("no seeds: give --seeds 43,44 or set repro.seeds")
     default_out = ROOT / ("outputs/repro_small_quick" if quick else "results/repro_small")
     return Settings(out=Path(out).resolve() if out else default_out, quick=quick, train_common=tuple(common),
-                    eval_common=tuple(_eval_common(cfg, mbpp_path)), variants=variants, seeds=seed_list, lr=lr,
+                    eval_common=tuple(_eval_common(cfg, mbpp_path)), variants=variants, seeds=seed_list,
+                    first_seed_only=first_seed_only, lr=lr,
                     steps=total, val_interval=val_interval(total, int(cfg.trainer.val_check_interval)),
-                    sweep=_sweep(cfg, quick, variants),
+                    sweep=_sweep(cfg, quick, variants, total),
                     evaluation=_evaluation(cfg, quick, chunks, profile_chunks, limit),
-                    mbpp_path=mbpp_path, base_ckpt=str(cfg.model.name), sizes=_sizes(cfg))
+                    mbpp_path=mbpp_path, base_ckpt=str(cfg.model.name), sizes=_sizes(cfg),
+                    parts=("calibration", "profile", "downstream") if downstream else ("calibration", "profile"))

@@ -1,10 +1,13 @@
-"""The learning-rate sweep: a few short runs per method, chosen on the held-out VALIDATION split.
+"""The learning-rate sweep: runs per method at several lrs, chosen on the held-out VALIDATION chunks.
+
+Every run logs ``val/cfm`` on the same fixed held-out chunks with the same random numbers, and its
+first evaluation is the base model's (identical in every run), so final ``val/cfm`` values of two runs
+are a paired comparison; ``val/cfm_change_se`` is the paired standard error of each run's change.
 
 Rule (the same for every method): among the runs that finished with finite numbers, take the lowest
-final val CFM; every lr whose final val CFM is within two standard errors of it (the CFM estimate's
+final val CFM; every lr whose final val CFM is within two standard errors of it (the paired change
 errors of both runs combined) counts as tied, and among the tied ones the lowest final val CE wins.
-When CFM cannot separate the lrs (the usual case after a few CPU steps) this is the lr with the lowest
-val CE. The downstream benchmarks are never looked at.
+The downstream benchmarks and the comparison's held-out chunks are never looked at.
 """
 
 from __future__ import annotations
@@ -52,8 +55,10 @@ def read_point(out: Path, entry: dict) -> SweepPoint:
     if record is None or record.get("returncode") != 0 or not (directory / "metrics.csv").is_file():
         return base
     run = load_run(directory)
+    se = _last(run, "val/cfm_change_se")
     point = SweepPoint(base.variant, base.method, base.lr, base.dir, True, _last(run, "val/ce"),
-                       _last(run, "val/cfm"), _last(run, "val/cfm_se"), _first(run, "val/ce"), _first(run, "val/cfm"))
+                       _last(run, "val/cfm"), se if math.isfinite(se) else _last(run, "val/cfm_se"),
+                       _first(run, "val/ce"), _first(run, "val/cfm"))
     finite = math.isfinite(point.val_ce) and (math.isfinite(point.val_cfm) or math.isnan(point.start_cfm))
     return point if finite else SweepPoint(base.variant, base.method, base.lr, base.dir, False)
 

@@ -1,14 +1,10 @@
-"""The numbers of the report: per-model metrics from evaluate.py's results, means over seeds, verdicts.
+"""The numbers of the report's headline table: per-model metrics from evaluate.py's results, means
+over seeds.
 
 A model's metrics come from its results (``calibration``: CE and FM = the unbiased CFM estimate with
 its whitened proxy; ``downstream``: per benchmark greedy and pass@k; the FM profile goes to the
-figure). A variant's row is the mean and the sample standard deviation over its seeds.
-
-Verdict of "A beat B" on a metric: the difference of the seed means against its noise,
-``2 * sqrt(sd_A^2/n_A + sd_B^2/n_B + e_A^2 + e_B^2)``, where ``sd`` is the spread over seeds and ``e``
-the estimator's own standard error of a seed mean (FM: the CFM estimate's; pass rates: the binomial
-``sqrt(p (1 - p) / problems / n)``; CE: none). Better by more than the noise is a win, worse by more
-is a loss, anything else is within noise.
+figure). A variant's row is the mean and the sample standard deviation over its seeds. Whether one
+variant beat another is decided by paired differences (:mod:`ebft.repro.comparison`), not here.
 """
 
 from __future__ import annotations
@@ -18,9 +14,6 @@ import statistics
 from dataclasses import dataclass
 
 from ebft.repro.plan import matches
-
-LOWER_IS_BETTER = ("CE", "CE answer", "FM", "FM whitened")
-
 
 @dataclass(frozen=True)
 class Stat:
@@ -90,34 +83,3 @@ def variant_stats(models: list[dict], variant: str) -> dict[str, Stat]:
 def is_rate(metric: str) -> bool:
     """Whether ``metric`` is a benchmark's solved fraction (``HumanEval greedy``, ``MBPP pass@4``)."""
     return metric.endswith(" greedy") or " pass@" in metric
-
-
-def _estimator_se(stat: Stat, metric: str, problems: int) -> float:
-    if metric == "FM":
-        return stat.se
-    if is_rate(metric) and problems > 0 and stat.n > 0:
-        p = min(max(stat.mean, 0.0), 1.0)
-        return math.sqrt(p * (1 - p) / problems / stat.n)
-    return 0.0
-
-
-@dataclass(frozen=True)
-class Verdict:
-    metric: str
-    a: Stat
-    b: Stat
-    difference: float   # a - b, sign as measured
-    noise: float
-    outcome: str        # "yes", "no (worse)", "no (within noise)", "not measured"
-
-
-def verdict(metric: str, a: Stat, b: Stat, problems: int = 0) -> Verdict:
-    """Did ``a`` beat ``b`` on ``metric`` (module docstring)?"""
-    if a.n == 0 or b.n == 0:
-        return Verdict(metric, a, b, math.nan, math.nan, "not measured")
-    diff = a.mean - b.mean
-    noise = 2 * math.sqrt(a.sd ** 2 / a.n + b.sd ** 2 / b.n + _estimator_se(a, metric, problems) ** 2
-                          + _estimator_se(b, metric, problems) ** 2)
-    better = -diff if metric in LOWER_IS_BETTER else diff
-    outcome = "yes" if better > noise else "no (worse)" if -better > noise else "no (within noise)"
-    return Verdict(metric, a, b, diff, noise, outcome)
