@@ -139,6 +139,25 @@ def test_jobs_skip_when_done_and_refuse_other_commands(tmp_path, capsys):
     assert run_job(Job("boom", failing.argv, tmp_path / "g", may_fail=True), 1, 1)["returncode"] == 3
 
 
+def test_an_interrupted_training_job_continues_from_its_checkpoint(tmp_path):
+    """A job with a checkpoint is re-run with ckpt_path= appended (same directory, log appended); one
+    without a checkpoint starts over."""
+    d = tmp_path / "run"
+    script = ("import os, sys; d = sys.argv[1]; os.makedirs(d + '/checkpoints', exist_ok=True); "
+              "open(d + '/checkpoints/last.ckpt', 'w').write('x'); print('args', sys.argv[2:]); "
+              "sys.exit(0 if len(sys.argv) > 2 else 9)")
+    job = Job("train", ("-c", script, str(d)), d, checkpoint="checkpoints/last.ckpt")
+    with pytest.raises(ReproError, match="exit 9"):
+        run_job(job, 1, 1)
+    record = run_job(job, 1, 1)
+    assert record["returncode"] == 0 and record["resumed_with"].startswith("ckpt_path=")
+    assert record["resumed_with"].endswith("run/checkpoints/last.ckpt")
+    log = (d / "stdout.log").read_text()
+    assert log.startswith("args []") and "args ['ckpt_path=" in log
+    assert record["command"] == job.command        # the job is the same job: a later call skips it
+    assert finished(job) is not None
+
+
 # ------------------------------------------------------------------------------- report from synthetic runs
 
 VARIANTS = {

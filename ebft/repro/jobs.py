@@ -4,9 +4,10 @@ A job is one ``train.py`` or ``evaluate.py`` command line whose Hydra run direct
 ``job.directory``. Its output goes to ``<directory>/stdout.log``; ``job.json`` records the exact
 command when it starts, and the return code, the wall time and the CPU time when it ends. A job
 whose ``job.json`` says it succeeded is skipped on the next call (one that failed or was interrupted
-is run again, from scratch, unless it may fail: the lr sweep keeps a diverged run as its result). A
-finished directory made by a different command is an error, so changed settings never mix with old
-outputs silently.
+is run again, unless it may fail: the lr sweep keeps a diverged run as its result). An interrupted
+training run continues from its last Lightning checkpoint (``ckpt_path=`` added to the same command);
+any other job starts over. A finished directory made by a different command is an error, so changed
+settings never mix with old outputs silently.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Job:
     directory: Path
     may_fail: bool = False
     discard: tuple[str, ...] = ()   # subdirectories removed once the job succeeded (bulky, never read)
+    checkpoint: str | None = None   # a train.py run's last checkpoint (relative to directory): resume from it
 
     @property
     def command(self) -> str:
@@ -105,17 +107,25 @@ def run_job(job: Job, index: int, total: int) -> dict:
     if record is not None:
         print(f"{head}: done before ({record['seconds']:.0f} s), skipped", flush=True)
         return record
-    if job.directory.exists():
+    argv = list(job.argv)
+    last = job.directory / job.checkpoint if job.checkpoint else None
+    earlier = read_record(job.directory)
+    if last is not None and last.is_file() and earlier is not None and earlier["command"] == job.command:
+        argv.append(f"ckpt_path={os.path.relpath(last, ROOT)}")   # an interrupted run: continue it
+        print(f"{head}: resuming from {last}", flush=True)
+    elif job.directory.exists():
         shutil.rmtree(job.directory)  # an interrupted or failed attempt: start it over
-    job.directory.mkdir(parents=True)
+    job.directory.mkdir(parents=True, exist_ok=True)
     log = job.directory / LOG
     print(f"{head}: running  (log: {log})", flush=True)
     record = {"name": job.name, "command": job.command, "returncode": None,
               "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if len(argv) > len(job.argv):
+        record["resumed_with"] = argv[-1]
     _write_record(job.directory, record)
     start, cpu = time.time(), _children_cpu()
-    with log.open("w") as out:
-        returncode = _wait([sys.executable, *job.argv], out)
+    with log.open("a") as out:
+        returncode = _wait([sys.executable, *argv], out)
     seconds = round(time.time() - start, 1)
     record.update(returncode=returncode, seconds=seconds, cpu_seconds=round(_children_cpu() - cpu, 1),
                   finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))

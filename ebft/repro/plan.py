@@ -39,13 +39,14 @@ def train_job(settings: Settings, name: str, variant: Variant, seed: int, lr: fl
               steps: int, interval: int, may_fail: bool = False) -> Job:
     """``python train.py`` for ``variant`` at ``seed`` and ``lr`` for ``steps`` optimizer steps.
 
-    Its Lightning checkpoints (weights and optimizer state, ~1.6 GB for SmolLM2) are removed once it
-    finished: the driver restarts an interrupted run, and evaluation reads ``hf_model/``.
+    Its Lightning checkpoints (weights and optimizer state, ~1.6 GB for SmolLM2) are kept while it runs,
+    so an interrupted run continues from the last one, and removed once it finished: evaluation reads
+    ``hf_model/``.
     """
     run = [f"seed={seed}", f"method.lr={lr!r}", f"trainer.max_steps={steps}",
            f"trainer.val_check_interval={interval}", f"hydra.run.dir={settings.path_arg(directory)}"]
     return Job(name, ("train.py", *merge_overrides(settings.train_common, variant.overrides, run)), directory,
-               may_fail, discard=("checkpoints",))
+               may_fail, discard=("checkpoints",), checkpoint="checkpoints/last.ckpt")
 
 
 def sweep_is_headline(settings: Settings) -> bool:
