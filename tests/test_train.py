@@ -88,3 +88,30 @@ def test_resume_gives_the_same_next_steps(tmp_path, monkeypatch, method, key):
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6)
     # and the interrupted run really stopped after 2 steps
     assert max(train_losses(crashed, key)) == 1
+
+
+@pytest.mark.slow
+def test_epoch_bounded_resume_with_accumulation_trains_the_uninterrupted_steps(tmp_path, monkeypatch):
+    """Two epochs of 10 micro-batches (40 chunks), 3 per optimizer step (steps of 3, 3, 3 and 1 batches):
+    a run interrupted mid-epoch and resumed logs the same per-step losses as the uninterrupted one."""
+    extra = ["method=sft", "task=translation", "data.limit=40", "data.val_size=4", "method.batch_size=4",
+             "global_batch=12", "trainer.max_epochs=2", "trainer.max_steps=-1", "trainer.limit_val_batches=0",
+             "method.lr=1e-3"]
+    full = tmp_path / "full"
+    summary = train(make_cfg(full, *extra))
+    expected = train_losses(full, "train/ce")
+    assert summary["steps"] == 8 and sorted(expected) == list(range(8))
+
+    crashed = tmp_path / "crashed"
+    original = run_module.build_trainer
+    monkeypatch.setattr(run_module, "build_trainer",
+                        lambda cfg, out, cbs: original(cfg, out, [*cbs, CrashAt(6)]))
+    with pytest.raises(Crash):
+        train(make_cfg(crashed, *extra))
+    monkeypatch.setattr(run_module, "build_trainer", original)
+    resumed = tmp_path / "resumed"
+    train(make_cfg(resumed, *extra, f"ckpt_path={crashed}"))
+    got = train_losses(resumed, "train/ce")
+    assert sorted(got) == [6, 7]
+    for step in (6, 7):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6)

@@ -1,15 +1,17 @@
 """LightningDataModule serving packed chunks (SFT, EBFT) with a held-out split.
 
-Training order is a seeded permutation per epoch, sharded by rank, and it is
-resumable: the sampler starts at the batch the restored trainer has reached, so
-a run resumed from a mid-epoch checkpoint sees exactly the batches an
-uninterrupted run would have seen.
+Training order is a seeded permutation per epoch (a new one every epoch), sharded by rank, and it
+is resumable: each epoch's iteration starts at the batch the optimizer steps taken so far have
+reached, so a run resumed from a mid-epoch checkpoint sees exactly the batches an uninterrupted
+run would have seen, in step- and epoch-bounded runs, with or without gradient accumulation.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
+from typing import Callable
 
 import lightning as L
 import torch
@@ -35,35 +37,45 @@ class ChunkDataset(Dataset):
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
-    """Batches of a seeded per-epoch permutation, sharded over ranks, starting at ``start_batch``.
+    """Batches of a seeded per-epoch permutation, sharded over ranks, resumable mid-epoch.
 
-    Batch ``b`` of the infinite stream is batch ``b % per_epoch`` of epoch ``b // per_epoch``;
-    each rank takes every ``world_size``-th index of the global batch, so all ranks
-    run the same number of steps. Incomplete trailing batches are dropped.
+    Epoch ``e`` visits the chunks in the order ``torch.randperm(size)`` drawn with seed ``seed + e``
+    (a new order every epoch), in ``per_epoch = size // (batch_size * world_size)`` global batches;
+    each rank takes every ``world_size``-th index of a global batch, so all ranks run the same
+    number of steps, and the incomplete trailing batch is dropped. ``len()`` is always
+    ``per_epoch``.
+
+    Where an iteration starts is asked when it starts (not when the sampler is built):
+    ``position(per_epoch)`` gives ``(epoch, first batch)``; without it, successive iterations are
+    epochs 0, 1, 2, ... from their first batch.
     """
 
     def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 start_batch: int = 0):
+                 position: Callable[[int], tuple[int, int]] | None = None):
         global_batch = batch_size * world_size
         if size < global_batch:
             raise ValueError(
                 f"only {size} training chunks for a global batch of {global_batch} "
                 f"(batch_size={batch_size} x {world_size} devices): lower method.batch_size or add data")
         self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
+        self.rank, self.world_size, self.position = rank, world_size, position
         self.per_epoch = size // global_batch
+        self._epochs_started = 0
 
     def __len__(self) -> int:
-        return self.per_epoch - self.start_batch % self.per_epoch
+        return self.per_epoch
 
     def __iter__(self):
-        epoch, first = divmod(self.start_batch, self.per_epoch)
+        if self.position is None:
+            epoch, first = self._epochs_started, 0
+        else:
+            epoch, first = self.position(self.per_epoch)
+        self._epochs_started = epoch + 1
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
         global_batch = self.batch_size * self.world_size
         for b in range(first, self.per_epoch):
             ids = order[b * global_batch:(b + 1) * global_batch]
             yield ids[self.rank::self.world_size].tolist()
-        self.start_batch = (epoch + 1) * self.per_epoch
 
 
 class ChunkDataModule(L.LightningDataModule):
@@ -102,17 +114,26 @@ class ChunkDataModule(L.LightningDataModule):
         return PackedChunks(self.train_chunks.input_ids[idx], self.train_chunks.answer_mask[idx],
                             self.train_chunks.doc_ids[idx])
 
-    def _consumed_batches(self) -> int:
+    def position(self, per_epoch: int) -> tuple[int, int]:
+        """``(epoch, first batch)`` where training stands: the optimizer steps taken, in batches.
+
+        An epoch of ``per_epoch`` batches takes ``ceil(per_epoch / accumulate)`` optimizer steps
+        (Lightning also steps on an epoch's last batch when its accumulation window is not full), so
+        after ``s`` steps training is at batch ``(s mod steps_per_epoch) * accumulate`` of epoch
+        ``s // steps_per_epoch``. The sampler asks when an epoch's first batch is drawn, after a resumed
+        run's step counter is restored (Lightning may build the loader before that, to count the
+        steps of an epoch-bounded run).
+        """
         trainer = self.trainer
-        if trainer is None:
-            return 0
-        return trainer.global_step * trainer.accumulate_grad_batches
+        accumulate = int(trainer.accumulate_grad_batches)
+        epoch, step = divmod(int(trainer.global_step), math.ceil(per_epoch / accumulate))
+        return epoch, step * accumulate
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         sampler = ResumableBatchSampler(len(self.train_chunks.input_ids), self.batch_size,
-                                        int(self.cfg.seed), rank, world, self._consumed_batches())
+                                        int(self.cfg.seed), rank, world, self.position if trainer else None)
         return DataLoader(ChunkDataset(self.train_chunks), batch_sampler=sampler,
                           num_workers=int(self.cfg.data.get("num_workers", 0)))
 

@@ -149,6 +149,6 @@ class PromptDataModule(ChunkDataModule):
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         sampler = ResumableBatchSampler(len(self.prompts), self.batch_size, int(self.cfg.seed), rank, world,
-                                        self._consumed_batches())
+                                        self.position if trainer else None)
         return DataLoader(self.prompts, batch_sampler=sampler, collate_fn=left_pad_collate(self.tokenizer.pad_token_id),
                           num_workers=int(self.cfg.data.get("num_workers", 0)))
