@@ -161,7 +161,7 @@ def test_bad_config_values(tmp_path):
         load_rows({"kind": "hub"}, "qa_code")
     odd = tmp_path / "d.txt"
     odd.write_text("x")
-    with pytest.raises(DataConfigError, match="data.format"):
+    with pytest.raises(DataConfigError, match="data.file_type"):
         load_rows({"kind": "local", "files": str(odd)}, "qa_code")
 
 

@@ -94,9 +94,9 @@ class ChunkDataModule(L.LightningDataModule):
             return
         rows = load_rows(self.cfg.data, self.cfg.task.name)
         train_rows, self.val_rows = train_val_split(rows, int(self.cfg.data.val_size), int(self.cfg.data.seed))
-        seq_len = int(self.cfg.task.seq_len)
-        self.train_chunks = pack_rows(train_rows, self.tokenizer, seq_len)
-        self.val_chunks = pack_rows(self.val_rows, self.tokenizer, seq_len)
+        seq_len, template = int(self.cfg.task.seq_len), bool(self.cfg.data.get("chat_template", False))
+        self.train_chunks = pack_rows(train_rows, self.tokenizer, seq_len, chat_template=template)
+        self.val_chunks = pack_rows(self.val_rows, self.tokenizer, seq_len, chat_template=template)
         log.info("data: %d train rows -> %d chunks, %d held-out rows -> %d chunks of %d tokens",
                  len(train_rows), len(self.train_chunks.input_ids), len(self.val_rows),
                  len(self.val_chunks.input_ids), seq_len)

@@ -1,14 +1,17 @@
 """Pack rows into fixed T-token chunks, as the paper's authors do.
 
-Question and answer are tokenised separately without special tokens and
-joined with no template; every example is followed by one EOS token; the
-token stream of all examples is cut into chunks of exactly T tokens and the
-last partial chunk is dropped. There is no padding, so every token of a chunk
-is a real token of the stream. Contexts cross example boundaries.
+A row's segments (``ebft.data.formats.row_segments``: question and answer, or
+the turns of a chat) are tokenised separately without special tokens and
+joined with no template (with ``data.chat_template=true`` the segments are the
+tokenizer's chat template rendering); every example is followed by one EOS
+token; the token stream of all examples is cut into chunks of exactly T tokens
+and the last partial chunk is dropped. There is no padding, so every token of a
+chunk is a real token of the stream. Contexts cross example boundaries.
 
-Per chunk there is also an answer mask (True on answer tokens and on the EOS
-that ends each example, so a model trained on answers learns to stop; False
-on question tokens) and the document id of every token (the index of its row).
+Per chunk there is also an answer mask (True on answer tokens, i.e. completions
+and assistant turns, and on the EOS that ends each example, so a model trained
+on answers learns to stop; False on question / prompt tokens) and the document
+id of every token (the index of its row).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from itertools import chain
 import numpy as np
 import torch
 
+from ebft.data.formats import row_segments
 from ebft.data.sources import DataConfigError
 
 TOKENIZE_BATCH = 1024
@@ -40,22 +44,29 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
 
-def _pack_batch(rows: list[dict], first_doc: int, tokenizer, eos: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _pack_batch(rows: list[dict], first_doc: int, tokenizer, eos: int,
+                chat_template: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stream tokens, answer mask and document ids of consecutive rows."""
-    questions = _encode(tokenizer, [r["question"] for r in rows])
-    answers = _encode(tokenizer, [r["answer"] for r in rows])
-    q_len = np.fromiter(map(len, questions), dtype=np.int64, count=len(rows))
-    a_len = np.fromiter(map(len, answers), dtype=np.int64, count=len(rows)) + 1  # + EOS
-    total = int(q_len.sum() + a_len.sum())
-    tokens = np.fromiter(chain.from_iterable(chain.from_iterable((q, a, (eos,)) for q, a in zip(questions, answers))),
-                         dtype=np.int64, count=total)
-    segments = np.stack([q_len, a_len], axis=1).reshape(-1)
-    mask = np.repeat(np.tile(np.array([False, True]), len(rows)), segments)
-    docs = np.repeat(np.arange(first_doc, first_doc + len(rows), dtype=np.int64), q_len + a_len)
+    segments = [row_segments(r, tokenizer, chat_template) for r in rows]
+    encoded = iter(_encode(tokenizer, [text for segs in segments for text, _ in segs]))
+    pieces, answer, row_len = [], [], []
+    for segs in segments:
+        start = len(pieces)
+        for _, is_answer in segs:
+            pieces.append(next(encoded))
+            answer.append(is_answer)
+        pieces.append((eos,))
+        answer.append(True)
+        row_len.append(sum(map(len, pieces[start:])))
+    lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+    tokens = np.fromiter(chain.from_iterable(pieces), dtype=np.int64, count=int(lengths.sum()))
+    mask = np.repeat(np.array(answer, dtype=bool), lengths)
+    docs = np.repeat(np.arange(first_doc, first_doc + len(rows), dtype=np.int64), row_len)
     return tokens, mask, docs
 
 
-def pack_rows(rows: list[dict], tokenizer, seq_len: int, max_chunks: int | None = None) -> PackedChunks:
+def pack_rows(rows: list[dict], tokenizer, seq_len: int, max_chunks: int | None = None,
+              chat_template: bool = False) -> PackedChunks:
     """Tokenise ``rows`` in batches and pack them into ``seq_len``-token chunks
     (at most ``max_chunks``; tokenising stops once enough tokens exist)."""
     if seq_len < 1:
@@ -69,7 +80,7 @@ def pack_rows(rows: list[dict], tokenizer, seq_len: int, max_chunks: int | None 
     needed = None if max_chunks is None else max_chunks * seq_len
     parts, have = [], 0
     for start in range(0, len(rows), TOKENIZE_BATCH):
-        part = _pack_batch(rows[start:start + TOKENIZE_BATCH], start, tokenizer, eos)
+        part = _pack_batch(rows[start:start + TOKENIZE_BATCH], start, tokenizer, eos, chat_template)
         parts.append(part)
         have += len(part[0])
         if needed is not None and have >= needed:

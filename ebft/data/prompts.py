@@ -6,7 +6,10 @@ Split and validation: the rows are split with ``train_val_split`` exactly as the
 the validation curves of SFT, EBFT and RLVR are comparable.
 
 Prompt format: the question tokenised without special tokens, nothing added (the packed chunks
-join question and answer the same way), so the completion plays the answer's part:
+join question and answer the same way), so the completion plays the answer's part; with
+``data.chat_template=true`` the turns before the answer rendered with the tokenizer's chat template
+and its generation prompt (``ebft.data.formats.prompt_text``). Rows of ``data=local`` / ``data=hub``
+in any format of ``ebft.data.formats`` carry ``tests`` (code) or a reference answer (translation):
 
 - stdlib Q&A rows (``test_type="doctest"``): the prompt is the ``def`` line and docstring, the
   completion is the body; the verifier runs ``question + body`` and then the docstring's examples.
@@ -32,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ebft.data.datamodule import ChunkDataModule, ResumableBatchSampler
+from ebft.data.formats import prompt_text
 from ebft.data.packing import pack_rows
 from ebft.data.sources import DataConfigError, load_rows, train_val_split
 from ebft.objectives.verifiable import RewardFn, code_problem, reward_fn_for
@@ -75,13 +79,14 @@ def informative(rows: Sequence[dict], reward_fn: RewardFn) -> list[bool]:
 
 
 def select_prompts(rows: Sequence[dict], task: str, tokenizer, max_prompt_tokens: int,
-                   check_references: bool) -> tuple[list[dict], list[list[int]]]:
+                   check_references: bool, chat_template: bool = False) -> tuple[list[dict], list[list[int]]]:
     """Training rows and their prompt token ids, after the filters of the module docstring (the
     sandbox runs of ``check_references`` last, on the rows the cheap filters kept)."""
     counts = {"rows": len(rows)}
     rows = [with_module_namespace(r) for r in rows if has_verifier(r, task)]
     counts["without a verifier"] = counts["rows"] - len(rows)
-    encoded = tokenizer([r["question"] for r in rows], add_special_tokens=False)["input_ids"] if rows else []
+    prompts = [prompt_text(r, tokenizer, chat_template) for r in rows]
+    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"] if rows else []
     keep = [0 < len(ids) <= max_prompt_tokens for ids in encoded]
     counts[f"empty or longer than {max_prompt_tokens} tokens"] = keep.count(False)
     rows, encoded = [r for r, k in zip(rows, keep) if k], [e for e, k in zip(encoded, keep) if k]
@@ -140,10 +145,11 @@ class PromptDataModule(ChunkDataModule):
         cfg = self.cfg
         rows = load_rows(cfg.data, cfg.task.name)
         train_rows, self.val_rows = train_val_split(rows, int(cfg.data.val_size), int(cfg.data.seed))
-        self.val_chunks = pack_rows(self.val_rows, self.tokenizer, int(cfg.task.seq_len))
+        template = bool(cfg.data.get("chat_template", False))
+        self.val_chunks = pack_rows(self.val_rows, self.tokenizer, int(cfg.task.seq_len), chat_template=template)
         self.prompts = PromptDataset(*select_prompts(
             train_rows, str(cfg.task.name), self.tokenizer, int(cfg.method.max_prompt_tokens),
-            bool(cfg.method.check_references)))
+            bool(cfg.method.check_references), template))
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer

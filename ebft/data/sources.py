@@ -10,7 +10,10 @@ The ``data`` config group::
       config: null          # hub: dataset config (haoranxu/ALMA-Human-Parallel: de-en, ...)
       split: train          # hub: split, slicing allowed (train[:10%])
       files: null           # local: path or list of paths (.jsonl/.json/.parquet/.csv)
-      format: null          # local: json | parquet | csv (default: from the extension)
+      file_type: null       # local: json | parquet | csv (default: from the extension)
+      format: null          # chat | prompt_completion | fields | text (default: from the
+                            # columns; see ebft/data/formats.py)
+      chat_template: false  # render rows with the tokenizer's chat template when packing
       fields: {}            # our field -> their column, merged over the preset;
                             # a field mapped to null becomes "" (a dataset without questions)
       mbpp_path: null       # embedded qa_code: MBPP jsonl (default $EBFT_MBPP; none = no MBPP)
@@ -44,8 +47,8 @@ from omegaconf import DictConfig, OmegaConf
 
 KINDS = ("embedded", "hub", "local")
 ROW_FIELDS = ("question", "answer", "tests", "test_type", "test_setup", "entry_point", "source_lang", "target_lang")
-CONFIG_KEYS = {"kind", "name", "config", "split", "files", "format", "fields", "mbpp_path", "langs",
-               "limit", "val_size", "seed"}
+CONFIG_KEYS = {"kind", "name", "config", "split", "files", "file_type", "format", "chat_template", "fields",
+               "mbpp_path", "langs", "limit", "val_size", "seed"}
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -141,8 +144,14 @@ def _preset(cfg: Mapping, columns: list[str]) -> Preset:
 # ---------------------------------------------------------------- table -> rows
 
 def rows_from_table(table, cfg: Mapping) -> list[dict]:
-    """Map a ``datasets.Dataset`` to rows with the preset / ``data.fields`` mapping."""
+    """Map a ``datasets.Dataset`` to rows: a ``chat`` / ``prompt_completion`` / ``text`` table by its
+    format (``ebft.data.formats``), a ``fields`` one with the preset / ``data.fields`` mapping."""
+    from ebft.data.formats import detect_format, format_row
+
     columns = list(table.column_names)
+    fmt = detect_format(columns, cfg.get("format"), bool(cfg.get("fields")) or (cfg.get("name") or "") in PRESETS)
+    if fmt != "fields":
+        return [format_row(record, fmt, index) for index, record in enumerate(table)]
     preset = _preset(cfg, columns)
     for ours, theirs in preset.fields.items():
         if theirs is not None and theirs not in columns:
@@ -244,16 +253,16 @@ def _local_files(cfg: Mapping) -> tuple[str, list[str]]:
     for path in paths:
         if not path.is_file():
             raise DataConfigError(f"data.files: '{path}' does not exist; give an existing file")
-    fmt = cfg.get("format")
+    fmt = cfg.get("file_type")
     if fmt is None:
         formats = {_FORMATS.get(p.suffix.lower()) for p in paths}
         if None in formats or len(formats) != 1:
             raise DataConfigError(
-                f"data.files {[str(p) for p in paths]}: cannot tell one format from the extensions; "
-                f"use {sorted(_FORMATS)} or set data.format to json, parquet or csv")
+                f"data.files {[str(p) for p in paths]}: cannot tell one file type from the extensions; "
+                f"use {sorted(_FORMATS)} or set data.file_type to json, parquet or csv")
         fmt = formats.pop()
     if fmt not in set(_FORMATS.values()):
-        raise DataConfigError(f"data.format='{fmt}' is not supported; use json, parquet or csv")
+        raise DataConfigError(f"data.file_type='{fmt}' is not supported; use json, parquet or csv")
     return fmt, [str(p) for p in paths]
 
 

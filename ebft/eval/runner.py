@@ -144,7 +144,8 @@ def held_out(cfg: DictConfig, tokenizer) -> HeldOut:
     _, val = train_val_split(rows, int(cfg.data.val_size), int(cfg.data.seed))
     if not val:
         raise ConfigError("data.val_size=0 leaves no held-out rows to evaluate on; set data.val_size >= 1")
-    return HeldOut(val, pack_rows(val, tokenizer, int(cfg.task.seq_len)))
+    return HeldOut(val, pack_rows(val, tokenizer, int(cfg.task.seq_len),
+                                  chat_template=bool(cfg.data.get("chat_template", False))))
 
 
 def subset(chunks: PackedChunks, limit: int | None, seed: int, skip: int = 0) -> PackedChunks:

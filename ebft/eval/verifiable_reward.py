@@ -64,7 +64,8 @@ def fixed_prompts(cfg: DictConfig, tokenizer, split: str, limit: int | None, see
     rows = load_rows(cfg.data, str(cfg.task.name))
     train_rows, val_rows = train_val_split(rows, int(cfg.data.val_size), int(cfg.data.seed))
     kept, ids = select_prompts(val_rows if split == "val" else train_rows, str(cfg.task.name), tokenizer,
-                               int(cfg.method.max_prompt_tokens), bool(cfg.method.check_references))
+                               int(cfg.method.max_prompt_tokens), bool(cfg.method.check_references),
+                               bool(cfg.data.get("chat_template", False)))
     order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(seed)).tolist()
     if limit is not None:
         if limit < 1:
