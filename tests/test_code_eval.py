@@ -78,6 +78,42 @@ def test_completion_postprocessing(humaneval):
     assert score_completions(p, [rambling, fenced]) == [True, True]
 
 
+EXITS = ("\nexit()\n", "\nimport sys\nsys.exit(0)\n", "\nimport os\nos._exit(0)\n", "\nraise SystemExit\n",
+         "\nimport unittest\nunittest.main()\n")
+"""Top-level code that ends the program with status 0 before the tests run."""
+
+
+def test_a_pass_means_the_tests_ran_to_the_end(humaneval):
+    p = humaneval[0]
+    wrong = "    return not True\n"
+    assert score_completions(p, [wrong + e for e in EXITS]) == [False] * len(EXITS)
+    assert score_completions(p, ["    import os\n    os._exit(0)\n"]) == [False]  # exits when the tests call it
+    [result] = run_problems([p], [[wrong + EXITS[2]]])[0]
+    assert result.status == "failed" and "before its tests finished" in result.detail
+    # a correct body that prints (its own output past the sandbox's 8 KB) still passes
+    chatty = "    print('x' * 10000)\n" + p.reference
+    assert score_completions(p, [chatty]) == [True]
+
+
+def test_a_closing_fence_after_a_correct_body_is_the_end_of_the_code(humaneval):
+    p = humaneval[0]
+    closed = p.reference + "```\n\nThe loop compares every pair:\n```python\nprint(has_close_elements([1.0], 0.5))\n```"
+    assert p.extract(closed) == p.reference
+    assert p.extract("Here is the code:\n```python\n" + p.reference + "```") == p.reference
+    assert score_completions(p, [closed, "    return True\n```\nDone."]) == [True, False]
+
+
+@needs_mbpp
+def test_mbpp_wrong_solutions_cannot_exit_their_way_to_a_pass():
+    p = {q.task_id: q for q in load_mbpp("test", MBPP_FILE)}["MBPP/11"]
+    wrong = "def remove_Occ(s, ch):\n    return s\n"
+    main_guard = "\n\nif __name__ == '__main__':\n    import unittest\n    unittest.main()\n"
+    fenced = f"```python\n{p.reference}{main_guard}```"
+    assert score_completions(p, [wrong + e for e in EXITS]) == [False] * len(EXITS)
+    assert score_completions(p, [f"```python\n{wrong}{main_guard}```", fenced, p.reference + "\n```\nDone."]) == [
+        False, True, True]
+
+
 @pytest.mark.slow
 def test_humaneval_all_canonical_solutions_pass(humaneval):
     results = score_problems(humaneval, [[p.reference] for p in humaneval], timeout=10.0, postprocess=False)

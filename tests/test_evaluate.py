@@ -121,6 +121,7 @@ def test_code_done_follows_extract():
     done = code_done(problem)
     assert not done("    return x\n") and done("    return x\ndef other():")
     assert not done("```python\ndef f():\n    pass\n") and done("```python\ndef f():\n    pass\n```")
+    assert done("    return x\n```") and not done("Here it is:\n```")  # a fence closing the body ends it
 
 
 def fake_complete(answers):

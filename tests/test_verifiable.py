@@ -81,6 +81,24 @@ def test_doctest_reward_on_a_stdlib_like_function():
     assert code_reward(rambling, DOCTEST_ROW) == 1.0  # the body is cut at the next top-level def
 
 
+def test_code_rewards_cannot_be_gamed_by_leaving_before_the_tests():
+    """The exploits of an MBPP-style row (whole solution) and a doctest row (function body): a wrong
+    answer followed by code that exits with status 0 before any test ran earns 0."""
+    [raw] = _mbpp_rows([11])
+    row = {"tests": raw["test_list"]}
+    wrong = "def remove_Occ(s, ch):\n    return s\n"
+    exploits = ["\nif __name__ == '__main__':\n    import unittest\n    unittest.main()\n", "\nexit()\n",
+                "\nimport os\nos._exit(0)\n", "\nimport sys\nsys.exit(0)\n"]
+    assert code_rewards([wrong + e for e in exploits], [row] * 4) == [0.0] * 4
+    # a correct solution with a main block: the block is cut, the tests run
+    assert code_reward(raw["code"] + exploits[0], row) == 1.0
+    wrong_body = "    return path, ''\n"
+    for exit_ in ("import os\nos._exit(0)\n", "exit()\n", "raise SystemExit(0)\n"):
+        assert code_reward(wrong_body + exit_, DOCTEST_ROW) == 0.0
+    assert code_reward(SPLITEXT_BODY + "```\n\nThis skips leading dots.", DOCTEST_ROW) == 1.0
+    assert code_reward(wrong_body + "```\n", DOCTEST_ROW) == 0.0
+
+
 def test_doctest_program_runs_the_examples_against_the_body():
     problem = code_problem(DOCTEST_ROW)
     program = problem.program(problem.extract(SPLITEXT_BODY))

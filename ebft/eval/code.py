@@ -17,12 +17,22 @@ Prompt formats and post-processing (``CodeProblem.extract``):
 Raw model text goes through ``extract``: when it holds a fenced block
 (```python ... ```), the first block is the code (the fence is the delimiter,
 so no stop sequence is applied); otherwise the text is cut at the first stop
-sequence. Stops: HumanEval ``\\ndef ``, ``\\nclass ``, ``\\nif __name__``,
+sequence. A bare fence that closes the code before it (a body the prompt began,
+then ```) ends the code there, as a stop sequence would: the code is what
+precedes it (for Python: when that text compiles after the prompt). Python code
+is also cut at a top-level ``if __name__`` block, which no test calls. Stops: HumanEval ``\\ndef ``, ``\\nclass ``, ``\\nif __name__``,
 ``\\nprint(``, ``\\n#``; MBPP ``\\nclass``, ``\\nassert``, ``\\n\"\"\"``,
 ``\\nprint``, ``\\nif`` and a closing fence (like the BigCode harness, these
 also cut a top-level ``class`` or ``if`` the solution needed); MultiPL-E the
 row's ``stop_tokens``. For an instruct model, wrap ``prompt`` in its chat
 template; the fenced-block rule then picks the code out of the answer.
+
+A Python program passes when it exits 0 and printed, after its last test, a
+random marker drawn for that run (``COMPLETED``): a completion that leaves early
+(``exit()``, ``sys.exit(0)``, ``os._exit(0)``, ``unittest.main()`` with no tests)
+exits before the marker and fails. The marker goes to stdout and stderr, so a
+program whose own output fills one of them (the sandbox keeps the first 8 KB)
+still shows it.
 
 MultiPL-E toolchains (``TOOLCHAINS``) follow the MultiPL-E evaluation scripts:
 ``g++ -std=c++17``, ``node``, ``tsc`` + ``node``, ``rustc``, ``csc`` + ``mono``,
@@ -38,8 +48,9 @@ import logging
 import math
 import os
 import re
+import secrets
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -56,6 +67,9 @@ PAPER_LANGUAGES = ("cpp", "js", "ts", "rs", "cs", "go", "php", "java")
 """MultiPL-E languages of the paper: C++, JavaScript, TypeScript, Rust, C#, Go, PHP, Java."""
 
 _FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:```|\Z)", re.DOTALL)
+_MAIN_GUARD = "\nif __name__"
+COMPLETED = "ebft: all tests ran"
+"""Prefix of the marker a Python program prints after its last test (a random suffix per run)."""
 
 
 class BenchmarkDataError(ValueError):
@@ -102,14 +116,35 @@ class CodeProblem:
     program_prefix: str = ""
     reference: str | None = None
 
+    def closing_fence(self, completion: str) -> int | None:
+        """Where a bare fence closes the code before it (a body, then ```), else None: the first
+        fence has no info string and non-blank text before it that (Python) compiles after the
+        prompt, so it is no opening fence after prose such as "Here is the code:"."""
+        at = completion.find("```")
+        before = completion[:at]
+        if at < 0 or not before.strip() or completion[at + 3:at + 4] not in ("", "\n", "\r"):
+            return None
+        if self.language == "python":
+            try:
+                compile(self.program_prefix + before, "<completion>", "exec")
+            except (SyntaxError, ValueError):
+                return None
+        return at
+
     def extract(self, completion: str) -> str:
-        """The code of a raw completion (fenced block, else cut at the first stop)."""
-        fenced = _FENCE.search(completion)
+        """The code of a raw completion (code before a closing fence, the first fenced block, else
+        cut at the first stop); Python code is cut at a top-level ``if __name__`` block."""
+        closing = self.closing_fence(completion)
+        fenced = _FENCE.search(completion) if closing is None else None
         if fenced:
-            return fenced.group(1)
-        cut = min((i for i in (completion.find(s) for s in self.stop_sequences) if i >= 0),
-                  default=len(completion))
-        return completion[:cut]
+            code = fenced.group(1)
+        else:
+            text = completion if closing is None else completion[:closing]
+            cut = min((i for i in (text.find(s) for s in self.stop_sequences) if i >= 0), default=len(text))
+            code = text[:cut]
+        if self.language == "python" and _MAIN_GUARD in code:
+            code = code[:code.index(_MAIN_GUARD)]
+        return code
 
     def program(self, code: str) -> str:
         """The executable program for already extracted ``code``."""
@@ -146,8 +181,19 @@ def run_problems(problems: Sequence[CodeProblem], completions: Sequence[Sequence
 
 def _execute(problem: CodeProblem, program: str, timeout: float | None) -> SandboxResult:
     if problem.language == "python":
-        return run_python(program, timeout=timeout or 3.0)
+        return run_to_the_end(program, timeout or 3.0)
     return toolchain_for(problem.language).run(program, timeout)
+
+
+def run_to_the_end(program: str, timeout: float) -> SandboxResult:
+    """Run a Python program that passes only if it gets past its last line: a random marker is
+    printed there (stdout and stderr), and an exit 0 without it is a failure."""
+    marker = f"{COMPLETED} {secrets.token_hex(16)}"
+    result = run_python(f"{program}\nimport sys as _sys\nprint({marker!r}, flush=True)\n"
+                        f"print({marker!r}, file=_sys.stderr, flush=True)\n", timeout=timeout)
+    if result.passed and marker not in result.stdout and marker not in result.stderr:
+        return replace(result, status="failed", detail="exited 0 before its tests finished (no completion marker)")
+    return result
 
 
 # --------------------------------------------------------------------------- HumanEval

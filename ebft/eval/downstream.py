@@ -70,11 +70,11 @@ def _completions(model, tokenizer, prompts: Sequence[str], done: Sequence[Done],
 
 
 def code_done(problem: CodeProblem) -> Done:
-    """Generation of ``problem`` is over once ``extract`` would cut: a fenced block is closed,
-    or (without a fence) a stop sequence appeared."""
+    """Generation of ``problem`` is over once ``extract`` would cut: a fenced block is closed, a
+    fence closed the code before it, or (without a fence) a stop sequence appeared."""
     def done(text: str) -> bool:
         if "```" in text:
-            return text.count("```") >= 2
+            return text.count("```") >= 2 or problem.closing_fence(text) is not None
         return any(stop in text for stop in problem.stop_sequences)
     return done
 

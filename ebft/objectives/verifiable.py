@@ -17,10 +17,13 @@ Row schema of a code row:
 The program is ``prefix + completion + test_setup + tests``; in doctest mode the
 examples run with ``doctest.DocTestRunner`` (default flags, as ``testmod``) in
 the program's globals. A body completion is cut at HumanEval's stop sequences; a
-whole solution is taken as it is (or its first fenced code block), so test code
-the model appends runs too. Reward 1.0 when the program exits 0 in the sandbox,
-else 0.0 (wrong answer, crash, timeout). ``entry_point`` and other fields are
-ignored.
+whole solution is taken as it is (or its first fenced code block) up to a
+top-level ``if __name__`` block, so other test code the model appends runs too.
+Reward 1.0 when the program exits 0 in the sandbox after its last test ran (it
+prints a random marker there; ``ebft.eval.code.run_to_the_end``), else 0.0
+(wrong answer, crash, timeout, or an exit before the tests finished, e.g.
+``exit()`` or ``os._exit(0)`` in the completion). ``entry_point`` and other
+fields are ignored.
 
 A translation row has ``answer`` (the reference) and ``target_lang``; the reward
 is sentence BLEU (effective order; zh tokenizer for Chinese) divided by 100.
@@ -69,7 +72,8 @@ def _doctest_runner(examples: str) -> str:
         f"_test = _doctest.DocTestParser().get_doctest({examples!r}, dict(globals()), 'row', None, 0)\n"
         "_runner = _doctest.DocTestRunner()\n"
         "_runner.run(_test)\n"
-        "_sys.exit(1 if _runner.failures else 0)\n")
+        "if _runner.failures:\n"
+        "    _sys.exit(1)\n")
 
 
 def code_rewards(completions: Sequence[str], rows: Sequence[Mapping], timeout: float = 3.0,
