@@ -137,3 +137,6 @@ def validate(cfg: DictConfig) -> None:
     elif name == "rlvr":
         validate_rlvr(cfg)
     validate_paths(cfg)
+    if cfg.get("hub") and cfg.hub.get("push"):
+        _require(str(cfg.hub.get("repo_id") or "").count("/") == 1,
+                 f"hub.push=true needs hub.repo_id=<owner/name>, got {cfg.hub.get('repo_id')!r}")

@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from ebft.card import FINAL_METRICS, push, write_card
 from ebft.config import validate
 from ebft.data.sources import check_data_record
 from ebft.eval.callback import CalibrationCallback
@@ -151,6 +152,11 @@ def train(cfg: DictConfig) -> dict:
     full_state = trainer.strategy.lightning_module_state_dict()  # every rank: gathers sharded weights
     if trainer.is_global_zero:
         summary["hf_model"] = str(module.save_hf(output_dir / HF_SUBDIR, full_state))
+        final = {k: float(v) for k, v in trainer.callback_metrics.items() if k in FINAL_METRICS}
+        final.update({"val/ce": history.history[-1][1]} if history.history else {})  # also the initial validation
+        write_card(summary["hf_model"], cfg, final, trainer.global_step)
+        if cfg.get("hub") and cfg.hub.get("push"):
+            summary["hub"] = push(summary["hf_model"], str(cfg.hub.repo_id), bool(cfg.hub.get("private")))
         print_summary(summary, trainer)
     return summary
 
@@ -162,7 +168,9 @@ def print_summary(summary: dict, trainer: L.Trainer) -> None:
     if summary["val_ce"]:
         (s0, ce0), (s1, ce1) = summary["val_ce"][0], summary["val_ce"][-1]
         lines.append(f"validation CE: {ce0:.4f} (step {s0})" + (f" -> {ce1:.4f} (step {s1})" if s1 != s0 else ""))
-    lines.append(f"HF model: {summary['hf_model']}")
+    lines.append(f"HF model: {summary['hf_model']} (model card README.md, config.yaml)")
+    if summary.get("hub"):
+        lines.append(f"pushed: {summary['hub']}")
     if trainer.logger is not None and getattr(trainer.logger, "log_dir", None):
         lines.append(f"metrics: {trainer.logger.log_dir}")
     lines.append(f"checkpoints: {Path(summary['output_dir']) / 'checkpoints'}")

@@ -1,0 +1,110 @@
+"""A model card and the resolved config beside every saved model, and the push to the hub.
+
+A run's ``hf_model/`` gets ``README.md`` (a Hugging Face model card: base model, method, the
+paper's knobs ``alpha`` (eq. 7's diversity weight), ``gamma`` (the CE weight) and the whitening
+(eqs. 8-9), the data, the steps, the final validation CE and CFM, the command that reproduces
+the run and the library version) and ``config.yaml`` (the run's resolved config), so a
+checkpoint shared on its own says what it is. With ``hub.push=true hub.repo_id=<owner/name>`` the
+folder is uploaded with ``huggingface_hub`` at the end of the run.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+import ebft
+
+CARD = "README.md"
+CONFIG = "config.yaml"
+FINAL_METRICS = ("val/ce", "val/ce_answer", "val/cfm", "val/cfm_whitened")
+
+
+def reproduce_command(cfg: DictConfig) -> str:
+    """``python train.py`` with the run's command-line overrides (Hydra's record of them when the run
+    was launched by Hydra; the process arguments otherwise)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        overrides = list(HydraConfig.get().overrides.task)
+    else:
+        overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
+    return " ".join(["python", "train.py", *map(shlex.quote, overrides)])
+
+
+def _data(cfg: DictConfig) -> str:
+    data = cfg.data
+    kind = str(data.get("kind"))
+    if kind == "hub":
+        where = f"hub dataset `{data.get('name')}`" + (f" ({data.get('config')})" if data.get("config") else "")
+    elif kind == "local":
+        files = data.get("files")
+        where = "local files " + ", ".join(f"`{Path(str(f)).name}`" for f in
+                                           (files if OmegaConf.is_list(files) else [files]))
+    else:
+        where = "the embedded offline corpus"
+    return (f"{where}, task `{cfg.task.name}`, chunks of {cfg.task.seq_len} tokens, "
+            f"{data.get('val_size')} held-out rows (seed {data.get('seed')})")
+
+
+def model_card(cfg: DictConfig, metrics: dict[str, float], steps: int, command: str) -> str:
+    """The card's text (YAML front matter + a table of what the run was)."""
+    method = str(cfg.method.name)
+    rows = [("base model", f"`{cfg.model.name}`"), ("method", method.upper())]
+    if cfg.get("init_from"):
+        rows.append(("warm start", f"`{cfg.init_from}`"))
+    if method == "ebft":
+        rows += [("alpha (diversity weight, eq. 7)", str(cfg.alpha)), ("gamma (CE weight)", str(cfg.gamma)),
+                 ("whitening (eqs. 8-9)", str(cfg.method.whitening))]
+    rows += [("data", _data(cfg)), ("learning rate", str(cfg.method.lr)), ("optimizer steps", str(steps)),
+             ("seed", str(cfg.seed))]
+    for name in FINAL_METRICS:
+        if name in metrics:
+            rows.append((f"final {name}", f"{metrics[name]:.4f}"))
+    rows.append(("library", f"ebft {ebft.__version__}"))
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    base = str(cfg.model.name)
+    front = ["---", "library_name: transformers", "pipeline_tag: text-generation",
+             f"tags: [{', '.join(sorted({'ebft', method}))}]"] + ([f"base_model: {base}"] if base.count("/") == 1 and
+                                            not Path(base).exists() else []) + ["---"]
+    return "\n".join(front) + f"""
+
+# {method.upper()} fine-tune of {base}
+
+Fine-tuned with `ebft` (SFT, EBFT: energy-based fine-tuning by feature matching of strided
+block-parallel rollouts, paper section 2, or RLVR), method `{method}`.
+
+| | |
+|---|---|
+{table}
+
+Reproduce (the resolved config is `{CONFIG}` beside this card):
+
+```bash
+{command}
+```
+"""
+
+
+def write_card(directory: str | Path, cfg: DictConfig, metrics: dict[str, float], steps: int) -> Path:
+    """Write ``README.md`` and ``config.yaml`` into the saved model's ``directory``; return the card."""
+    directory = Path(directory)
+    OmegaConf.save(cfg, directory / CONFIG, resolve=True)
+    card = directory / CARD
+    card.write_text(model_card(cfg, metrics, steps, reproduce_command(cfg)))
+    return card
+
+
+def push(directory: str | Path, repo_id: str, private: bool = False) -> str:
+    """Upload the saved model folder (weights or adapter, tokenizer, card, config) to ``repo_id``
+    with ``huggingface_hub``; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.upload_folder(repo_id=repo_id, folder_path=str(directory),
+                             commit_message=f"Upload {Path(directory).name} (ebft {ebft.__version__})")
+    return str(getattr(info, "commit_url", info))
