@@ -279,6 +279,7 @@ def test_report_from_synthetic_runs(tmp_path):
     assert "## Diagnosis" not in text                           # EBFT won: nothing to diagnose
     assert "**chosen**" in text and "lr_sweep/sft/lr1e-4" in text
     assert "runs/ebft/lr1e-4-seed44" in text and "eval/calibration/call00/00-m" in text
+    assert "**Status: complete.**" in text
     assert "Test CPU" in text and "python -m ebft.repro --lr-sweep" in text and "python evaluate.py part=" in text
     for png in ("fm_profile.png", "training_curves.png"):
         assert f"]({png})" in text and (tmp_path / png).stat().st_size > 1000
@@ -291,6 +292,7 @@ def test_report_before_any_evaluation(tmp_path):
     shutil.rmtree(tmp_path / "eval")
     text = write_report(tmp_path).read_text()
     assert "| Base | 0 |" in text and "(not evaluated yet)" in text and "(no profile yet)" in text
+    assert "**Status: in progress**" in text and "training runs finished: 6/6; models evaluated: calibration 0/7" in text
     assert (tmp_path / "training_curves.png").is_file()
 
 

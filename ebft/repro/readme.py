@@ -220,6 +220,20 @@ def _records(out: Path, plan: dict) -> list[tuple[str, dict]]:
     return [(stage, rec) for stage, d in dirs if (rec := read_record(d)) is not None]
 
 
+def status_line(out: Path, plan: dict, parts: list[str]) -> str:
+    """What of the plan is on disk: finished training runs and evaluated models per part."""
+    trained = [m for m in plan["models"] if m.get("dir")]
+    done = sum(1 for m in trained if (read_record(out / m["dir"]) or {}).get("returncode") == 0)
+    evaluated = {p: len(read_results(out, p)) for p in parts}
+    sweep = (plan.get("sweep") or {}).get("runs", [])
+    swept = sum(1 for r in sweep if (read_record(out / r["dir"]) or {}).get("returncode") is not None)
+    complete = done == len(trained) and all(n >= len(plan["models"]) for n in evaluated.values())
+    head = "**Status: complete.**" if complete else "**Status: in progress** (the same command continues it)."
+    return (f"{head} Learning-rate sweep runs finished: {swept}/{len(sweep)}; training runs finished: "
+            f"{done}/{len(trained)}; models evaluated: "
+            + ", ".join(f"{p} {n}/{len(plan['models'])}" for p, n in evaluated.items()) + ".")
+
+
 def time_section(out: Path, plan: dict, models: list[dict]) -> list[str]:
     """Wall and CPU time per stage (from job.json), seconds per training step, the hardware."""
     wall: dict[str, float] = {}
@@ -287,6 +301,7 @@ def write_report(out: str | Path) -> Path:
              "paper's Table 1 (Q&A coding) and Figures 2-3, where EBFT reached a lower held-out CE and FM than SFT "
              "and the base model. Every comparison is paired: the same held-out units and random numbers for both "
              "models.", ""]
+    lines += [status_line(out, plan, parts), ""]
     if plan["quick"]:
         lines += ["> **Quick mode**: a tiny random model and a few steps check the pipeline; the numbers mean "
                   "nothing.", ""]
