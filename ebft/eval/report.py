@@ -192,6 +192,20 @@ def paired_markdown(rows: Sequence[Sequence], notes: Sequence[str]) -> str:
     return "\n".join(lines + [f"\n- {note}" for note in notes])
 
 
+def signature_notes(results: Sequence[dict]) -> str:
+    """The sacreBLEU signatures behind the BLEU / chrF columns (from the results' details), as lines
+    under the table; empty without translation results."""
+    found: dict[str, list[str]] = {}
+    for result in results:
+        for details in (result.get("details") or {}).values():
+            for name, sigs in (details.get("signatures") or {}).items():
+                for sig in sigs.split(" ; "):  # one per tokenizer
+                    if sig not in found.setdefault(name, []):
+                        found[name].append(sig)
+    return "".join(f"\n\nsacreBLEU signature, {name}: " + " ; ".join(f"`{s}`" for s in sigs)
+                   for name, sigs in found.items())
+
+
 def write_report(root: str | os.PathLike, reference: str | None = None) -> str:
     """Gather every result under ``root``, write the tables, the paired comparison against ``reference``
     (default: the first model evaluated) and the profile plot; return the markdown of both tables."""
@@ -200,7 +214,7 @@ def write_report(root: str | os.PathLike, reference: str | None = None) -> str:
     if not results:
         raise FileNotFoundError(f"no {RESULTS_FILE} under {root}: evaluate a model first")
     header, rows = table(results)
-    text = markdown(header, rows)
+    text = markdown(header, rows) + signature_notes(results)
     if len(results) > 1:
         paired, notes = paired_rows(results, reference)
         if paired or notes:

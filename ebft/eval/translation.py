@@ -44,6 +44,20 @@ def corpus_chrf(hyps: Sequence[str], refs: Sequence[str]) -> float:
     return CHRF().corpus_score(list(hyps), [list(refs)]).score
 
 
+def signatures(target_langs: Sequence[str]) -> dict[str, str]:
+    """sacreBLEU's signatures of the scores reported for pairs into ``target_langs``: ``BLEU`` and
+    ``chrF`` (the table's columns: per-sentence scores, averaged) and ``corpus BLEU`` (the details'
+    ``corpus_greedy``), one per tokenizer (``tok:zh`` for Chinese, ``tok:13a`` else)."""
+    def signature(metric) -> str:
+        metric.corpus_score(["a"], [["a"]])  # sacreBLEU knows the number of references once it has scored
+        return metric.get_signature().format()
+
+    toks = sorted({bleu_tokenizer(lang) for lang in target_langs})
+    return {"BLEU": " ; ".join(signature(BLEU(tokenize=t, effective_order=True)) for t in toks),
+            "chrF": signature(CHRF()),
+            "corpus BLEU": " ; ".join(signature(BLEU(tokenize=t)) for t in toks)}
+
+
 def sentence_bleu(hyp: str, ref: str, target_lang: str) -> float:
     """Sentence BLEU with effective order (sacreBLEU's ``sentence_bleu``), 0-100."""
     return sacrebleu.sentence_bleu(hyp, [ref], tokenize=bleu_tokenizer(target_lang)).score
