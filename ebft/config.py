@@ -73,6 +73,17 @@ def validate_optim(method: DictConfig) -> None:
              f"method.schedule={method.schedule!r} is not one of {', '.join(SCHEDULES)}")
 
 
+def validate_top_p(method: DictConfig) -> None:
+    """Training samples with ``method.top_p = 1``: the update scores every sampled token under the
+    full ``softmax(logits / temperature)`` (the log-probs of paper eq. 7; the PPO ratio of RLVR), so
+    tokens drawn from a top-p nucleus would be scored under another distribution than the one they
+    were drawn from (off-policy). Refused rather than silently biased."""
+    _require(float(method.top_p) == 1,
+             f"method.top_p={method.top_p}: training scores each sampled token under the full distribution "
+             "softmax(logits / temperature) (paper eq. 7), so nucleus sampling (top_p < 1) would make the update "
+             "off-policy; use method.top_p=1.0 (the paper's setting). Evaluation's nucleus is eval.top_p")
+
+
 def validate_ebft(cfg: DictConfig) -> None:
     m = cfg.method
     alpha, n = float(cfg.alpha), int(m.num_samples)
@@ -83,7 +94,7 @@ def validate_ebft(cfg: DictConfig) -> None:
              f"method.num_samples=1 with alpha={alpha}: the diversity term needs n >= 2 samples; "
              "set method.num_samples>=2 or alpha=0")
     _require(float(m.temperature) > 0, f"method.temperature={m.temperature} must be > 0")
-    _require(0 < float(m.top_p) <= 1, f"method.top_p={m.top_p} must be in (0, 1]")
+    validate_top_p(m)
     _choice(cfg, "method.whitening", WHITENING)
     _choice(cfg, "method.loss_reduction", REDUCTIONS)
     _choice(cfg, "method.ce_on", LOSS_ON)
@@ -104,6 +115,7 @@ def validate_rlvr(cfg: DictConfig) -> None:
     m = cfg.method
     _require(int(m.num_samples) >= 2, f"method.num_samples={m.num_samples}: GRPO needs >= 2 samples per prompt")
     _require(float(m.temperature) > 0, f"method.temperature={m.temperature} must be > 0")
+    validate_top_p(m)
     _require(int(m.max_new_tokens) >= 1, f"method.max_new_tokens={m.max_new_tokens} must be >= 1")
     _choice(cfg, "method.scale_rewards", ("none", "group", "batch"))
 

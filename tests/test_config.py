@@ -57,6 +57,8 @@ def test_unknown_group_option_lists_the_choices(group, name):
     (["model.name=missing.gguf"], "GGUF file 'missing.gguf' does not exist"),
     (["init_from=/nope"], "init_from=/nope does not exist"),
     (["ckpt_path=/nope.ckpt"], "ckpt_path=/nope.ckpt does not exist"),
+    (["method.top_p=0.9"], "method.top_p=0.9: training scores each sampled token under the full distribution"),
+    (["method=rlvr", "task=qa_code", "method.top_p=0.95"], "nucleus sampling (top_p < 1) would make the update"),
 ])
 def test_bad_values_are_refused_with_the_key(overrides, fragment):
     with pytest.raises(ConfigError, match=None) as err:

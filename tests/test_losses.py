@@ -19,12 +19,16 @@ def _grads(loss, *tensors):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6, 2.0])
 @pytest.mark.parametrize("chunk_size", [1, 8, 1024])
-def test_chunked_logprobs_equal_full_logits_values_and_gradients(temperature, chunk_size):
+@pytest.mark.parametrize("softcap", [None, 1.5])
+def test_chunked_logprobs_equal_full_logits_values_and_gradients(temperature, chunk_size, softcap):
     hidden, weight, bias = (0.25 * torch.randn(2, 19, 16)).requires_grad_(), _leaf(50, 16), _leaf(50)
     targets = torch.randint(0, 50, (2, 19))
     probe = torch.randn(2, 19)  # a non-uniform cotangent checks every row's gradient
-    got = token_logprobs(hidden, weight, targets, temperature, chunk_size, lm_head_bias=bias)
-    full = ((hidden @ weight.T + bias) / temperature).log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    got = token_logprobs(hidden, weight, targets, temperature, chunk_size, lm_head_bias=bias, softcap=softcap)
+    logits = hidden @ weight.T + bias
+    if softcap is not None:  # Gemma-2's final-logit soft-capping, applied before the temperature
+        logits = softcap * torch.tanh(logits / softcap)
+    full = (logits / temperature).log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(got, full, atol=1e-6, rtol=1e-6)
     for g_got, g_full in zip(_grads((got * probe).sum(), hidden, weight, bias),
                              _grads((full * probe).sum(), hidden, weight, bias)):
@@ -70,6 +74,8 @@ def test_logprob_shape_errors():
         token_logprobs(torch.randn(4, 8), torch.randn(30, 7), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="temperature=0"):
         token_logprobs(torch.randn(4, 8), torch.randn(30, 8), torch.zeros(4, dtype=torch.long), temperature=0)
+    with pytest.raises(ValueError, match="softcap=0"):
+        token_logprobs(torch.randn(4, 8), torch.randn(30, 8), torch.zeros(4, dtype=torch.long), softcap=0)
 
 
 # ---- policy-gradient loss --------------------------------------------------------------------------

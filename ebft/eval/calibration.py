@@ -35,7 +35,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ebft.models.compat import backbone_forward, get_lm_head
+from ebft.models.compat import backbone_forward, get_lm_head, lm_head
 from ebft.objectives.losses import token_logprobs
 from ebft.objectives.rewards import feature_matching_rewards
 from ebft.rollout.layout import StridedLayout
@@ -109,7 +109,7 @@ def chunk_nll(model, input_ids: torch.Tensor, answer_mask: torch.Tensor, batch_s
     never a target. The log-probs are :func:`~ebft.objectives.losses.token_logprobs` (chunked, with
     the LM head's bias), computed once for both masks.
     """
-    head = get_lm_head(model)
+    head = lm_head(model)
     device = head.weight.device
     rows = []
     was_training = model.training
@@ -118,7 +118,8 @@ def chunk_nll(model, input_ids: torch.Tensor, answer_mask: torch.Tensor, batch_s
         for start in _batches(len(input_ids), batch_size, "held-out CE", progress):
             ids = input_ids[start:start + batch_size].to(device)
             hidden, _ = backbone_forward(model, ids, torch.arange(ids.shape[1], device=device))
-            nll = -token_logprobs(hidden[:, :-1], head.weight, ids[:, 1:], lm_head_bias=head.bias).double()
+            nll = -token_logprobs(hidden[:, :-1], head.weight, ids[:, 1:], lm_head_bias=head.bias,
+                                  softcap=head.softcap).double()
             answer = answer_mask[start:start + batch_size, 1:].to(device, torch.float64)
             rows.append(torch.stack([nll.sum(-1), torch.full_like(nll[:, 0], nll.shape[1]), (nll * answer).sum(-1),
                                      answer.sum(-1)], -1).cpu())

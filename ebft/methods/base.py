@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ebft.data.datamodule import ChunkDataModule
 from ebft.data.sources import write_data_record
+from ebft.models.compat import lm_head
 from ebft.models.loading import load_model, resolve_attn, resolve_dtype
 from ebft.objectives.losses import cross_entropy_term
 
@@ -48,6 +49,8 @@ def generator_source(cfg: DictConfig) -> str:
 class FineTuneModule(L.LightningModule):
     """Base class: generator, optimizer, validation CE, HF export."""
 
+    strided_rows = False  # True: the generator runs strided rows (model.attn_implementation=auto picks flex on CUDA)
+
     def __init__(self, cfg: DictConfig, tokenizer, datamodule=None):
         super().__init__()
         self.cfg = cfg
@@ -74,7 +77,8 @@ class FineTuneModule(L.LightningModule):
         dtype = resolve_dtype(str(self.cfg.model.dtype), device)
         train_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
         model = load_model(generator_source(self.cfg), dtype=train_dtype,
-                           attn_implementation=resolve_attn(str(self.cfg.model.attn_implementation), device),
+                           attn_implementation=resolve_attn(str(self.cfg.model.attn_implementation), device,
+                                                              strided=self.strided_rows),
                            vocab_size=len(self.tokenizer))
         if self.cfg.method.get("gradient_checkpointing", False):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -90,8 +94,6 @@ class FineTuneModule(L.LightningModule):
         """Last hidden states of a plain causal forward (batch, T, H)."""
         return self.generator.get_decoder()(input_ids=input_ids).last_hidden_state
 
-    def lm_head_weight(self) -> torch.Tensor:
-        return self.generator.get_output_embeddings().weight
 
     def sampling_generator(self, batch_idx: int) -> torch.Generator:
         """A per-step RNG for rollouts: the same (seed, step, micro-batch, rank) always draws the same
@@ -100,8 +102,11 @@ class FineTuneModule(L.LightningModule):
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def chunk_ce(self, input_ids: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
-        """Mean next-token cross-entropy over the target tokens that ``loss_mask`` marks."""
-        return cross_entropy_term(self.hidden(input_ids), self.lm_head_weight(), input_ids, loss_mask)
+        """Mean next-token cross-entropy over the target tokens that ``loss_mask`` marks (the model's own
+        head: bias and final soft-cap included)."""
+        head = lm_head(self.generator)
+        return cross_entropy_term(self.hidden(input_ids), head.weight, input_ids, loss_mask, lm_head_bias=head.bias,
+                                  softcap=head.softcap)
 
     # ------------------------------------------------------------ optimizer
     def configure_optimizers(self):

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from ebft.eval.calibration import cfm_estimate
 from ebft.methods.base import FineTuneModule
-from ebft.models.compat import attn_implementation, backbone_forward, param_dtype
+from ebft.models.compat import attn_implementation, backbone_forward, check_strided, lm_head, param_dtype
 from ebft.models.features import FeatureNetwork
 from ebft.models.loading import resolve_attn, resolve_dtype
 from ebft.objectives.baselines import rloo_advantages
@@ -54,12 +54,14 @@ def build_feature_network(cfg: DictConfig, generator, device: str) -> FeatureNet
         network = FeatureNetwork(generator, **kwargs)
     else:
         network = FeatureNetwork.from_name(str(name), dtype=torch.float32,
-                                           attn_implementation=resolve_attn("auto", device), **kwargs)
+                                           attn_implementation=resolve_attn("auto", device, strided=True),
+                                           **kwargs)
     return network.to(resolve_dtype(str(cfg.model.dtype), device))
 
 
 def strided_hidden(model, row: torch.Tensor, layout: StridedLayout) -> torch.Tensor:
     """Final hidden states (batch, length, H) of ``model`` over strided rows (batch, length), one pass."""
+    check_strided(model, layout.seq_len)
     layout = layout.to(row.device)
     mask = strided_mask(layout, attn_implementation(model), param_dtype(model))
     hidden, _ = backbone_forward(model, row, layout.position_ids, mask)
@@ -73,15 +75,18 @@ def actor_loss(model, layout: StridedLayout, row: torch.Tensor, advantages: torc
 
     ``row`` (batch, length) from ``layout.scatter_generated``; ``advantages`` (batch, n, NB). The LM
     head runs only on the ``n*NB*G`` scoring rows (``layout.score_index``, logits / temperature) and
-    the ``T - 1`` teacher-forced rows of the chunk: full-length logits are never formed.
+    the ``T - 1`` teacher-forced rows of the chunk: full-length logits are never formed. The head
+    is the model's own (bias and final soft-cap included, ``ebft.models.compat.lm_head``).
     """
     layout = layout.to(row.device)
     hidden = strided_hidden(model, row, layout)
-    weight = model.get_output_embeddings().weight
+    head = lm_head(model)
     targets = row[:, layout.token_index]                                 # (B, n, NB, G)
-    logprobs = token_logprobs(hidden[:, layout.score_index], weight, targets, temperature=temperature)
+    logprobs = token_logprobs(hidden[:, layout.score_index], head.weight, targets, temperature=temperature,
+                              lm_head_bias=head.bias, softcap=head.softcap)
     pg = policy_gradient_loss(logprobs, layout.broadcast_to_tokens(advantages), reduction=reduction)
-    ce = cross_entropy_term(hidden[:, : layout.seq_len], weight, row[:, : layout.seq_len], ce_mask)
+    ce = cross_entropy_term(hidden[:, : layout.seq_len], head.weight, row[:, : layout.seq_len], ce_mask,
+                            lm_head_bias=head.bias, softcap=head.softcap)
     return rl_coef * pg + gamma * ce, pg, ce
 
 
@@ -94,6 +99,8 @@ def duplicate_fraction(tokens: torch.Tensor) -> torch.Tensor:
 
 
 class EBFTModule(FineTuneModule):
+    strided_rows = True
+
     def __init__(self, cfg: DictConfig, tokenizer, datamodule=None):
         super().__init__(cfg, tokenizer, datamodule)
         self.layout = layout_from_config(cfg)

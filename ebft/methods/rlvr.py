@@ -48,7 +48,7 @@ from omegaconf import DictConfig
 from ebft.config import ConfigError
 from ebft.data.prompts import PromptDataModule
 from ebft.methods.base import FineTuneModule, generator_source
-from ebft.models.compat import backbone_forward, get_lm_head, new_cache
+from ebft.models.compat import backbone_forward, lm_head, new_cache
 from ebft.models.loading import load_model, resolve_attn
 from ebft.objectives.baselines import group_normalized_advantages
 from ebft.objectives.losses import ppo_clipped_loss, token_logprobs
@@ -113,13 +113,14 @@ def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
         raise ValueError(f"max_new_tokens={max_new_tokens} and num_samples={num_samples} must be >= 1")
     was_training = model.training
     model.eval()
+    head = lm_head(model)
     try:
         cache = new_cache(model)
         hidden, cache = backbone_forward(model, prompt_ids, positions(prompt_mask), prompt_mask, cache)
         cache.batch_repeat_interleave(num_samples)
         mask = prompt_mask.repeat_interleave(num_samples, 0)
         next_pos = positions(mask)[:, -1] + 1
-        logits = get_lm_head(model)(hidden[:, -1]).repeat_interleave(num_samples, 0)
+        logits = head.logits(hidden[:, -1]).repeat_interleave(num_samples, 0)
         rows = mask.shape[0]
         tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=prompt_ids.device)
         done = torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)
@@ -136,7 +137,7 @@ def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
                 break
             mask = torch.cat([mask, mask.new_ones(rows, 1)], 1)
             hidden, cache = backbone_forward(model, tokens[:, t:t + 1], (next_pos + t)[:, None], mask, cache)
-            logits = get_lm_head(model)(hidden[:, -1])
+            logits = head.logits(hidden[:, -1])
     finally:
         model.train(was_training)
     width = max(int(counted.sum(-1).max()), 1)
@@ -160,7 +161,9 @@ def completion_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
     mask = torch.cat([prompt_mask, torch.ones_like(completions)], 1)
     hidden, _ = backbone_forward(model, ids, positions(mask), mask)
     scoring = hidden[:, prompt_ids.shape[1] - 1:-1]
-    return token_logprobs(scoring, model.get_output_embeddings().weight, completions, temperature=temperature)
+    head = lm_head(model)
+    return token_logprobs(scoring, head.weight, completions, temperature=temperature, lm_head_bias=head.bias,
+                          softcap=head.softcap)
 
 
 def rows_to_score(advantages: torch.Tensor, all_rows: bool) -> torch.Tensor:

@@ -33,7 +33,8 @@ import math
 import torch
 from torch import nn
 
-from ebft.models.compat import attn_implementation, backbone_forward, decoder_layers, get_backbone, param_dtype
+from ebft.models.compat import (attn_implementation, backbone_forward, check_strided, decoder_layers, get_backbone,
+                                param_dtype)
 from ebft.rollout.layout import POOLINGS, StridedLayout
 from ebft.rollout.masks import strided_mask
 
@@ -107,6 +108,7 @@ class FeatureNetwork(nn.Module):
         if row_ids.dim() != 2 or row_ids.shape[1] != layout.length:
             raise ValueError(f"row_ids has shape {tuple(row_ids.shape)}; expected (batch, length={layout.length}) "
                              f"for {layout} (build it with layout.scatter_generated)")
+        check_strided(self.backbone, layout.seq_len)
         layout = layout.to(row_ids.device)
         mask = strided_mask(layout, attn_implementation(self.backbone), param_dtype(self.backbone))
         states = self.tap_states(row_ids, layout.position_ids, mask)

@@ -247,24 +247,40 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def resolve_attn(attn: str, device: str) -> str:
-    """``auto`` = sdpa; flash-attn is used only where plain causal attention suffices."""
+def flex_available() -> bool:
+    """Whether this torch has FlexAttention (``torch.nn.attention.flex_attention``, torch >= 2.5)."""
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+
+
+def resolve_attn(attn: str, device: str, strided: bool = False) -> str:
+    """The attention backend of ``model.attn_implementation``; ``auto`` = ``flex_attention`` for a
+    model that runs strided rows (``strided``: the EBFT generator and feature network) on CUDA, whose
+    ``BlockMask`` of the strided rule skips the masked blocks (``ebft.rollout.masks.block_mask``);
+    ``sdpa`` otherwise: on CPU (flex has no CPU backward; banded sdpa is the fast CPU path), where this
+    torch has no FlexAttention (the fallback: the dense bool mask through sdpa), and for plain causal
+    attention (SFT, RLVR, evaluation), where sdpa's fused kernels are the fast path. A family that
+    soft-caps attention logits gets eager instead of sdpa at load time
+    (``ebft.models.compat.attention_for``). flash-attn cannot express the strided mask."""
     if attn == "auto":
-        return "sdpa"
+        return "flex_attention" if strided and device.startswith("cuda") and flex_available() else "sdpa"
     return attn
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
                vocab_size: int | None = None):
     """An ``AutoModelForCausalLM`` for ``name`` (hub id, local dir, .gguf, embedded or tiny)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ebft.models.compat import attention_for
 
     src = resolve_source(name)
     if src.kind == "tiny":
         return build_tiny_model(vocab_size=vocab_size or 49152, attn_implementation=attn_implementation).to(dtype)
     path = _materialise_gguf(src) if src.kind in ("gguf", "embedded") else src.path
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+        config = AutoConfig.from_pretrained(path)
+        return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
+                                                    attn_implementation=attention_for(config, attn_implementation))
     except OSError as err:
         if src.kind == "hub":
             _hub_guard(name)(err)

@@ -20,22 +20,29 @@ def _compute_dtype(weight: Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
-    """fp32 ``(h W^T + b) / T`` of one chunk of rows (the operands already in the compute dtype)."""
+def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float,
+                  softcap: float | None) -> tuple[Tensor, Tensor | None]:
+    """fp32 ``cap(h W^T + b) / T`` of one chunk of rows (the operands already in the compute dtype),
+    and ``tanh((h W^T + b) / softcap)`` when soft-capped (its derivative is ``1 - tanh^2``)."""
     logits = F.linear(hidden, weight, bias).float()
-    return logits.div_(temperature) if temperature != 1.0 else logits
+    capped = None
+    if softcap is not None:
+        capped = logits.div_(softcap).tanh_()
+        logits = capped * softcap
+    return (logits.div_(temperature) if temperature != 1.0 else logits), capped
 
 
 class _TokenLogprobs(torch.autograd.Function):
-    """``log_softmax((h W^T + b) / T)[target]`` chunk by chunk, holding one chunk of logits at a time.
+    """``log_softmax(cap(h W^T + b) / T)[target]`` chunk by chunk, holding one chunk of logits at a time.
 
     The forward keeps only its inputs and the per-row log-sum-exp; the backward recomputes each
-    chunk's logits and forms ``d logp / d logits = (onehot - softmax) / T`` in place, so neither pass
-    holds more than ``chunk_size x V`` fp32 values and no autograd graph of vocab-wide tensors exists.
+    chunk's logits and forms ``d logp / d z = (onehot - softmax) / T * cap'(z)`` in place
+    (``cap'(z) = 1 - tanh^2(z / softcap)`` when soft-capped, else 1), so neither pass holds more than
+    ``chunk_size x V`` fp32 values and no autograd graph of vocab-wide tensors exists.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, compute_dtype):
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, compute_dtype, softcap):
         w = weight.to(compute_dtype)
         b = None if bias is None else bias.to(compute_dtype)
         out = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
@@ -43,11 +50,11 @@ class _TokenLogprobs(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, targets.shape[0], chunk_size):
                 rows = slice(start, start + chunk_size)
-                logits = _chunk_logits(hidden[rows].to(compute_dtype), w, b, temperature)
+                logits, _ = _chunk_logits(hidden[rows].to(compute_dtype), w, b, temperature, softcap)
                 lse[rows] = torch.logsumexp(logits, dim=-1)
                 out[rows] = logits.gather(-1, targets[rows, None])[:, 0] - lse[rows]
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.temperature, ctx.chunk_size, ctx.compute_dtype = temperature, chunk_size, compute_dtype
+        ctx.temperature, ctx.chunk_size, ctx.compute_dtype, ctx.softcap = temperature, chunk_size, compute_dtype, softcap
         return out
 
     @staticmethod
@@ -65,9 +72,11 @@ class _TokenLogprobs(torch.autograd.Function):
             for start in range(0, targets.shape[0], chunk_size):
                 rows = slice(start, start + chunk_size)
                 h, g = hidden[rows].to(dtype), grad_out[rows]
-                probs = _chunk_logits(h, w, b, temperature).sub_(lse[rows, None]).exp_()
-                d_logits = probs.mul_(g[:, None].neg() / temperature)
+                logits, capped = _chunk_logits(h, w, b, temperature, ctx.softcap)
+                d_logits = logits.sub_(lse[rows, None]).exp_().mul_(g[:, None].neg() / temperature)
                 d_logits.scatter_add_(-1, targets[rows, None], g[:, None] / temperature)
+                if capped is not None:
+                    d_logits.mul_(capped.square_().neg_().add_(1))
                 if need_b:
                     grad_b += d_logits.sum(0)
                 d_logits = d_logits.to(dtype)
@@ -78,15 +87,18 @@ class _TokenLogprobs(torch.autograd.Function):
                 elif need_w:
                     grad_w += (d_logits.t() @ h).float()
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
 
 
 def token_logprobs(hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, temperature: float = 1.0,
-                   chunk_size: int = 1024, lm_head_bias: Tensor | None = None) -> Tensor:
+                   chunk_size: int = 1024, lm_head_bias: Tensor | None = None,
+                   softcap: float | None = None) -> Tensor:
     """``log p_T(target)`` from final hidden states, fp32, shape of ``targets``.
 
-    ``log p_T(v | h) = log_softmax((h W^T + b) / T)_v`` with ``hidden (..., H)``,
-    ``lm_head_weight (V, H)`` and ``targets (...)``. Rows are processed ``chunk_size`` at a
+    ``log p_T(v | h) = log_softmax(cap(h W^T + b) / T)_v`` with ``hidden (..., H)``,
+    ``lm_head_weight (V, H)``, ``targets (...)`` and ``cap(z) = softcap * tanh(z / softcap)`` for a
+    family that soft-caps its final logits (``softcap=None``: ``cap(z) = z``); pass the model's head
+    as ``ebft.models.compat.lm_head`` gives it (weight, bias, softcap). Rows are processed ``chunk_size`` at a
     time by one autograd function that recomputes each chunk's logits in the backward, so
     neither the forward nor the backward pass ever holds more than ``chunk_size x V`` fp32
     logits (the forward keeps only its inputs and one log-sum-exp per row). The matmul runs in
@@ -102,9 +114,11 @@ def token_logprobs(hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, temp
         raise ValueError(f"hidden {tuple(hidden.shape)} must be targets {tuple(targets.shape)} + (H,)")
     if lm_head_weight.ndim != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"lm_head_weight {tuple(lm_head_weight.shape)} must be (vocab, {hidden.shape[-1]})")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap={softcap!r} must be > 0 (None: no soft-capping)")
     flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     out = _TokenLogprobs.apply(flat_hidden, lm_head_weight, lm_head_bias, flat_targets, float(temperature),
-                               chunk_size, _compute_dtype(lm_head_weight))
+                               chunk_size, _compute_dtype(lm_head_weight), softcap)
     return out.reshape(targets.shape)
 
 
@@ -188,19 +202,21 @@ def ppo_clipped_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor,
 
 
 def cross_entropy_term(hidden: Tensor, lm_head_weight: Tensor, input_ids: Tensor, loss_mask: Tensor | None = None,
-                       chunk_size: int = 1024, lm_head_bias: Tensor | None = None) -> Tensor:
+                       chunk_size: int = 1024, lm_head_bias: Tensor | None = None,
+                       softcap: float | None = None) -> Tensor:
     """Teacher-forced CE of the chunk, the ``gamma * CE`` term of the loss.
 
     ``CE = mean over counted t in 0..T-2 of -log p(x_{t+1} | x_{<=t})`` (temperature 1), with
     ``hidden (..., T, H)`` the final hidden states of ``input_ids (..., T)``. ``loss_mask``
     ``(..., T)`` marks the TARGET tokens that count (all ones: every token, the authors'
     choice; an answer mask: answer tokens only); the first token is never a target. The mean
-    runs over all counted tokens of the batch; none counted gives 0.
+    runs over all counted tokens of the batch; none counted gives 0. ``lm_head_bias`` and
+    ``softcap`` as in :func:`token_logprobs`.
     """
     if hidden.shape[:-1] != input_ids.shape or input_ids.ndim < 1:
         raise ValueError(f"hidden {tuple(hidden.shape)} must be input_ids {tuple(input_ids.shape)} + (H,)")
     logprobs = token_logprobs(hidden[..., :-1, :], lm_head_weight, input_ids[..., 1:],
-                              chunk_size=chunk_size, lm_head_bias=lm_head_bias)
+                              chunk_size=chunk_size, lm_head_bias=lm_head_bias, softcap=softcap)
     if loss_mask is not None and loss_mask.shape != input_ids.shape:
         raise ValueError(f"loss_mask {tuple(loss_mask.shape)} must have the input_ids shape {tuple(input_ids.shape)}")
     weights = torch.ones_like(logprobs) if loss_mask is None else loss_mask[..., 1:].to(logprobs.dtype)

@@ -17,7 +17,8 @@ Sampling draws from ``softmax(logits / temperature)`` in fp32, restricted to the
 (``top_p = 1`` keeps all tokens), with one inverse-CDF draw per step over the ``(batch, n, NB)``
 grid (``sample_from_logits``); the cached sampler and the oracle draw in the same order, so with the same
 ``torch.Generator`` they return the same tokens. ``temperature = 0`` takes the argmax. The LM head
-is applied only to the rows that are sampled from.
+(the model's own: bias and final soft-cap included, ``ebft.models.compat.lm_head``) is applied only to
+the rows that are sampled from.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ebft.models.compat import attn_implementation, backbone_forward, get_lm_head, new_cache, param_dtype
+from ebft.models.compat import (LMHead, attn_implementation, backbone_forward, check_strided, lm_head, new_cache,
+                                param_dtype)
 from ebft.rollout.layout import StridedLayout
 from ebft.rollout.masks import dense_strided_sdpa, step_mask, strided_mask
 
@@ -84,30 +86,31 @@ def sample_from_logits(logits: torch.Tensor, temperature: float, top_p: float,
     return index.view(logits.shape[:-1])
 
 
-def _logits_at(model: nn.Module, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def _logits_at(head: LMHead, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """LM-head logits of ``hidden`` (batch, L, H) at ``rows`` (any shape) -> (batch, *rows.shape, V)."""
     picked = hidden[:, rows.reshape(-1)]
-    return get_lm_head(model)(picked).view(hidden.shape[0], *rows.shape, -1)
+    return head.logits(picked).view(hidden.shape[0], *rows.shape, -1)
 
 
 def sample_strided(model: nn.Module, input_ids: torch.Tensor, layout: StridedLayout, temperature: float = 0.6,
                    top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """Strided sampling with a KV cache: ``input_ids`` (batch, T) -> tokens (batch, n, NB, G)."""
     _check(input_ids, layout, temperature, top_p)
+    check_strided(model, layout.seq_len)
     layout = layout.to(input_ids.device)
     batch, n, NB, G, T = input_ids.shape[0], layout.num_samples, layout.num_blocks, layout.gen_len, layout.seq_len
-    impl, dtype = attn_implementation(model), param_dtype(model)
+    impl, dtype, head = attn_implementation(model), param_dtype(model), lm_head(model)
     tokens = torch.empty(batch, n, NB, G, dtype=torch.long, device=input_ids.device)
     with _sampling_mode(model):
         cache = new_cache(model)
         hidden, cache = backbone_forward(model, input_ids, layout.position_ids[:T], cache=cache)
-        logits = _logits_at(model, hidden, layout.context_end - 1)
+        logits = _logits_at(head, hidden, layout.context_end - 1)
         tokens[..., 0] = sample_from_logits(logits.unsqueeze(1).expand(batch, n, NB, -1), temperature, top_p, generator)
         for g in range(G - 1):
             rows = layout.step_rows(g)
             hidden, cache = backbone_forward(model, tokens[..., g].reshape(batch, n * NB), layout.position_ids[rows],
                                              step_mask(layout, g, impl, dtype), cache)
-            logits = get_lm_head(model)(hidden).view(batch, n, NB, -1)
+            logits = head.logits(hidden).view(batch, n, NB, -1)
             tokens[..., g + 1] = sample_from_logits(logits, temperature, top_p, generator)
     return tokens
 
@@ -116,14 +119,15 @@ def _sample_full_rows(model: nn.Module, chunk_ids: torch.Tensor, layout: Strided
                       top_p: float, generator: torch.Generator | None) -> torch.Tensor:
     """``G`` forwards of the whole strided row, no cache: step g is sampled from the logits at
     ``score_index[..., g]``. Returns (batch, n, NB, G)."""
+    check_strided(model, layout.seq_len)
     batch, n, NB, G = chunk_ids.shape[0], layout.num_samples, layout.num_blocks, layout.gen_len
-    mask = strided_mask(layout, attn_implementation(model), param_dtype(model))
+    mask, head = strided_mask(layout, attn_implementation(model), param_dtype(model)), lm_head(model)
     tokens = torch.zeros(batch, n, NB, G, dtype=torch.long, device=chunk_ids.device)
     with _sampling_mode(model):
         for g in range(G):
             row = layout.scatter_generated(chunk_ids, tokens)
             hidden, _ = backbone_forward(model, row, layout.position_ids, mask)
-            logits = _logits_at(model, hidden, layout.score_index[..., g])
+            logits = _logits_at(head, hidden, layout.score_index[..., g])
             tokens[..., g] = sample_from_logits(logits, temperature, top_p, generator)
     return tokens
 
