@@ -103,7 +103,10 @@ def sample_strided(model: nn.Module, input_ids: torch.Tensor, layout: StridedLay
     tokens = torch.empty(batch, n, NB, G, dtype=torch.long, device=input_ids.device)
     with _sampling_mode(model):
         cache = new_cache(model)
-        hidden, cache = backbone_forward(model, input_ids, layout.position_ids[:T], cache=cache)
+        # the chunk's causal mask: the model builds it for sdpa (fused causal kernels); under flex the
+        # layout's cached BlockMask of the chunk rows saves building one per call
+        prefill = strided_mask(layout, impl, dtype, slice(0, T), T) if impl == "flex_attention" else None
+        hidden, cache = backbone_forward(model, input_ids, layout.position_ids[:T], prefill, cache)
         logits = _logits_at(head, hidden, layout.context_end - 1)
         tokens[..., 0] = sample_from_logits(logits.unsqueeze(1).expand(batch, n, NB, -1), temperature, top_p, generator)
         for g in range(G - 1):
