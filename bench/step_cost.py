@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import json
 import resource
 import statistics
 import sys
@@ -49,7 +50,9 @@ import ebft.methods.ebft as ebft_module  # noqa: E402
 import ebft.objectives.losses as losses_module  # noqa: E402
 import ebft.rollout.sampler as sampler_module  # noqa: E402
 from ebft.methods.ebft import actor_loss, strided_hidden  # noqa: E402
+from ebft.models.compat import decoder_layers  # noqa: E402
 from ebft.models.features import FeatureNetwork  # noqa: E402
+from ebft.models.loading import resolve_attn  # noqa: E402
 from ebft.objectives.baselines import rloo_advantages  # noqa: E402
 from ebft.objectives.losses import cross_entropy_term  # noqa: E402
 from ebft.objectives.rewards import feature_matching_rewards  # noqa: E402
@@ -64,28 +67,34 @@ ABLATIONS = ("nocache", "multinomial", "dense_attention", "copies", "full_featur
 
 
 # ------------------------------------------------------------------------------------------ models
-def qwen25_15b_config():
-    """Qwen2.5-1.5B's architecture (its config.json), for random initialisation."""
+def _rope(config_cls, theta: float) -> dict:
+    """``rope_theta`` in the form this transformers takes (``rope_parameters`` from 5.x on)."""
     import inspect
 
+    if "rope_parameters" in inspect.signature(config_cls.__init__).parameters:
+        return {"rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+    return {"rope_theta": theta}
+
+
+def qwen25_15b_config():
+    """Qwen2.5-1.5B's architecture (its config.json), for random initialisation."""
     from transformers import Qwen2Config
 
-    rope = {"rope_theta": 1000000.0}
-    if "rope_parameters" in inspect.signature(Qwen2Config.__init__).parameters:
-        rope = {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}
     return Qwen2Config(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                        intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True,
                        max_position_embeddings=32768, rms_norm_eps=1e-6, hidden_act="silu",
-                       use_sliding_window=False, bos_token_id=151643, eos_token_id=151643, **rope)
+                       use_sliding_window=False, bos_token_id=151643, eos_token_id=151643,
+                       **_rope(Qwen2Config, 1000000.0))
 
 
 def smollm2_config():
-    """SmolLM2-135M-Instruct's architecture, read from the embedded model's cached HF directory."""
-    from transformers import AutoConfig
+    """SmolLM2-135M-Instruct's architecture (its config.json), for random initialisation (no download)."""
+    from transformers import LlamaConfig
 
-    from ebft.models.loading import EMBEDDED_DEFAULT, _materialise_gguf, resolve_source
-
-    return AutoConfig.from_pretrained(_materialise_gguf(resolve_source(EMBEDDED_DEFAULT)))
+    return LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                       head_dim=64, intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True,
+                       max_position_embeddings=8192, rms_norm_eps=1e-5, hidden_act="silu",
+                       bos_token_id=1, eos_token_id=2, pad_token_id=2, **_rope(LlamaConfig, 100000.0))
 
 
 def build_generator(name: str, device: torch.device, attn: str, seed: int):
@@ -179,7 +188,7 @@ class Bench:
     # -- the two steps ------------------------------------------------------------------------------
     def sft_step(self, meter: Meter, ids: torch.Tensor, record: bool):
         weight = self.generator.get_output_embeddings().weight
-        with meter.time("sft step", record):
+        with meter.time("sft step", record), _attention(self.generator, "sdpa"):  # as SFT training loads it
             self.opt.zero_grad(set_to_none=True)
             with self.autocast():
                 hidden = self.generator.get_decoder()(input_ids=ids).last_hidden_state
@@ -289,12 +298,8 @@ class Bench:
                     _patched(ebft_module, "token_logprobs", _checkpointed_token_logprobs):
                 actor("abl: actor fwd+bwd, log-probs by checkpointed autograd")
         if "eager" in which:
-            old = model.config._attn_implementation
-            model.set_attn_implementation("eager")
-            try:
+            with _attention(model, "eager"):
                 actor("abl: actor fwd+bwd, eager attention")
-            finally:
-                model.set_attn_implementation(old)
         if "mask_build" in which:
             impl = model.config._attn_implementation
             with meter.time("abl: building the step's masks (uncached)", record):
@@ -305,6 +310,19 @@ class Bench:
                 if masks._use_banded(self.device):
                     masks.band_plan(StridedLayout(a.T, a.C, a.s, a.G, a.n).to(self.device))
         self.opt.zero_grad(set_to_none=True)
+
+
+@contextlib.contextmanager
+def _attention(model, implementation: str):
+    """``model`` with another attention implementation within the block."""
+    old = model.config._attn_implementation
+    if old != implementation:
+        model.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        if old != implementation:
+            model.set_attn_implementation(old)
 
 
 @contextlib.contextmanager
@@ -359,7 +377,12 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--whitening", default="reference")
     p.add_argument("--pooling", default="last_token")
-    p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flex_attention"))
+    p.add_argument("--attn", default="auto", choices=("auto", "sdpa", "eager", "flex_attention"),
+                   help="attention of the strided rows; auto = what training picks (flex_attention on CUDA, "
+                        "sdpa on CPU); the SFT step always runs sdpa, as SFT training does")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's dense bf16 peak for the MFU (default: 989 on H100/H200, 312 on A100)")
+    p.add_argument("--json", default=None, help="also write the summary (ebft_over_sft, actor MFU, ...) here")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave torch's)")
@@ -374,6 +397,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.T is None:
         args.T = 1024 if args.device.startswith("cuda") else 256
+    args.attn = resolve_attn(args.attn, args.device, strided=True)
     if "all" in args.ablations:
         args.ablations = list(ABLATIONS)
     return args
@@ -440,10 +464,43 @@ def main(argv=None):
         print(f"  repeat {rep + 1}/{args.warmup + args.repeats}{'' if record else ' (warm-up)'}: "
               + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in meter.times.items() if k.startswith(("ebft", "sft"))
                           and record), flush=True)
-    report(meter, args)
+    report(meter, args, bench)
 
 
-def report(meter: Meter, args) -> None:
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks (SXM)
+
+
+def actor_flops(model, layout: StridedLayout, batch: int) -> float:
+    """Model FLOPs of one actor forward + backward over ``batch`` strided rows (the useful work, mask-aware):
+
+    ``6 * tokens * P_layers`` (decoder-layer matmuls: 2 per parameter and token forward, 4 backward)
+    ``+ 6 * scored * V * H`` (LM head on the ``n*NB*G`` scoring rows and ``T - 1`` CE rows)
+    ``+ 12 * L * heads * d_head * pairs`` (QK^T and PV over the allowed query-key pairs of the strided
+    rule, forward 4 and backward 8 per pair, head dimension and layer).
+    """
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    layers = decoder_layers(model)
+    layer_params = sum(p.numel() for p in layers.parameters())
+    tokens = batch * layout.length
+    scored = batch * (layout.num_samples * layout.num_blocks * layout.gen_len + layout.seq_len - 1)
+    pairs = batch * int(layout.allowed().sum())
+    return (6 * tokens * layer_params + 6 * scored * cfg.vocab_size * cfg.hidden_size
+            + 12 * len(layers) * heads * head_dim * pairs)
+
+
+def peak_flops(device: torch.device, override: float | None) -> float | None:
+    """Dense bf16 peak FLOP/s of ``device`` (``--peak-tflops`` or a known GPU), None where unknown."""
+    if override:
+        return override * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def report(meter: Meter, args, bench: Bench) -> dict:
     med = {k: meter.median(k) for k in meter.times}
     parts = ("ebft sample", "ebft features", "ebft rewards", "ebft actor fwd+bwd", "ebft optimizer")
     ebft, sft = sum(med[p] for p in parts), med["sft step"]
@@ -464,7 +521,22 @@ def report(meter: Meter, args) -> None:
         print(f"strided sampler speedup over per-prefix generate(): "
               f"{med['generate() per prefix'] / med['ebft sample']:.2f}x")
     print(f"highest peak of any piece: {max(meter.peaks.values()):.2f} GiB")
+    flops = actor_flops(bench.generator, bench.layout, args.batch)
+    achieved = flops / med["ebft actor fwd+bwd"]
+    peak = peak_flops(meter.device, args.peak_tflops)
+    mfu = achieved / peak if peak else None
+    print(f"generator fwd+bwd (actor): {flops / 1e12:.3f} TFLOP in {med['ebft actor fwd+bwd']:.3f} s = "
+          f"{achieved / 1e12:.2f} TFLOP/s" + (f", MFU {mfu:.3f} of {peak / 1e12:.0f} TFLOP/s" if mfu else
+                                               " (MFU: unknown device peak, give --peak-tflops)"))
     print(f"ebft_over_sft={ebft / sft:.3f}")
+    summary = {"model": args.model, "device": str(meter.device), "attn": args.attn, "T": args.T, "n": args.n,
+               "batch": args.batch, "strided_tokens": bench.layout.length, "sft_step_s": sft, "ebft_step_s": ebft,
+               "actor_s": med["ebft actor fwd+bwd"], "sample_s": med["ebft sample"],
+               "ebft_over_sft": ebft / sft, "actor_tflops": achieved / 1e12, "actor_mfu": mfu,
+               "peak_gib": max(meter.peaks.values())}
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
 
 
 if __name__ == "__main__":
