@@ -54,7 +54,9 @@ fi
 
 mkdir -p "$OUTDIR"
 START=$(date +%s)
-if compgen -G "$WHEELS/*.whl" > /dev/null; then
+if [ "$DRY" = 1 ]; then
+  echo "== dry run: the wheels in $WHEELS (for the device's Python 3.12) are not installed"
+elif compgen -G "$WHEELS/*.whl" > /dev/null; then
   SITE=$(mktemp -d)
   echo "== installing $(ls "$WHEELS"/*.whl | wc -l) carried wheels from $WHEELS into $SITE"
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$WHEELS"/*.whl \
