@@ -16,6 +16,7 @@ take a second instead of half a minute.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
