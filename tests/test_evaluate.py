@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import sacrebleu
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
@@ -154,11 +155,17 @@ def test_translation_best_of_k_never_below_best_of_one(lm, tokenizer):
              TranslationPair("Translate this from English to Chinese:\nEnglish: Hello\nChinese:", "你好", "zh")]
     out = run_translation(lm, tokenizer, pairs, Sampling(n_samples=4, max_new_tokens=6), progress=False)
     for family in ("BLEU", "chrF"):
-        s = out.scores[family]
-        assert set(s) == {"greedy", "best-of-1", "best-of-4"}
+        s = out.details["sentence_mean"][family]
+        assert set(s) == set(out.scores[family]) == {"greedy", "best-of-1", "best-of-4"}
         assert s["best-of-4"] >= s["best-of-1"]
     per_instance = [r["bleu"][1:] for r in out.records]
-    assert out.scores["BLEU"]["best-of-4"] == pytest.approx(sum(max(s) for s in per_instance) / 3)
+    assert out.details["sentence_mean"]["BLEU"]["best-of-4"] == pytest.approx(sum(max(s) for s in per_instance) / 3)
+    # the headline: corpus scores of the greedy hypotheses and of each instance's oracle (by sentence score)
+    refs = [p.reference for p in pairs]
+    oracle = [r["hypotheses"][1 + max(range(4), key=lambda j: r["chrf"][1 + j])] for r in out.records]
+    assert out.scores["chrF"]["best-of-4"] == pytest.approx(sacrebleu.corpus_chrf(oracle, [refs]).score)
+    assert out.scores["chrF"]["greedy"] == pytest.approx(
+        sacrebleu.corpus_chrf([r["hypotheses"][0] for r in out.records], [refs]).score)
     assert set(out.details["corpus_greedy"]) == {"de", "en", "zh"}
     assert pairs[0].source() == "Save" and first_line("  Hallo Welt\nGerman: x") == "Hallo Welt"
 
@@ -270,7 +277,8 @@ def test_translation_suite_end_to_end(tmp_path):
     evaluate(make_cfg(out, "task=translation", "metrics=[ce,bleu]"))
     (result,) = report.collect(out)
     assert set(result["downstream"]) == {"BLEU", "chrF"} and "cfm" not in result["calibration"]
-    assert result["downstream"]["BLEU"]["best-of-4"] >= result["downstream"]["BLEU"]["best-of-1"]
+    mean = result["details"]["translation"]["sentence_mean"]["BLEU"]
+    assert mean["best-of-4"] >= mean["best-of-1"]
     table = (out / "results.md").read_text()
     for name, sig in result["details"]["translation"]["signatures"].items():
         assert f"sacreBLEU signature, {name}: `{sig.split(' ; ')[0]}`" in table

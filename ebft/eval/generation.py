@@ -2,8 +2,9 @@
 
 Prompts are tokenised without special tokens (as the training chunks are), left-padded into one
 batch and completed with ``model.generate`` and the KV cache. Sampling draws from
-``softmax(logits / temperature)`` restricted to the top-p nucleus (no top-k cut), the setting of
-the paper's downstream evaluation (temperature 0.6). A prompt's completion ends at EOS, after
+``softmax(logits / temperature)`` restricted to the top-p nucleus (no top-k cut); the paper's
+downstream evaluation states temperature 0.6 and no nucleus, so ``top_p`` defaults to 1.0 (the
+full distribution). A prompt's completion ends at EOS, after
 ``max_new_tokens`` tokens, or as soon as its ``done(text)`` predicate holds for the text generated
 so far (e.g. a stop sequence appeared); each sequence of the batch stops on its own.
 
@@ -36,7 +37,7 @@ class Sampling:
 
     n_samples: int = 16
     temperature: float = 0.6
-    top_p: float = 0.95
+    top_p: float = 1.0
     max_new_tokens: int = 512
     batch_size: int = 16
     seed: int = 43

@@ -32,10 +32,21 @@ def bleu_tokenizer(target_lang: str) -> str:
     return "zh" if target_lang.lower().replace("-", "_").split("_")[0] == "zh" else "13a"
 
 
-def corpus_bleu(hyps: Sequence[str], refs: Sequence[str], target_lang: str) -> float:
-    """Corpus BLEU of hypotheses against one reference each."""
+def corpus_bleu(hyps: Sequence[str], refs: Sequence[str], target_lang: str | Sequence[str]) -> float:
+    """Corpus BLEU of hypotheses against one reference each.
+
+    ``target_lang`` is one language, or one per pair: then each pair is tokenised with its own
+    language's tokenizer and the n-gram statistics of all pairs are summed into one corpus score
+    (what sacreBLEU does within one language; the same number when all pairs share a tokenizer).
+    """
     _same_length(hyps, refs)
-    return BLEU(tokenize=bleu_tokenizer(target_lang)).corpus_score(list(hyps), [list(refs)]).score
+    if isinstance(target_lang, str):
+        return BLEU(tokenize=bleu_tokenizer(target_lang)).corpus_score(list(hyps), [list(refs)]).score
+    _same_length(hyps, target_lang)
+    tokenizers = {name: BLEU(tokenize=name).tokenizer for name in {bleu_tokenizer(t) for t in target_lang}}
+    split = [tokenizers[bleu_tokenizer(t)] for t in target_lang]
+    return BLEU(tokenize="none").corpus_score([f(h) for f, h in zip(split, hyps)],
+                                              [[f(r) for f, r in zip(split, refs)]]).score
 
 
 def corpus_chrf(hyps: Sequence[str], refs: Sequence[str]) -> float:
