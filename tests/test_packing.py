@@ -1,10 +1,12 @@
 """Packing rows into T-token chunks with the real (SmolLM2) tokenizer."""
 
+import copy
+
 import pytest
 import torch
 
 from ebft.data import packing
-from ebft.data.packing import pack_rows
+from ebft.data.packing import leading_special_ids, pack_rows
 from ebft.data.sources import DataConfigError
 
 ROWS = [
@@ -76,3 +78,33 @@ def test_too_long_seq_len_is_a_clear_error(tokenizer):
         pack_rows(ROWS, tokenizer, 4096)
     with pytest.raises(DataConfigError, match="max_chunks=0"):
         pack_rows(ROWS, tokenizer, 4, max_chunks=0)
+
+
+@pytest.fixture
+def bos_tokenizer(tokenizer):
+    """SmolLM2's tokenizer made to follow a Llama-3.2-like convention: it puts its BOS before every text."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = copy.deepcopy(tokenizer)
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    return tok
+
+
+def test_every_example_and_prompt_starts_as_the_tokenizer_starts_a_text(tokenizer, bos_tokenizer):
+    from ebft.eval.generation import left_padded
+
+    bos = bos_tokenizer.bos_token_id
+    assert leading_special_ids(tokenizer) == [] and leading_special_ids(bos_tokenizer) == [bos]
+    tokens, mask, docs = _stream(ROWS, tokenizer)
+    packed = pack_rows(ROWS, bos_tokenizer, len(tokens) + len(ROWS))
+    starts = [0] + [i + 1 for i, t in enumerate(tokens) if t == tokenizer.eos_token_id][:-1]
+    expected = list(tokens)
+    for shift, start in enumerate(starts):
+        expected.insert(start + shift, bos)
+    assert packed.input_ids[0].tolist() == expected
+    assert not packed.answer_mask[0][packed.input_ids[0] == bos].any()
+    prompts = ["x = 1", "def f(a, b):"]
+    ids, attention = left_padded(bos_tokenizer, prompts, torch.device("cpu"))
+    for row, mask_row, prompt in zip(ids, attention, prompts):
+        assert row[mask_row == 1].tolist() == [bos, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]

@@ -3,8 +3,10 @@
 A row's segments (``ebft.data.formats.row_segments``: question and answer, or
 the turns of a chat) are tokenised separately without special tokens and
 joined with no template (with ``data.chat_template=true`` the segments are the
-tokenizer's chat template rendering); every example is followed by one EOS
-token; the token stream of all examples is cut into chunks of exactly T tokens
+tokenizer's chat template rendering); every example starts with the special
+tokens the tokenizer itself puts before a text (``leading_special_ids``: a BOS
+for Llama-3.2, none for SmolLM2; with a chat template, what the template
+writes) and is followed by one EOS token; the token stream of all examples is cut into chunks of exactly T tokens
 and the last partial chunk is dropped. There is no padding, so every token of a
 chunk is a real token of the stream. Contexts cross example boundaries.
 
@@ -44,14 +46,30 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
 
+def leading_special_ids(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before a text by its own convention: Llama-3.2's BOS
+    ``<|begin_of_text|>``; nothing for SmolLM2 or Qwen2.5. Every document (an example of the
+    chunks, a prompt) starts with them, as the model saw text in pretraining."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return list(full[:start])
+    return []
+
+
 def _pack_batch(rows: list[dict], first_doc: int, tokenizer, eos: int,
                 chat_template: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stream tokens, answer mask and document ids of consecutive rows."""
     segments = [row_segments(r, tokenizer, chat_template) for r in rows]
     encoded = iter(_encode(tokenizer, [text for segs in segments for text, _ in segs]))
+    lead = () if chat_template else tuple(leading_special_ids(tokenizer))
     pieces, answer, row_len = [], [], []
     for segs in segments:
         start = len(pieces)
+        if lead:
+            pieces.append(lead)
+            answer.append(False)
         for _, is_answer in segs:
             pieces.append(next(encoded))
             answer.append(is_answer)

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ebft.data.datamodule import ChunkDataModule, ResumableBatchSampler
 from ebft.data.formats import prompt_text
-from ebft.data.packing import pack_rows
+from ebft.data.packing import leading_special_ids, pack_rows
 from ebft.data.sources import DataConfigError, load_rows, train_val_split
 from ebft.objectives.verifiable import RewardFn, code_problem, reward_fn_for
 
@@ -89,7 +89,8 @@ def select_prompts(rows: Sequence[dict], task: str, tokenizer, max_prompt_tokens
     encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"] if rows else []
     keep = [0 < len(ids) <= max_prompt_tokens for ids in encoded]
     counts[f"empty or longer than {max_prompt_tokens} tokens"] = keep.count(False)
-    rows, encoded = [r for r, k in zip(rows, keep) if k], [e for e, k in zip(encoded, keep) if k]
+    lead = [] if chat_template else leading_special_ids(tokenizer)
+    rows, encoded = [r for r, k in zip(rows, keep) if k], [lead + e for e, k in zip(encoded, keep) if k]
     if check_references and rows:
         keep = informative(rows, reward_fn_for(task))
         counts["reference fails or empty passes"] = keep.count(False)

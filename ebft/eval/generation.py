@@ -1,6 +1,7 @@
 """Batched text generation for downstream evaluation: a greedy completion and ``n`` samples per prompt.
 
-Prompts are tokenised without special tokens (as the training chunks are), left-padded into one
+Prompts are tokenised as the training chunks' examples are (the tokenizer's own leading special
+tokens, e.g. Llama-3.2's BOS, then the text without special tokens), left-padded into one
 batch and completed with ``model.generate`` and the KV cache. Sampling draws from
 ``softmax(logits / temperature)`` restricted to the top-p nucleus (no top-k cut); the paper's
 downstream evaluation states temperature 0.6 and no nucleus, so ``top_p`` defaults to 1.0 (the
@@ -26,6 +27,8 @@ from typing import Callable, Sequence
 
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+from ebft.data.packing import leading_special_ids
 
 Done = Callable[[str], bool]
 """Whether a completion is finished, judged on its decoded text so far."""
@@ -86,6 +89,8 @@ def left_padded(tokenizer, prompts: Sequence[str], device: torch.device) -> tupl
     encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     if any(len(e) == 0 for e in encoded):
         raise ValueError("an empty prompt cannot be completed; drop it from the benchmark")
+    lead = leading_special_ids(tokenizer)
+    encoded = [lead + e for e in encoded]
     width = max(map(len, encoded))
     pad = tokenizer.pad_token_id
     ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
