@@ -1,10 +1,10 @@
-"""Training rows ``{question, answer, ...}`` from the hub, local files or the
+"""Training rows ``{question, answer, ...}`` from the hub, local files, a known synthetic process or the
 embedded offline corpora, and the held-out validation split.
 
 The ``data`` config group::
 
     data:
-      kind: embedded        # embedded | hub | local
+      kind: embedded        # embedded | hub | local | synthetic
       name: null            # hub: dataset id (a preset below fills `fields`);
                             # local: optional preset name for a downloaded copy
       config: null          # hub: dataset config (haoranxu/ALMA-Human-Parallel: de-en, ...)
@@ -18,6 +18,9 @@ The ``data`` config group::
                             # a field mapped to null becomes "" (a dataset without questions)
       mbpp_path: null       # embedded qa_code: MBPP jsonl (default $EBFT_MBPP; none = no MBPP)
       langs: [cs, de, is, ru, zh]   # embedded translation languages
+      process: {}           # synthetic: the known process (ebft/data/synthetic.py)
+      rows: null            # synthetic: number of sequences
+      row_len: null         # synthetic: symbols per sequence
       limit: null           # keep N rows: a seeded random subset, in source order
       val_size: 1000        # held-out validation rows (see train_val_split)
       seed: 43              # seed of the validation split
@@ -45,10 +48,10 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
-KINDS = ("embedded", "hub", "local")
+KINDS = ("embedded", "hub", "local", "synthetic")
 ROW_FIELDS = ("question", "answer", "tests", "test_type", "test_setup", "entry_point", "source_lang", "target_lang")
 CONFIG_KEYS = {"kind", "name", "config", "split", "files", "file_type", "format", "chat_template", "fields",
-               "mbpp_path", "langs", "limit", "val_size", "seed"}
+               "mbpp_path", "langs", "process", "rows", "row_len", "limit", "val_size", "seed"}
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -302,6 +305,11 @@ def load_rows(cfg_data, task: str) -> list[dict]:
         if limit is not None:
             table = table.select(subset_indices(len(table), limit, seed))
         rows = rows_from_table(table, cfg)
+    elif kind == "synthetic":
+        from ebft.data.synthetic import synthetic_rows
+
+        rows = synthetic_rows(cfg)
+        rows = [rows[i] for i in subset_indices(len(rows), limit, seed)]
     else:
         raise DataConfigError(f"data.kind='{kind}' is not one of {list(KINDS)}")
     rows = _dedup(rows)

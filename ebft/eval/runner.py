@@ -48,7 +48,7 @@ from ebft.rollout.layout import StridedLayout
 log = logging.getLogger(__name__)
 
 CALIBRATION = ("ce", "cfm", "profile")
-SUITES = {"code": ("humaneval", "mbpp", "multipl_e"), "translation": ("bleu", "comet")}
+SUITES = {"code": ("humaneval", "mbpp", "multipl_e"), "translation": ("bleu", "comet"), "none": ()}
 """Downstream metrics of each evaluation suite (``task.eval_suite``)."""
 
 
