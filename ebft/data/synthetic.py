@@ -40,7 +40,7 @@ from ebft.data.sources import DataConfigError
 
 EOS = "<eos>"
 PROCESS_KEYS = {"vocab", "regimes", "states", "stay", "regime_stay", "concentration", "seed"}
-DEFAULT_PROCESS = {"vocab": 16, "regimes": 2, "states": 4, "stay": 0.9, "regime_stay": 0.99,
+DEFAULT_PROCESS = {"vocab": 16, "regimes": 4, "states": 2, "stay": 0.8, "regime_stay": 0.995,
                    "concentration": 0.3, "seed": 0}
 
 
@@ -148,8 +148,8 @@ def stationary(transition: np.ndarray) -> np.ndarray:
     return pi / pi.sum()
 
 
-def make_process(vocab: int = 16, regimes: int = 2, states: int = 4, stay: float = 0.9,
-                 regime_stay: float = 0.99, concentration: float = 0.3, seed: int = 0) -> HiddenMarkovProcess:
+def make_process(vocab: int = 16, regimes: int = 4, states: int = 2, stay: float = 0.8,
+                 regime_stay: float = 0.995, concentration: float = 0.3, seed: int = 0) -> HiddenMarkovProcess:
     """The process of the module docstring, drawn with ``seed``."""
     for key, value, ok in (("stay", stay, 0 <= stay <= 1), ("regime_stay", regime_stay, 0 <= regime_stay <= 1),
                            ("concentration", concentration, concentration > 0),
