@@ -62,10 +62,14 @@ def paired_rows(tests: dict[str, list[dict]], reference: str, keys: list[str]) -
 
 
 def claims_of(rows: list[dict]) -> list[dict]:
-    """The orderings the report claims: every comparison whose 95% interval excludes 0, with its sign."""
+    """The orderings the report claims: every comparison whose 95% interval excludes 0 and whose
+    difference has that sign at every seed, with its sign."""
+    def holds(r):
+        lower, higher = r["ci_high"] < 0, r["ci_low"] > 0
+        return (lower and all(v < 0 for v in r["per_seed"])) or (higher and all(v > 0 for v in r["per_seed"]))
+
     return [{"variant": r["variant"], "reference": r["reference"], "metric": r["metric"],
-             "sign": "lower" if r["ci_high"] < 0 else "higher"}
-            for r in rows if r["ci_high"] < 0 or r["ci_low"] > 0]
+             "sign": "lower" if r["ci_high"] < 0 else "higher"} for r in rows if holds(r)]
 
 
 def check_claims(claims: list[dict], tests: dict[str, list[dict]]) -> list[str]:
@@ -83,14 +87,6 @@ def check_claims(claims: list[dict], tests: dict[str, list[dict]]) -> list[str]:
             broken.append(f"{c['variant']} - {c['reference']} on {c['metric']}: claimed {c['sign']}, "
                           f"measured {diff:+.5f}")
     return broken
-
-
-def _fmt(x: float, digits: int = 4) -> str:
-    return f"{x:.{digits}f}"
-
-
-def _interval(r: dict, digits: int = 4) -> str:
-    return f"{r['mean']:+.{digits}f} [{r['ci_low']:+.{digits}f}, {r['ci_high']:+.{digits}f}]"
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

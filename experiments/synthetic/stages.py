@@ -24,9 +24,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ebft.config import compose_config
 from ebft.data.synthetic import process_from_config, save_symbol_tokenizer
 from ebft.eval import report as eval_report
-from ebft.eval.oracle import STATISTICS, model_rollouts, oracle_errors
+from ebft.eval.oracle import model_rollouts, oracle_errors
 from ebft.eval.runner import evaluate
-from ebft.models.loading import HF_SUBDIR, build_tiny_model, load_model
+from ebft.models.loading import build_tiny_model, load_model
 from ebft.run import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -214,7 +214,7 @@ def eval_overrides(settings: Settings, base: Path, ckpt: Path, directory: Path) 
     return ["task=synthetic", "data=synthetic", "model=synthetic_tiny", f"model.name={relative(base)}",
             f"ckpt={relative(ckpt)}", "metrics=[ce,cfm,profile]", f"seed={int(cfg.seed)}",
             f"data.process={{{process}}}", f"data.seed={int(test.data_seed)}", f"data.rows={int(test.rows)}",
-            f"data.row_len={int(cfg.data.row_len)}", f"data.val_size={int(test.rows) - 1}",
+            f"data.row_len={int(cfg.data.row_len)}", f"data.val_size={int(test.val_size)}",
             f"eval.cfm_chunks={int(test.chunks)}", f"eval.profile_chunks={int(test.profile_chunks)}",
             f"eval.cfm_samples={int(e.cfm_samples)}", f"eval.cfm_temperature={float(e.cfm_temperature)}",
             f"eval.whitening={e.whitening}", f"eval.critic.layers=[{','.join(str(float(q)) for q in e.critic.layers)}]",
