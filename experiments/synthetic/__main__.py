@@ -37,7 +37,8 @@ def fmt_lr(lr: float) -> str:
 def run_of(settings: Settings, variant: str, seed: int, lr: float, base) -> Run:
     s = settings.s
     overrides = (*s.variants[variant], f"model.name={relative(base)}", f"seed={seed}", f"method.lr={fmt_lr(lr)}",
-                 f"trainer.max_steps={int(s.steps)}", f"trainer.val_check_interval={int(s.val_every)}")
+                 f"method.batch_size={int(s.batch_size)}", f"trainer.max_steps={int(s.steps)}",
+                 f"trainer.val_check_interval={int(s.val_every)}")
     return Run(f"{variant} seed {seed} lr {fmt_lr(lr)}", overrides,
                settings.runs / variant / f"seed{seed}_lr{fmt_lr(lr)}")
 
@@ -210,7 +211,7 @@ def readme(settings, summary, paired, base_vs_truth, chosen, sweep, timing, hori
         f"{p.vocab} symbols + EOS (`model=synthetic_tiny`). Base: CE from the random init for "
         f"{s.base.steps} steps at lr {s.base.lr} (`{base_run.command}`); it is the frozen feature network "
         "(its output layer, mean-pooled over the G-token window) of every EBFT run and of CFM.",
-        f"- Fine-tuning from the base: {s.steps} optimizer steps of {cfg.method.batch_size} chunks of "
+        f"- Fine-tuning from the base: {s.steps} optimizer steps of {s.batch_size} chunks of "
         f"T={cfg.task.seq_len} (C=s=G={cfg.task.gen_len}) for every variant, seeds {list(s.seeds)}; "
         f"EBFT with n={cfg.method.num_samples if 'num_samples' in cfg.method else 4} samples at temperature 1, gamma "
         f"{cfg.gamma}. Variants: " + "; ".join(f"`{k}`: `{' '.join(v)}`" for k, v in s.variants.items()) + ".",
