@@ -106,10 +106,12 @@ def write_report(settings: Settings, tests, truth, runs, chosen, sweep, records,
     fine = {k: v for k, v in tests.items() if k != "base"}
     keys = ["ce", "cfm"] + [f"oracle/pairs/G{g}" for g in horizons] + [f"oracle/unigram/G{g}" for g in horizons]
     paired = report.paired_rows(fine, "sft", keys)
+    versus_base = report.paired_rows(tests, "base", keys)
     base_vs_truth = base_miscalibration(tests["base"][0], truth, horizons)
     summary = report.summary_rows(tests, truth, horizons)
     report.write_csv(out / "summary.csv", summary)
     report.write_csv(out / "paired_vs_sft.csv", paired)
+    report.write_csv(out / "paired_vs_base.csv", versus_base)
     report.write_csv(out / "lr_sweep.csv", sweep)
     report.write_csv(out / "base_vs_truth.csv", base_vs_truth)
     report.plot_curves(out / "curves.png", {v: [curves(r.directory) for r in rs] for v, rs in runs.items()})
@@ -118,7 +120,7 @@ def write_report(settings: Settings, tests, truth, runs, chosen, sweep, records,
     report.write_claims(out, claims)
     timing = timing_rows(records, tests)
     report.write_csv(out / "timing.csv", timing)
-    text = readme(settings, summary, paired, base_vs_truth, chosen, sweep, timing, horizons, base_run)
+    text = readme(settings, summary, paired, versus_base, base_vs_truth, chosen, sweep, timing, horizons, base_run)
     (out / "README.md").write_text(text)
     return {"paired": paired, "claims": claims, "summary": summary}
 
@@ -172,7 +174,8 @@ def _verdict(paired: list[dict], variant: str, horizons) -> str:
     return f"- **{variant}** vs SFT: " + "; ".join(parts) + "."
 
 
-def readme(settings, summary, paired, base_vs_truth, chosen, sweep, timing, horizons, base_run) -> str:
+def readme(settings, summary, paired, versus_base, base_vs_truth, chosen, sweep, timing, horizons,
+           base_run) -> str:
     s, cfg = settings.s, settings.cfg
     p = cfg.data.process
     train_s = sum(t["seconds"] for t in timing if t["kind"] == "train")
@@ -249,7 +252,19 @@ def readme(settings, summary, paired, base_vs_truth, chosen, sweep, timing, hori
         seeds = ", ".join(f"{v * scale:+.3f}" for v in r["per_seed"])
         lines.append(f"| {r['variant']} | {r['metric']}{unit} | {_interval(scaled, 3 if scale != 1 else 4)} | "
                      f"{r['p_value']:.4f} | {seeds} |")
-    lines += ["", "## Is the CE-trained base miscalibrated, and how does it grow with G?", "",
+    shown = {"ce", "cfm", *(f"oracle/pairs/G{g}" for g in horizons)}
+    lines += ["", "## Paired differences against the base (each fine-tuned model minus the base it started from)",
+              "", "| variant | metric | difference [95% CI] | per seed |", "|---|---|---|---|"]
+    for r in versus_base:
+        if r["metric"] not in shown:
+            continue
+        scale = 1e4 if r["metric"].startswith("oracle") else 1
+        scaled = {k: r[k] * scale for k in ("mean", "ci_low", "ci_high")}
+        seeds = ", ".join(f"{v * scale:+.3f}" for v in r["per_seed"])
+        unit = " (x1e-4)" if scale != 1 else ""
+        lines.append(f"| {r['variant']} | {r['metric']}{unit} | {_interval(scaled, 3 if scale != 1 else 4)} | {seeds} |")
+    lines += ["", "All of `paired_vs_base.csv` (unigram too, p-values).", "",
+              "## Is the CE-trained base miscalibrated, and how does it grow with G?", "",
               "The base model's oracle error against the true process's own rollouts (paired over the oracle "
               "contexts; `base_vs_truth.csv`):", "",
               "| G | statistic | base l2 (x1e-4) | truth l2 (x1e-4) | base TV | truth TV (floor) | TV excess [95% CI] |",

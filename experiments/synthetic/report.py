@@ -9,6 +9,7 @@ its mean over the seeds, so the interval is over held-out contexts at the seeds 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def seed_mean(records: list[dict]) -> dict[str, np.ndarray]:
 
 
 def paired_rows(tests: dict[str, list[dict]], reference: str, keys: list[str]) -> list[dict]:
-    """``variant - reference`` for every other variant and key (seed means, paired over units)."""
+    """``variant - reference`` for every other variant and key (seed means, paired over units); a
+    reference with one record (the base) is every seed's reference."""
     ref = seed_mean(tests[reference])
     rows = []
     for name, records in tests.items():
@@ -54,7 +56,8 @@ def paired_rows(tests: dict[str, list[dict]], reference: str, keys: list[str]) -
         mean = seed_mean(records)
         for key in keys:
             d = paired_difference(mean[key], ref[key], n_permutations=10_000, seed=0)
-            per_seed = [float(np.mean(units(r)[key] - units(q)[key])) for r, q in zip(records, tests[reference])]
+            per_seed = [float(np.mean(units(r)[key] - units(q)[key]))
+                        for r, q in zip(records, itertools.cycle(tests[reference]))]
             rows.append({"variant": name, "reference": reference, "metric": key, "mean": d.mean, "se": d.se,
                          "ci_low": d.ci_low, "ci_high": d.ci_high, "p_value": d.p_value, "n": d.n,
                          "per_seed": per_seed})
