@@ -15,10 +15,12 @@ from ebft.config import ConfigError
 from ebft.data.sources import DataConfigError
 from ebft.eval.code import BenchmarkDataError, ToolchainMissing
 from ebft.eval.runner import evaluate
+from ebft.eval.sandbox import IsolationUnavailable
 from ebft.eval.translation import MetricUnavailable
 from ebft.models.loading import ModelSourceError
 
-USER_ERRORS = (ConfigError, DataConfigError, ModelSourceError, BenchmarkDataError, ToolchainMissing, MetricUnavailable)
+USER_ERRORS = (ConfigError, DataConfigError, ModelSourceError, BenchmarkDataError, ToolchainMissing, MetricUnavailable,
+               IsolationUnavailable)
 
 
 def comma_list_as_hydra_list(argv: list[str]) -> list[str]:

@@ -24,6 +24,7 @@ from ebft.card import FINAL_METRICS, push, write_card
 from ebft.config import validate
 from ebft.data.sources import check_data_record
 from ebft.eval.callback import CalibrationCallback
+from ebft.eval.sandbox import require_isolation
 from ebft.models.loading import HF_SUBDIR, load_tokenizer
 from ebft.strategies import MemoryEstimate, apply_global_batch, build_strategy, check_launch
 
@@ -131,6 +132,8 @@ def train(cfg: DictConfig) -> dict:
     validate(cfg)
     if cfg.get("init_from"):
         check_data_record(str(cfg.init_from), cfg, "init_from")
+    if str(cfg.task.eval_suite) == "code":  # RLVR rewards and in-training benchmarks run generated code
+        require_isolation(bool(cfg.eval.get("require_isolation", False)))
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True)

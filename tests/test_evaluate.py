@@ -206,6 +206,16 @@ def test_checkpoint_lists_and_missing_paths(tmp_path, monkeypatch):
         checkpoints(make_cfg(tmp_path, "ckpt=outputs/run"))
 
 
+def test_required_isolation_refuses_before_any_model_loads(tmp_path, monkeypatch):
+    from ebft.eval import sandbox
+
+    monkeypatch.setattr(sandbox, "_required", False)
+    monkeypatch.setattr(sandbox, "_level", "process")
+    with pytest.raises(sandbox.IsolationUnavailable, match="eval.require_isolation=true"):
+        evaluate(make_cfg(tmp_path, "metrics=[humaneval]", "eval.require_isolation=true"))
+    assert not any(tmp_path.iterdir())
+
+
 def test_cli_gives_one_clear_message(tmp_path):
     proc = subprocess.run([sys.executable, "evaluate.py", "model=tiny", f"ckpt={tmp_path / 'no_such_run'}",
                            f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)

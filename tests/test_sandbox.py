@@ -3,6 +3,8 @@
 import logging
 import os
 import resource
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -12,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from ebft.eval import sandbox
-from ebft.eval.sandbox import OUTPUT_CAP, Limits, isolation_level, run_command, run_many, run_python
+from ebft.eval.sandbox import (OUTPUT_CAP, UID_POOL, IsolationUnavailable, Limits, isolation_level,
+                                require_isolation, run_command, run_many, run_python)
 
 LEVEL = isolation_level()
 ISOLATED = LEVEL == "bwrap"
@@ -229,3 +232,120 @@ def test_missing_bwrap_falls_back_with_one_warning(monkeypatch, caplog):
         assert isolation_level() == "process"
     warnings = [r for r in caplog.records if "bubblewrap" in r.getMessage()]
     assert len(warnings) == 1 and "apt-get install bubblewrap" in warnings[0].getMessage()
+
+
+# --------------------------------------------------------------------------- wherever Python lives
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPECT_BWRAP = "EBFT_TEST_EXPECT_BWRAP"
+
+
+@pytest.mark.skipif(not os.environ.get(EXPECT_BWRAP), reason="only when run through another interpreter below")
+def test_bubblewrap_works_with_this_interpreter():
+    assert (LEVEL, sys.executable) == ("bwrap", os.environ[EXPECT_BWRAP])
+
+
+def _venv(parent: Path) -> str:
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(parent / "venv")],
+                   check=True)
+    return str(parent / "venv" / "bin" / "python")
+
+
+def _symlink(parent: Path) -> str:
+    (parent / "bin").mkdir()
+    (parent / "bin" / "python").symlink_to(os.path.realpath(sys.executable))
+    return str(parent / "bin" / "python")
+
+
+@needs_isolation
+@pytest.mark.parametrize("where, make", [
+    ("tmp", _venv),
+    pytest.param("home", _venv, marks=pytest.mark.slow),
+    pytest.param("tmp", _symlink, marks=pytest.mark.slow)])
+def test_hostile_programs_contained_with_the_interpreter_elsewhere(where, make):
+    """The tests above, run by an interpreter in a virtualenv under /tmp (which the sandbox replaces by a
+    fresh tmpfs) or under the home directory (closed to the sandbox uid), or symlinked from /tmp."""
+    parent = Path(tempfile.mkdtemp(prefix="ebft-python-", dir="/tmp" if where == "tmp" else Path.home()))
+    try:
+        python = make(parent)
+        run = subprocess.run([python, "-B", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__,
+                              "-k", "not interpreter_elsewhere and not fallback_as"],
+                             cwd=ROOT, env={**os.environ, EXPECT_BWRAP: python}, capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0 and " passed" in run.stdout and "skipped" not in run.stdout.splitlines()[-1], \
+            run.stdout[-3000:] + run.stderr[-2000:]
+    finally:
+        shutil.rmtree(parent)
+
+
+# --------------------------------------------------------------------------- the fallback cannot reach the runner
+
+KILLER = ("import os, signal\n"
+          "def attempt(pid):\n"
+          "    try:\n        os.kill(pid, signal.SIGKILL)\n        return 'killed'\n"
+          "    except Exception as err:\n        return type(err).__name__\n"
+          "parent = os.getppid()\n"
+          "runner = int(open(f'/proc/{parent}/stat').read().rsplit(')', 1)[1].split()[1])\n"
+          "print(attempt(runner), attempt(-1), attempt(parent))\n")
+
+
+def test_fallback_guards_keep_the_runner_alive():
+    """Under process isolation ``run_python`` removes os.kill & co. before the program runs."""
+    result = run_python(KILLER + "import subprocess\nsubprocess.run(['kill', '-9', str(runner)])\n",
+                        isolation="process")
+    assert result.stdout == "TypeError TypeError TypeError\n"
+    assert result.status == "failed" and "TypeError" in result.stderr  # subprocess.Popen is gone too
+    assert os.getppid() > 1
+
+
+def test_fallback_guards_keep_ordinary_programs_working():
+    program = ("import math, collections\nopen('f.txt', 'w').write('x')\n"
+               "def f(n):\n    '''\n    >>> f(3)\n    6\n    '''\n    return math.factorial(n)\n"
+               "import doctest\nassert doctest.testmod().attempted == 1\nprint(__name__, f(4), open('f.txt').read())\n")
+    for mode in MODES:
+        assert run_python(program, isolation=mode).stdout == "__main__ 24 x\n"
+    failing = run_python("def g():\n    assert 1 == 2, 'nope'\ng()\n", isolation="process")
+    assert failing.status == "failed" and 'File "program.py", line 2, in g' in failing.stderr
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+as_root_with_system_python = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists(SYSTEM_PYTHON) or sandbox._closed_to_others(str(ROOT)),
+    reason="needs root, /usr/bin/python3 and a checkout other users can read")
+
+
+@as_root_with_system_python
+def test_fallback_as_root_runs_the_program_under_a_sandbox_uid():
+    result = run_command([SYSTEM_PYTHON, "-c", KILLER + "print(os.getuid())\n"], isolation="process")
+    attempts, uid = result.stdout.split("\n")[:2]
+    assert attempts == "PermissionError killed PermissionError"  # kill(-1) reaches only the sandbox uid's own
+    assert int(uid) in UID_POOL and os.getppid() > 1
+
+
+@as_root_with_system_python
+def test_fallback_as_a_user_killing_the_parent_ends_only_the_run():
+    """A runner that is not root: the program (same uid) kills its parent, the disposable launcher; the
+    runner reports the run as killed and goes on. Guards stop ``run_python`` programs from going further."""
+    runner = ("import os, sys\nfrom ebft.eval.sandbox import run_command, run_python\n"
+              "hit = run_command([sys.executable, '-c', 'import os, signal; os.kill(os.getppid(), signal.SIGKILL)'],"
+              " isolation='process')\n"
+              "print(hit.status, hit.detail)\n"
+              "guarded = run_python(sys.argv[1], isolation='process')\n"
+              "print(guarded.stdout.strip(), os.getuid())\n")
+    run = subprocess.run([SYSTEM_PYTHON, "-B", "-c", runner, KILLER], cwd=ROOT, user=65534, group=65534,
+                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["error killed by SIGKILL (memory, or killed from outside)",
+                                       "TypeError TypeError TypeError 65534"]
+
+
+def test_require_isolation_refuses_the_fallback(monkeypatch):
+    monkeypatch.setattr(sandbox, "_required", False)
+    monkeypatch.setattr(sandbox, "_level", "process")
+    with pytest.raises(IsolationUnavailable, match="eval.require_isolation"):
+        require_isolation()
+    with pytest.raises(IsolationUnavailable, match="apt-get install bubblewrap"):
+        run_python("print(1)")
+    require_isolation(False)
+    assert run_python("print(1)").stdout == "1\n"

@@ -39,6 +39,7 @@ from ebft.eval.calibration import (Estimate, chunk_nll, context_fm, fixed_subset
 from ebft.eval.code import CodeProblem, load_humaneval, load_mbpp, load_multipl_e, toolchain_for
 from ebft.eval.downstream import Outcome, TranslationPair, run_code, run_translation
 from ebft.eval.generation import Sampling
+from ebft.eval.sandbox import require_isolation
 from ebft.eval.translation import COMET_HOWTO
 from ebft.models.features import FeatureNetwork
 from ebft.models.loading import (ModelSourceError, load_model, load_tokenizer, resolve_attn, resolve_dtype,
@@ -354,6 +355,8 @@ def evaluate(cfg: DictConfig, report_dir: str | None = None, job: int = 0) -> st
     """
     request = check_request(cfg)
     metrics, base = request.metrics, str(cfg.model.name)
+    if set(SUITES["code"]) & set(metrics):
+        require_isolation(bool(cfg.eval.get("require_isolation", False)))
     device = device_of(cfg)
     base_tokenizer = load_tokenizer(base)
     calibration_metrics = [m for m in metrics if m in CALIBRATION]

