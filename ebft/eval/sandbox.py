@@ -421,14 +421,23 @@ def _run_bwrap(launcher: list[str], workdir: str, uid: int | None, env: dict, ro
         os.close(info_w)
     with os.fdopen(info_r) as info:  # bwrap writes it once the sandbox exists, then closes it
         child = json.loads(info.read() or "{}").get("child-pid")
+    born = _stat_fields(child)[19] if child is not None else None  # start time: tells a reused pid apart
 
     def stop() -> None:
-        # Killing the PID namespace's init makes the kernel kill and reap everything
-        # in it before bwrap sees the init exit, so once bwrap is gone nothing is left.
+        # Killing the PID namespace's init makes the kernel kill everything in it before
+        # the init becomes a zombie. bwrap may report the program's exit while its init
+        # is still exiting, so wait for that (killing it) until the namespace is empty.
         if child is not None and not _exited(proc) and _parent_of(child) == proc.pid:
             _try(os.kill, child, signal.SIGKILL)
             _wait_exit(proc, time.monotonic() + 2.0)
         _try(os.killpg, proc.pid, signal.SIGKILL)
+        until = time.monotonic() + 2.0
+        while born is not None and time.monotonic() < until:
+            fields = _stat_fields(child)
+            if fields is None or fields[19] != born or fields[0] in ("Z", "X"):
+                return
+            _try(os.kill, child, signal.SIGKILL)
+            time.sleep(0.005)
 
     return _supervise(proc, start, timeout, stop)
 
@@ -499,12 +508,18 @@ def _wait_exit(proc: subprocess.Popen, until: float) -> bool:
     return True
 
 
-def _parent_of(pid: int) -> int | None:
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state, ppid, ...), or None."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
         return None
+
+
+def _parent_of(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields else None
 
 
 def _classify(code: int, timed_out: bool, out: str, err: str, wall: float, timeout: float) -> SandboxResult:
