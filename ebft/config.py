@@ -131,13 +131,35 @@ def validate_paths(cfg: DictConfig) -> None:
     if cfg.get("init_from"):
         _require(Path(str(cfg.init_from)).exists(),
                  f"init_from={cfg.init_from} does not exist; give an SFT run dir (with hf_model/) or an HF dir")
-    if cfg.get("ckpt_path"):
+    if cfg.get("ckpt_path") and str(cfg.ckpt_path) != "last":
         _require(Path(str(cfg.ckpt_path)).exists(),
-                 f"ckpt_path={cfg.ckpt_path} does not exist; give a .ckpt file or a run dir with checkpoints/last.ckpt")
+                 f"ckpt_path={cfg.ckpt_path} does not exist; give a .ckpt file, a run dir with checkpoints/last.ckpt, "
+                 "or 'last' (this run dir's, with hydra.run.dir=<run dir>)")
+
+
+NUMBERS = {"alpha": float, "gamma": float, "seed": int, "global_batch": int, "method.lr": float,
+           "method.batch_size": int, "method.warmup_ratio": float, "method.weight_decay": float,
+           "method.num_samples": int, "method.temperature": float, "method.top_p": float,
+           "method.max_new_tokens": int, "task.seq_len": int, "task.context_len": int, "task.stride": int,
+           "task.gen_len": int, "trainer.max_steps": int}
+
+
+def validate_numbers(cfg: DictConfig) -> None:
+    """Every numeric key that is set holds a number (``alpha=abc`` names ``alpha``)."""
+    for key, kind in NUMBERS.items():
+        value = _get(cfg, key)
+        if value is None:
+            continue
+        try:
+            if isinstance(value, bool) or kind(value) != float(value):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={value!r} is not {'an integer' if kind is int else 'a number'}") from None
 
 
 def validate(cfg: DictConfig) -> None:
     """Check the whole training config; raise :class:`ConfigError` on the first problem."""
+    validate_numbers(cfg)
     validate_geometry(cfg.task)
     validate_optim(cfg.method)
     _choice(cfg, "logger.kind", LOGGERS)

@@ -3,12 +3,25 @@
 ``train.py`` is a thin Hydra wrapper around :func:`train`. Order matters for
 errors: the config is validated and the data loaded before any model, so a
 wrong key or a missing dataset fails in seconds.
+
+A run never destroys earlier results: it refuses a directory that holds another
+run unless it resumes that run in place (``ckpt_path=last`` or the directory
+itself; ``metrics.csv`` is then appended to), a checkpoint is checked before
+resuming (readable, same method and model), no checkpoint or HF model with
+non-finite weights is written, SIGTERM / SIGINT save a checkpoint at the
+current step and stop with :class:`Interrupted`, the last step always gets a
+checkpoint, and a run that fails leaves no half-written ``*.tmp`` files (and
+no directory when it had written nothing).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import signal
+import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -17,11 +30,13 @@ import lightning as L
 import torch
 from hydra.utils import get_class
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from ebft.card import FINAL_METRICS, push, write_card
-from ebft.config import validate
+from ebft.config import ConfigError, validate
 from ebft.data.sources import check_data_record
 from ebft.eval.callback import CalibrationCallback
 from ebft.eval.sandbox import require_isolation
@@ -39,10 +54,24 @@ warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the s
 warnings.filterwarnings("ignore", message=".*exists and is not empty. Previous log files.*")
 
 
+def non_finite(state: dict) -> list[str]:
+    """Names of the floating-point tensors of ``state`` holding NaN or inf."""
+    return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not bool(v.isfinite().all())]
+
+
+def refuse_non_finite(state: dict, what: str) -> None:
+    bad = non_finite(state)
+    if bad:
+        raise FloatingPointError(f"not writing {what}: {len(bad)} weight tensor(s) are not finite (first: {bad[0]}); "
+                                 "lower method.lr, check the data, or use model.dtype=float32")
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints are written to a temporary file and renamed: a crash never leaves a torn file."""
+    """Checkpoints are written to a temporary file and renamed: a crash never leaves a torn file;
+    one with non-finite weights is never written."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
+        refuse_non_finite(checkpoint["state_dict"], f"checkpoint {path}")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -86,11 +115,71 @@ class StepTimer(Callback):
         return self.seconds / steps if steps > 0 else None
 
 
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, but an existing ``metrics.csv`` (a run resumed in place) is appended to
+    instead of deleted; its columns are kept."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r") as f:
+                self.metrics_keys = sorted(f.readline().strip().split(","))
+
+
+class AppendingCSVLogger(CSVLogger):
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class Interrupted(RuntimeError):
+    """Training stopped on SIGTERM / SIGINT after saving ``checkpoint`` at ``step``."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"{signal.Signals(signum).name} at step {step}: saved {checkpoint}")
+
+
+class StopOnSignal(Callback):
+    """On SIGTERM (``timeout``, ``docker stop``, Slurm preemption) or SIGINT (Ctrl-C) during training:
+    finish the optimizer step under way and stop the fit; :func:`train` then saves the checkpoint and
+    raises :class:`Interrupted`. A second Ctrl-C stops at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum, self.stopped, self._previous, self._step = None, False, {}, 0
+
+    def _note(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this optimizer step, saving a checkpoint ...",
+              file=sys.stderr, flush=True)
+
+    def on_train_start(self, trainer, pl_module):
+        if threading.current_thread() is threading.main_thread():  # Lightning's own SIGTERM handler is replaced
+            self._previous = {sig: signal.signal(sig, self._note) for sig in self.SIGNALS}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.signum is not None and trainer.global_step > self._step:
+            trainer.should_stop = self.stopped = True
+
+    def teardown(self, trainer, pl_module, stage):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
 def build_logger(cfg: DictConfig, output_dir: Path):
     kind = cfg.logger.kind
     if kind == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-        return CSVLogger(save_dir=str(output_dir), name="", version="")
+        return AppendingCSVLogger(save_dir=str(output_dir), name="", version="")
     if kind == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
         return TensorBoardLogger(save_dir=str(output_dir), name="", version="")
@@ -119,23 +208,95 @@ def build_trainer(cfg: DictConfig, output_dir: Path, callbacks: list[Callback]) 
     return trainer
 
 
-def resolve_ckpt_path(ckpt_path: str | None) -> str | None:
-    """A ``.ckpt`` file as is; a run directory -> its ``checkpoints/last.ckpt``."""
+LAST = Path("checkpoints") / "last.ckpt"
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> Path | None:
+    """A ``.ckpt`` file as is; a run directory -> its ``checkpoints/last.ckpt``; ``last`` -> this run's."""
     if not ckpt_path:
         return None
-    path = Path(ckpt_path)
-    return str(path / "checkpoints" / "last.ckpt") if path.is_dir() else str(path)
+    if str(ckpt_path) == "last":
+        if not (output_dir / LAST).is_file():
+            raise ConfigError(f"ckpt_path=last: {output_dir / LAST} does not exist; to resume a run in place set "
+                              "hydra.run.dir=<its directory> too, or give ckpt_path=<run dir or .ckpt file>")
+        return output_dir / LAST
+    path = Path(str(ckpt_path))
+    return path / LAST if path.is_dir() else path
+
+
+def previous_results(output_dir: Path) -> list[str]:
+    """What an earlier run left in ``output_dir``: every entry but Hydra's ``.hydra/`` and ``*.log``."""
+    if not output_dir.is_dir():
+        return []
+    return sorted(p.name for p in output_dir.iterdir() if p.name != ".hydra" and p.suffix != ".log")
+
+
+def check_checkpoint(path: Path, cfg: DictConfig) -> None:
+    """``path`` is a readable checkpoint of this method and model (read without loading the weights)."""
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path: {path} does not exist; give a .ckpt file or a run dir with {LAST}")
+    fix = "resume from another checkpoint of the run (checkpoints/), or start a new run without ckpt_path"
+    if path.stat().st_size == 0:
+        raise ConfigError(f"ckpt_path: {path} is empty (0 bytes: a save or copy that did not finish); {fix}")
+    try:
+        saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:
+        raise ConfigError(f"ckpt_path: {path} is not a readable checkpoint, truncated or damaged ({err}); {fix}") \
+            from None
+    saved_cfg = saved.get("hyper_parameters", {}).get("cfg", {}) if isinstance(saved, dict) else {}
+    for group in ("method", "model"):
+        was, now = saved_cfg.get(group, {}).get("name"), str(cfg[group].name)
+        if was is not None and was != now:
+            raise ConfigError(f"ckpt_path: {path} is a checkpoint of {group}.name={was}, not {group}.name={now}: "
+                              f"resume it with {group}={was if group == 'method' else '<its model config>'}, or "
+                              "start a new run without ckpt_path")
+
+
+def prepare_output_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
+    """The run directory and the checkpoint to resume from. A directory holding another run is refused
+    unless this run resumes it in place; stale ``*.tmp`` files of a crashed run are removed."""
+    output_dir = Path(cfg.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    if ckpt_path is not None:
+        check_checkpoint(ckpt_path, cfg)
+    in_place = ckpt_path is not None and ckpt_path.resolve().parent.parent == output_dir.resolve()
+    earlier = previous_results(output_dir)
+    if earlier and not in_place:
+        raise ConfigError(f"output_dir {output_dir} already holds a run ({', '.join(earlier)}): resume it with "
+                          f"ckpt_path=last hydra.run.dir={output_dir}, or leave hydra.run.dir at its default for "
+                          "a new directory")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(output_dir)
+    return output_dir, ckpt_path
+
+
+def remove_stale_tmp(output_dir: Path) -> None:
+    """The temporary files of an atomic write a crash interrupted (``*.tmp``, ``hf_model.tmp/``)."""
+    for tmp in [*output_dir.glob("*.tmp"), *output_dir.glob("checkpoints/*.tmp")]:
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
 
 
 def train(cfg: DictConfig) -> dict:
     """Validate, load data, build the method's module, fit, save the HF model, summarise."""
-    validate(cfg)
-    if cfg.get("init_from"):
-        check_data_record(str(cfg.init_from), cfg, "init_from")
-    if str(cfg.task.eval_suite) == "code":  # RLVR rewards and in-training benchmarks run generated code
-        require_isolation(bool(cfg.eval.get("require_isolation", False)))
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir, ours = Path(cfg.output_dir), False
+    try:
+        validate(cfg)
+        if cfg.get("init_from"):
+            check_data_record(str(cfg.init_from), cfg, "init_from")
+        if str(cfg.task.eval_suite) == "code":  # RLVR rewards and in-training benchmarks run generated code
+            require_isolation(bool(cfg.eval.get("require_isolation", False)))
+        output_dir, ckpt_path = prepare_output_dir(cfg)
+        ours = True
+        return _fit(cfg, output_dir, ckpt_path)
+    except BaseException:
+        if ours:
+            remove_stale_tmp(output_dir)
+        if not previous_results(output_dir):  # nothing worth keeping: no stray empty run directory
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
+
+
+def _fit(cfg: DictConfig, output_dir: Path, ckpt_path: Path | None) -> dict:
     L.seed_everything(int(cfg.seed), workers=True)
     tokenizer = load_tokenizer(str(cfg.model.name))
     module_cls = get_class(str(cfg.method.module))
@@ -143,17 +304,22 @@ def train(cfg: DictConfig) -> dict:
     datamodule.setup("fit")
     module = module_cls(cfg, tokenizer, datamodule=datamodule)
     history, timer = ValidationHistory(), StepTimer()
-    trainer = build_trainer(cfg, output_dir, [history, timer, CalibrationCallback(cfg)])
+    last, stop = output_dir / LAST, StopOnSignal()
+    trainer = build_trainer(cfg, output_dir, [history, timer, CalibrationCallback(cfg), stop])
     start = time.time()
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"))
     if ckpt_path is None and int(cfg.trainer.get("limit_val_batches") or 0) != 0:
         trainer.validate(module, datamodule=datamodule, verbose=False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    if getattr(trainer.checkpoint_callback, "_last_global_step_saved", None) != trainer.global_step:
+        trainer.save_checkpoint(last)  # the last step always has a checkpoint
+    if stop.stopped:
+        raise Interrupted(stop.signum, trainer.global_step, last)
     elapsed = time.time() - start
     summary = {"steps": trainer.global_step, "seconds": round(elapsed, 1), "seconds_per_step": timer.per_step(trainer),
                "val_ce": history.history, "output_dir": str(output_dir)}
     full_state = trainer.strategy.lightning_module_state_dict()  # every rank: gathers sharded weights
     if trainer.is_global_zero:
+        refuse_non_finite(full_state, f"the HF model {output_dir / HF_SUBDIR}")
         summary["hf_model"] = str(module.save_hf(output_dir / HF_SUBDIR, full_state))
         final = {k: float(v) for k, v in trainer.callback_metrics.items() if k in FINAL_METRICS}
         final.update({"val/ce": history.history[-1][1]} if history.history else {})  # also the initial validation

@@ -242,20 +242,3 @@ def test_sampling_of_peaked_and_flat_rows():
     flat = torch.zeros(4000, 7)
     drawn = sample_from_logits(flat, 1.0, 1.0, torch.Generator().manual_seed(2))
     assert set(drawn.tolist()) == set(range(7))
-
-
-# ---- finiteness check ------------------------------------------------------------------------------
-
-def test_non_finite_loss_check_reports_the_first_bad_step():
-    from types import SimpleNamespace
-
-    from ebft.methods.ebft import EBFTModule
-
-    t = torch.tensor
-    module = SimpleNamespace(_loss_checks=[(3, t(1.0), t(0.5), t(2.0)), (4, t(float("nan")), t(float("nan")), t(2.0))])
-    with pytest.raises(FloatingPointError, match="step 4"):
-        EBFTModule.check_finite_losses(module)
-    assert module._loss_checks == []                                        # checked once
-    module._loss_checks = [(5, t(1.0), t(0.5), t(2.0))]
-    EBFTModule.check_finite_losses(module)
-    EBFTModule.check_finite_losses(module)                                  # nothing pending

@@ -273,7 +273,57 @@ def _load_local(cfg: Mapping):
     import datasets
 
     fmt, files = _local_files(cfg)
-    return datasets.load_dataset(fmt, data_files=files, split="train")
+    for path in files:
+        if os.path.getsize(path) == 0:
+            raise DataConfigError(f"data.files: '{path}' is empty; give a file with rows")
+        if fmt != "parquet":
+            _check_utf8(path)
+    try:
+        return datasets.load_dataset(fmt, data_files=files, split="train")
+    except Exception as err:
+        for path in files:
+            if fmt == "json":
+                _check_json_lines(path)
+        raise DataConfigError(f"data.files {files} could not be read as {fmt}: {err}") from err
+
+
+def _check_utf8(path: str, block: int = 1 << 24) -> None:
+    """Raise naming the line of ``path`` that is not UTF-8 text (read in blocks)."""
+    carry, lines = b"", 1
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(block)
+            data = carry + chunk
+            try:
+                data.decode("utf-8")
+                carry = b""
+            except UnicodeDecodeError as err:
+                if not (chunk and err.reason == "unexpected end of data"):
+                    line = lines + data.count(b"\n", 0, err.start)
+                    raise DataConfigError(f"data.files: '{path}' line {line}: not UTF-8 text (byte "
+                                          f"0x{data[err.start]:02x}); re-save the file as UTF-8") from None
+                carry, data = data[err.start:], data[:err.start]  # a character split by the block's end
+            if not chunk:
+                return
+            lines += data.count(b"\n")
+
+
+def _check_json_lines(path: str) -> None:
+    """Raise naming the first line of a JSON-lines ``path`` that is not a JSON value (nothing for one
+    JSON document)."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        json.loads(text)
+        return
+    except json.JSONDecodeError:
+        pass
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataConfigError(f"data.files: '{path}' line {number}: not valid JSON ({err.msg} at column "
+                                      f"{err.colno}); fix or delete that line") from None
 
 
 # ---------------------------------------------------------------- entry points

@@ -58,6 +58,7 @@ class FineTuneModule(L.LightningModule):
         self.save_hyperparameters({"cfg": OmegaConf.to_container(cfg, resolve=True)})
         self.generator = self.load_generator()
         self.train_dtype = next(self.generator.parameters()).dtype
+        self._step_losses: list[torch.Tensor] = []
 
     @classmethod
     def make_datamodule(cls, cfg: DictConfig, tokenizer):
@@ -107,6 +108,27 @@ class FineTuneModule(L.LightningModule):
         head = lm_head(self.generator)
         return cross_entropy_term(self.hidden(input_ids), head.weight, input_ids, loss_mask, lm_head_bias=head.bias,
                                   softcap=head.softcap)
+
+    # ----------------------------------------------------------- finiteness
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        self._step_losses.append(loss.detach())
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Stop before a non-finite loss or gradient can change a weight: the losses of this optimizer
+        step's micro-batches and the total gradient norm, checked with one host sync per step. Under
+        fp16 mixed precision the loss scaler skips steps with non-finite gradients itself."""
+        losses, self._step_losses = self._step_losses, []
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        values = [loss.float().reshape(()) for loss in losses]
+        if grads and str(self.trainer.precision) not in ("16-mixed", "16", "16-true"):
+            values.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+        if values and not bool(torch.stack([v.to(values[0].device) for v in values]).isfinite().all()):
+            shown = ", ".join(f"{float(v):.4g}" for v in values[:len(losses)])
+            norm = f", gradient norm {float(values[-1]):.4g}" if len(values) > len(losses) else ""
+            raise FloatingPointError(
+                f"non-finite training loss or gradient at step {self.global_step} (loss {shown}{norm}) of "
+                f"method={self.cfg.method.name}: stopped before the optimizer step, no weight changed; lower "
+                "method.lr, check the data, or use model.dtype=float32")
 
     # ------------------------------------------------------------ optimizer
     def configure_optimizers(self):

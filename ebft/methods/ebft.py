@@ -107,7 +107,6 @@ class EBFTModule(FineTuneModule):
         self.features = build_feature_network(cfg, self.generator, self.device_kind())
         self.alpha, self.gamma = float(cfg.alpha), float(cfg.gamma)
         self._step_start = 0.0
-        self._loss_checks: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def sampling_generator(self, batch_idx: int) -> torch.Generator:
         """A per-step RNG: the same (seed, step, micro-batch, rank) always draws the same rollouts,
@@ -124,23 +123,6 @@ class EBFTModule(FineTuneModule):
     def strided_hidden(self, row: torch.Tensor) -> torch.Tensor:
         """Final hidden states (batch, length, H) of the generator over the strided row (with grad)."""
         return strided_hidden(self.generator, row, self.layout)
-
-    def check_finite_losses(self) -> None:
-        """Raise if a loss since the last check is not finite. On CPU it runs in ``training_step``
-        (before the backward); on an accelerator in ``on_before_optimizer_step``: one host sync per
-        optimizer step, after the backward was queued, and still before any weight changes."""
-        checks, self._loss_checks = self._loss_checks, []
-        if not checks:
-            return
-        finite = torch.stack([torch.isfinite(loss) for _, loss, _, _ in checks])
-        if not bool(finite.all()):
-            step, _, pg, ce = checks[int((~finite).nonzero()[0, 0])]
-            raise FloatingPointError(
-                f"non-finite EBFT loss at step {step} (pg={pg.item()}, ce={ce.item()}): "
-                "lower method.lr, check the data, or use model.dtype=float32")
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        self.check_finite_losses()
 
     def training_step(self, batch, batch_idx):
         m = self.cfg.method
@@ -159,10 +141,6 @@ class EBFTModule(FineTuneModule):
         loss, pg, ce = actor_loss(self.generator, layout, row, advantages, temperature=float(m.temperature),
                                   gamma=self.gamma, rl_coef=float(m.rl_coef), reduction=str(m.loss_reduction),
                                   ce_mask=ce_mask)
-        self._loss_checks.append((self.global_step, loss.detach(), pg.detach(), ce.detach()))
-        if loss.device.type == "cpu":  # free here; on an accelerator it would stall the step
-            self.check_finite_losses()
-
         bs = ids.shape[0]
         self.log_dict({
             "train/loss": loss.detach(), "train/pg": pg.detach(), "train/ce": ce.detach(),

@@ -286,3 +286,10 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, attn_implementatio
         if src.kind == "hub":
             _hub_guard(name)(err)
         raise
+    except Exception as err:  # safetensors' own error type: a truncated or overwritten weights file
+        if src.kind == "hub" or type(err).__name__ != "SafetensorError":
+            raise
+        files = sorted(str(f) for f in Path(path).glob("*.safetensors")) or [path]
+        raise ModelSourceError(f"{', '.join(files)}: damaged or truncated weights ({err}); save or copy the "
+                               "model again (a run's hf_model/ can be rewritten from its checkpoint by resuming)") \
+            from None

@@ -1,0 +1,198 @@
+"""Bad cases a user runs into: each ends with a non-zero exit or one clear error naming the key, file or
+line, and the results already on disk stay intact (tiny model, a few steps)."""
+
+import csv
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from ebft import run as run_module
+from ebft.config import ConfigError
+from ebft.data.sources import DataConfigError, load_rows
+from ebft.models.loading import ModelSourceError, build_tiny_model, load_model
+from ebft.run import train
+from tests.test_train import make_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = ["model=tiny", "data.limit=300", "data.val_size=40", "task.seq_len=32", "method.batch_size=2",
+       "trainer.val_check_interval=2", "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false",
+       "eval.every_n_steps=0", "method=sft"]
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` (but Hydra's logs) with its bytes."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.suffix != ".log" and ".hydra" not in p.parts}
+
+
+def metric_steps(run: Path, key: str) -> list[int]:
+    with open(run / "metrics.csv") as f:
+        return [int(r["step"]) for r in csv.DictReader(f) if r.get(key)]
+
+
+def checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory) -> Path:
+    """A finished 3-step SFT run (checkpoints every 2 steps)."""
+    run = tmp_path_factory.mktemp("sft") / "run"
+    train(make_cfg(run, "method=sft", "trainer.max_steps=3"))
+    return run
+
+
+# --------------------------------------------------------------------------- run directories
+
+
+def test_last_step_has_a_checkpoint(sft_run):
+    assert checkpoint(sft_run / "checkpoints" / "last.ckpt")["global_step"] == 3  # not 2, the last multiple of 2
+
+
+def test_a_directory_holding_a_run_is_refused_then_resumed_in_place(sft_run, tmp_path):
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(sft_run), str(run)], check=True)
+    before = snapshot(run)
+    with pytest.raises(ConfigError, match=f"output_dir {run} already holds a run .*ckpt_path=last"):
+        train(make_cfg(run, "method=sft", "trainer.max_steps=3"))
+    assert snapshot(run) == before
+
+    (run / "checkpoints" / "last.ckpt.tmp").write_bytes(b"half")  # a crash during an atomic write
+    (run / "hf_model.tmp").mkdir()
+    train(make_cfg(run, "method=sft", "trainer.max_steps=5", "ckpt_path=last"))
+    assert metric_steps(run, "train/ce") == [0, 1, 2, 3, 4]           # the first run's rows kept, then appended
+    assert checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 5
+    assert not (run / "checkpoints" / "last.ckpt.tmp").exists() and not (run / "hf_model.tmp").exists()
+
+
+def test_ckpt_path_last_without_a_checkpoint_names_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match="ckpt_path=last: .*last.ckpt does not exist; .*hydra.run.dir"):
+        train(make_cfg(tmp_path / "new", "method=sft", "ckpt_path=last"))
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("damage,fragment", [
+    ("empty", "is empty \\(0 bytes"),
+    ("truncated", "is not a readable checkpoint, truncated or damaged"),
+    ("other_method", "is a checkpoint of method.name=sft, not method.name=ebft: resume it with method=sft"),
+])
+def test_bad_checkpoints_are_named_before_any_model_loads(sft_run, tmp_path, damage, fragment):
+    before = snapshot(sft_run)
+    ckpt = tmp_path / "copy.ckpt"
+    data = (sft_run / "checkpoints" / "last.ckpt").read_bytes()
+    ckpt.write_bytes({"empty": b"", "truncated": data[: len(data) // 2], "other_method": data}[damage])
+    method = "ebft" if damage == "other_method" else "sft"
+    with pytest.raises(ConfigError, match=f"ckpt_path: {ckpt} {fragment}"):
+        train(make_cfg(tmp_path / "resumed", f"method={method}", f"ckpt_path={ckpt}"))
+    assert not (tmp_path / "resumed").exists()  # the failed run's empty directory is gone
+    assert snapshot(sft_run) == before
+
+
+# --------------------------------------------------------------------------- non-finite steps
+
+
+class Poison(Callback):
+    """Before optimizer step ``step``: a NaN gradient on one weight (``grad``, the loss stays finite) or
+    NaN embeddings (``loss``)."""
+
+    def __init__(self, step: int, what: str):
+        self.step, self.what, self.handle = step, what, None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step != self.step or self.handle is not None:
+            return
+        weight = module.generator.get_input_embeddings().weight
+        if self.what == "grad":
+            self.handle = weight.register_hook(lambda g: torch.full_like(g, float("nan")))
+        else:
+            with torch.no_grad():
+                weight.fill_(float("nan"))
+            self.handle = True
+
+
+@pytest.mark.parametrize("method,what", [("sft", "loss"), ("sft", "grad"), ("ebft", "grad"), ("rlvr", "grad")])
+def test_a_non_finite_step_stops_before_any_weight_changes(tmp_path, monkeypatch, method, what):
+    extra = [f"method={method}", "trainer.max_steps=4"]
+    if method == "rlvr":
+        extra += ["task=translation", "method.num_samples=4", "method.max_new_tokens=6"]
+    original = run_module.build_trainer
+    monkeypatch.setattr(run_module, "build_trainer", lambda cfg, out, cbs: original(cfg, out, [*cbs, Poison(2, what)]))
+    with pytest.raises(FloatingPointError, match="non-finite training loss or gradient at step 2 .*no weight changed"):
+        train(make_cfg(tmp_path, *extra))
+    assert not (tmp_path / "hf_model").exists()
+    saved = checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert saved["global_step"] == 2 and not run_module.non_finite(saved["state_dict"])
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    state = {"w": torch.ones(2), "b": torch.tensor([1.0, float("inf")]), "step": torch.tensor(3)}
+    assert run_module.non_finite(state) == ["b"]
+    with pytest.raises(FloatingPointError, match="not writing checkpoint .*first: b"):
+        run_module.AtomicCheckpointIO().save_checkpoint({"state_dict": state}, tmp_path / "x.ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- files that cannot be read
+
+
+@pytest.mark.parametrize("content,fragment", [
+    (b"", "is empty; give a file with rows"),
+    (b'{"question": "a", "answer": "b"}\n{"question": oops}\n', "line 2: not valid JSON \\(Expecting value at column 14\\)"),
+    (b'{"question": "a", "answer": "b"}\n\n{"question": "\xff", "answer": "b"}\n', "line 3: not UTF-8 text \\(byte 0xff\\)"),
+])
+def test_data_files_that_cannot_be_read_name_file_and_line(tmp_path, content, fragment):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataConfigError, match=f"data.files: '{path}' {fragment}"):
+        load_rows({"kind": "local", "files": str(path)}, "qa_code")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbled"])
+def test_damaged_weights_name_the_file(tmp_path, damage):
+    build_tiny_model(vocab_size=256, num_layers=2, hidden=32, seed=0).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"garbage!" * 4 + data[32:])
+    with pytest.raises(ModelSourceError, match=f"{weights}: damaged or truncated weights"):
+        load_model(str(tmp_path))
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def test_cli_names_a_bad_number_and_leaves_no_directory(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "train.py", *CLI, "method=ebft", "alpha=abc", f"hydra.run.dir={run}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "train.py: alpha='abc' is not a number"
+    assert not run.exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_the_printed_command_resumes(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", *CLI, "trainer.max_steps=1000", f"hydra.run.dir={run}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (run / "checkpoints" / "last.ckpt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    step = checkpoint(run / "checkpoints" / "last.ckpt")["global_step"]
+    assert step >= 2 and f"train.py: SIGTERM at step {step}: saved {run / 'checkpoints' / 'last.ckpt'}" in err
+    command = shlex.split(err.split("Resume with:\n")[1].splitlines()[0])
+    assert command[:2] == ["python", "train.py"] and command[-2:] == [f"hydra.run.dir={run}", "ckpt_path=last"]
+    overrides = [o for o in command[2:] if not o.startswith("hydra.run.dir=")]  # make_cfg sets the directory
+    train(make_cfg(run, *overrides, f"trainer.max_steps={step + 1}", base=[]))
+    assert metric_steps(run, "train/ce") == list(range(step + 1))
+    assert (run / "hf_model" / "config.json").is_file()
