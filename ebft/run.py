@@ -224,18 +224,11 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> Path | None:
     return path / LAST if path.is_dir() else path
 
 
-RUN_OUTPUTS = ("metrics.csv", "hparams.yaml", HF_SUBDIR, "checkpoints", "events.out.tfevents.*", "wandb")
-"""What a training run writes into its directory (CSV / TensorBoard / W&B logs, model, checkpoints)."""
-
-
 def previous_results(output_dir: Path) -> list[str]:
-    """The outputs of an earlier run in ``output_dir``."""
-    return sorted({p.name for pattern in RUN_OUTPUTS for p in output_dir.glob(pattern)})
-
-
-def holds_only_hydra_files(output_dir: Path) -> bool:
-    """Whether ``output_dir`` holds nothing but what Hydra put there (``.hydra/``, ``train.log``)."""
-    return output_dir.is_dir() and all(p.name in (".hydra", "train.log") for p in output_dir.iterdir())
+    """What an earlier run left in ``output_dir``: every entry but Hydra's ``.hydra/`` and ``*.log``."""
+    if not output_dir.is_dir():
+        return []
+    return sorted(p.name for p in output_dir.iterdir() if p.name != ".hydra" and p.suffix != ".log")
 
 
 def check_checkpoint(path: Path, cfg: DictConfig) -> None:
@@ -298,7 +291,7 @@ def train(cfg: DictConfig) -> dict:
     except BaseException:
         if ours:
             remove_stale_tmp(output_dir)
-        if holds_only_hydra_files(output_dir):  # nothing worth keeping: no stray empty run directory
+        if not previous_results(output_dir):  # nothing worth keeping: no stray empty run directory
             shutil.rmtree(output_dir, ignore_errors=True)
         raise
 

@@ -2,7 +2,7 @@
 line, and the results already on disk stay intact (tiny model, a few steps)."""
 
 import csv
-import os
+import json
 import shlex
 import signal
 import subprocess
@@ -196,3 +196,75 @@ def test_sigterm_saves_a_checkpoint_and_the_printed_command_resumes(tmp_path):
     train(make_cfg(run, *overrides, f"trainer.max_steps={step + 1}", base=[]))
     assert metric_steps(run, "train/ce") == list(range(step + 1))
     assert (run / "hf_model" / "config.json").is_file()
+
+
+# --------------------------------------------------------------------------- evaluations
+
+
+def _hf_dir(path: Path, tokenizer, seed: int) -> Path:
+    build_tiny_model(vocab_size=len(tokenizer), seed=seed).save_pretrained(path / "hf_model")
+    tokenizer.save_pretrained(path / "hf_model")
+    return path
+
+
+class Counter:
+    """Wraps ``owner.name`` and counts its calls; raises KeyboardInterrupt at call ``stop_at``."""
+
+    def __init__(self, monkeypatch, owner, name: str, stop_at: int | None = None):
+        self.calls, self.stop_at, original = 0, stop_at, getattr(owner, name)
+
+        def wrapped(*args, **kwargs):
+            self.calls += 1
+            if self.calls == self.stop_at:
+                raise KeyboardInterrupt
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapped)
+
+
+def test_an_interrupted_evaluation_resumes_without_recomputing(tmp_path, monkeypatch, tokenizer):
+    from ebft.eval import runner
+    from ebft.eval.runner import CodeBenchmark, evaluate
+    from tests.test_evaluate import make_cfg as eval_cfg
+
+    run = _hf_dir(tmp_path / "run", tokenizer, seed=1)
+    request = [f"ckpt=[tiny,{run}]", "metrics=[ce,humaneval]", "n_samples=2", "limit=1"]
+    with monkeypatch.context() as m:  # Ctrl-C during the second model's HumanEval
+        Counter(m, CodeBenchmark, "run", stop_at=2)
+        with pytest.raises(KeyboardInterrupt):
+            evaluate(eval_cfg(tmp_path / "eval" / "first", *request))
+    calibrations, benchmarks = Counter(monkeypatch, runner, "calibrate"), Counter(monkeypatch, CodeBenchmark, "run")
+    evaluate(eval_cfg(tmp_path / "eval" / "again", *request))  # the default run dirs differ by time stamp
+    assert (calibrations.calls, benchmarks.calls) == (0, 1)  # only the second model's HumanEval was left
+    monkeypatch.undo()
+    evaluate(eval_cfg(tmp_path / "fresh" / "eval", *request))  # nothing to take over: all computed
+    again, fresh = tmp_path / "eval" / "again", tmp_path / "fresh" / "eval"
+    assert (again / "results.csv").read_text() == (fresh / "results.csv").read_text()
+    for model_dir in ("00-tiny_base", f"01-{runner._slug(str(run))}"):
+        resumed, computed = (json.loads((d / model_dir / "results.json").read_text()) for d in (again, fresh))
+        resumed.pop("seconds"), computed.pop("seconds")
+        assert resumed == computed
+
+
+def test_a_corrupt_model_is_reported_failed_and_the_others_evaluated(tmp_path, monkeypatch, tokenizer, caplog):
+    from ebft.eval import runner
+    from ebft.eval.runner import evaluate
+    from tests.test_evaluate import make_cfg as eval_cfg
+
+    broken, good = _hf_dir(tmp_path / "broken", tokenizer, seed=1), _hf_dir(tmp_path / "good", tokenizer, seed=2)
+    weights = broken / "hf_model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    out = tmp_path / "eval"
+    seen = []
+    original = runner.calibrate
+    monkeypatch.setattr(runner, "calibrate", lambda *a, **k: seen.append(
+        any("cannot be evaluated" in r.getMessage() for r in caplog.records)) or original(*a, **k))
+    with pytest.raises(ModelSourceError, match=f"1 of 3 models could not be evaluated .*ckpt={broken}: {weights}: "
+                                               "damaged or truncated weights"):
+        evaluate(eval_cfg(out, f"ckpt=[tiny,{broken},{good}]", "metrics=[ce]"))
+    assert seen == [True, True]  # found before the first model was evaluated
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["model"] for r in rows] == ["tiny (base)", str(broken), str(good)]
+    assert rows[1]["CE"] == "" and "damaged or truncated weights" in rows[1]["error"]
+    assert float(rows[0]["CE"]) > 0 and float(rows[2]["CE"]) > 0 and rows[2]["error"] == ""

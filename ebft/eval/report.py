@@ -55,6 +55,8 @@ def columns_of(result: dict) -> dict[str, float]:
            if key in result.get("calibration", {})}
     for bench, scores in result.get("downstream", {}).items():
         row.update({f"{bench} {metric}": value for metric, value in scores.items()})
+    if result.get("error"):  # a model that could not be evaluated
+        row["error"] = result["error"]
     return row
 
 
@@ -215,6 +217,7 @@ def write_report(root: str | os.PathLike, reference: str | None = None) -> str:
         raise FileNotFoundError(f"no {RESULTS_FILE} under {root}: evaluate a model first")
     header, rows = table(results)
     text = markdown(header, rows) + signature_notes(results)
+    results = [r for r in results if not r.get("error")]  # failed models: a row with their error, no more
     if len(results) > 1:
         paired, notes = paired_rows(results, reference)
         if paired or notes:

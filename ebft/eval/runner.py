@@ -15,6 +15,12 @@ beside it); then every result under the report directory (the run directory, or 
 directory of a multirun) is gathered into one comparison table and the FM-profile plot
 (:mod:`ebft.eval.report`). The callback (:mod:`ebft.eval.callback`) calls the same
 :func:`calibrate` and :func:`run_downstream`.
+
+Nothing done is lost: every model's calibration and each of its benchmarks are written (atomically)
+to ``<NN>-<model>/parts/`` as they complete, and a later run of the same request (same models,
+settings and weights files) takes them from there, or from a sibling run directory, instead of
+computing them again. Every model's weights are checked before the first one is evaluated; a model
+that cannot be loaded is reported as failed in the table, with its error, and the others go on.
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ from ebft.eval.generation import Sampling
 from ebft.eval.sandbox import require_isolation
 from ebft.eval.translation import COMET_HOWTO
 from ebft.models.features import FeatureNetwork
-from ebft.models.loading import (ModelSourceError, load_model, load_tokenizer, resolve_attn, resolve_dtype,
+from ebft.models.loading import (ModelSourceError, check_weights, load_model, load_tokenizer, resolve_attn,
+                                 resolve_dtype,
                                  resolve_source)
 from ebft.rollout.layout import StridedLayout
 
@@ -347,6 +354,56 @@ def _save(result: dict, outcomes: dict[str, Outcome], units: dict | None, direct
     report.write_json(result, directory / report.RESULTS_FILE)
 
 
+PARTS = "parts"
+
+
+def _weights_stamp(name: str) -> dict:
+    """Size and modification time of a local model's files: a retrained model is not taken for done."""
+    src = resolve_source(name)
+    if src.kind not in ("local", "gguf"):
+        return {}
+    root = Path(src.path)
+    files = [root] if root.is_file() else sorted(f for f in root.iterdir() if f.is_file())
+    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+
+
+def _done_part(model_dir: Path, part: str, key: dict) -> dict | None:
+    """What an earlier run of the same request saved for ``part`` of this model, here or in a sibling run
+    directory (the default run directories differ by their time stamp), or None."""
+    name, key = f"{_slug(part)}.json", json.loads(json.dumps(key))
+    here = model_dir / PARTS / name
+    for path in [here, *sorted(model_dir.parent.parent.glob(f"*/{model_dir.name}/{PARTS}/{name}"), reverse=True)]:
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if saved.get("key") == key:
+            if path != here:
+                report.write_json(saved, here)
+            return saved
+    return None
+
+
+def _save_part(model_dir: Path, part: str, key: dict, data: dict) -> dict:
+    report.write_json({"key": key, **data}, model_dir / PARTS / f"{_slug(part)}.json")
+    return data
+
+
+def _loadable(names: Sequence[str], base_tokenizer, base: str) -> dict[str, str]:
+    """The models that cannot be evaluated (tokenizer, vocabulary, damaged weights), with the reason:
+    checked for all of them before the first long benchmark."""
+    failed = {}
+    for name in names:
+        try:
+            check_weights(name)
+            if name != base:
+                _same_vocabulary(load_tokenizer(name), base_tokenizer, name, base)
+        except (ModelSourceError, ConfigError, OSError, ValueError) as err:
+            failed[name] = str(err)
+            log.error("ckpt=%s cannot be evaluated: %s", name, err)
+    return failed
+
+
 def evaluate(cfg: DictConfig, report_dir: str | None = None, job: int = 0) -> str:
     """Evaluate every checkpoint of ``cfg.ckpt``; write results, tables and plots; return the table.
 
@@ -367,28 +424,56 @@ def evaluate(cfg: DictConfig, report_dir: str | None = None, job: int = 0) -> st
     critic = build_critic(cfg, device) if {"cfm", "profile"} & set(metrics) else None
     dtype, attn = resolve_dtype(str(cfg.model.dtype), device), resolve_attn(str(cfg.model.attn_implementation), device)
 
+    failed = _loadable(request.names, base_tokenizer, base)
     for index, name in enumerate(request.names):
         start = time.time()
         label = f"{name} (base)" if name == base else name
-        print(f"== evaluating {label} on {cfg.task.name}: {', '.join(metrics)}", flush=True)
-        check_data_record(name, cfg, "ckpt")
-        tokenizer = base_tokenizer if name == base else load_tokenizer(name)
-        _same_vocabulary(tokenizer, base_tokenizer, name, base)
-        model = load_model(name, dtype=dtype, attn_implementation=attn, vocab_size=len(tokenizer)).to(device).eval()
+        model_dir = Path(cfg.output_dir) / f"{index:02d}-{_slug(label)}"
         result = {"model": label, "ckpt": name, "task": str(cfg.task.name), "order": [job, index],
                   "settings": _settings(cfg, request)}
+        if name in failed:
+            report.write_json({**result, "error": failed[name]}, model_dir / report.RESULTS_FILE)
+            continue
+        print(f"== evaluating {label} on {cfg.task.name}: {', '.join(metrics)}", flush=True)
+        check_data_record(name, cfg, "ckpt")
+        key = {"ckpt": name, "weights": _weights_stamp(name), "settings": result["settings"]}
+        loaded = {}
+
+        def model():  # loaded on first use: a model whose every part is done is not loaded at all
+            if not loaded:
+                tokenizer = base_tokenizer if name == base else load_tokenizer(name)
+                loaded["tokenizer"] = tokenizer
+                loaded["model"] = load_model(name, dtype=dtype, attn_implementation=attn,
+                                             vocab_size=len(tokenizer)).to(device).eval()
+            return loaded["model"], loaded["tokenizer"]
+
         units = None
         if chunks is not None:
-            result["calibration"], result["profile"], units = calibrate(model, critic, chunks, cfg, metrics)
-        result["downstream"], outcomes = run_downstream(model, tokenizer, benchmarks, request.sampling)
+            part = _done_part(model_dir, "calibration", {**key, "part": "calibration"})
+            if part is None:
+                calibration, profile, units = calibrate(model()[0], critic, chunks, cfg, metrics)
+                part = _save_part(model_dir, "calibration", {**key, "part": "calibration"},
+                                  {"calibration": calibration, "profile": profile, "units": units})
+            result["calibration"], result["profile"], units = part["calibration"], part["profile"], part["units"]
+        outcomes = {}
+        for bench in benchmarks:
+            part = _done_part(model_dir, bench.name, {**key, "part": bench.name})
+            if part is None:
+                outcome = bench.run(*model(), request.sampling)
+                part = _save_part(model_dir, bench.name, {**key, "part": bench.name},
+                                  {"scores": outcome.scores, "records": outcome.records, "details": outcome.details})
+            outcomes[bench.name] = Outcome(part["scores"], part["records"], part["details"])
+        result["downstream"] = {k: v for o in outcomes.values() for k, v in o.scores.items()}
         result["details"] = {n: o.details for n, o in outcomes.items() if o.details}
         result["seconds"] = round(time.time() - start, 1)
-        model_dir = Path(cfg.output_dir) / f"{index:02d}-{_slug(label)}"
         _save(result, outcomes, units, model_dir)
         print(f"   {label}: {result['seconds']:.0f} s -> {model_dir}", flush=True)
-        del model
+        loaded.clear()
 
     root = Path(report_dir) if report_dir else Path(cfg.output_dir)
     text = report.write_report(root, reference=cfg.eval.get("reference"))
     print(f"\n== {cfg.task.name}: results ({root / 'results.md'})\n{text}", flush=True)
+    if failed:
+        raise ModelSourceError(f"{len(failed)} of {len(request.names)} models could not be evaluated (marked failed in "
+                               f"{root / 'results.md'}): " + "; ".join(f"ckpt={n}: {e}" for n, e in failed.items()))
     return text

@@ -278,6 +278,7 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, attn_implementatio
     if src.kind == "tiny":
         return build_tiny_model(vocab_size=vocab_size or 49152, attn_implementation=attn_implementation).to(dtype)
     path = _materialise_gguf(src) if src.kind in ("gguf", "embedded") else src.path
+    check_weights(name)
     try:
         config = AutoConfig.from_pretrained(path)
         return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
@@ -286,10 +287,21 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, attn_implementatio
         if src.kind == "hub":
             _hub_guard(name)(err)
         raise
-    except Exception as err:  # safetensors' own error type: a truncated or overwritten weights file
-        if src.kind == "hub" or type(err).__name__ != "SafetensorError":
-            raise
-        files = sorted(str(f) for f in Path(path).glob("*.safetensors")) or [path]
-        raise ModelSourceError(f"{', '.join(files)}: damaged or truncated weights ({err}); save or copy the "
-                               "model again (a run's hf_model/ can be rewritten from its checkpoint by resuming)") \
-            from None
+
+
+def check_weights(name: str) -> None:
+    """Read the headers of a local model's ``*.safetensors`` files (cheap: no tensor is loaded); a
+    truncated or overwritten file raises :class:`ModelSourceError` naming it."""
+    src = resolve_source(name)
+    if src.kind != "local":
+        return
+    from safetensors import SafetensorError, safe_open
+
+    for weights in sorted(Path(src.path).glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt"):
+                pass
+        except SafetensorError as err:
+            raise ModelSourceError(f"{weights}: damaged or truncated weights ({err}); save or copy the model "
+                                   "again (a run's hf_model/ is rewritten by resuming from its last checkpoint)") \
+                from None
