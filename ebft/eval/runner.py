@@ -17,10 +17,11 @@ directory of a multirun) is gathered into one comparison table and the FM-profil
 :func:`calibrate` and :func:`run_downstream`.
 
 Nothing done is lost: every model's calibration and each of its benchmarks are written (atomically)
-to ``<NN>-<model>/parts/`` as they complete, and a later run of the same request (same models,
-settings and weights files) takes them from there, or from a sibling run directory, instead of
-computing them again. Every model's weights are checked before the first one is evaluated; a model
-that cannot be loaded is reported as failed in the table, with its error, and the others go on.
+to ``<NN>-<model>/parts/`` as they complete, and a later run of the same request (same model and
+weights files, same configuration but for the list of models) takes them from there, or from a
+sibling run directory, instead of computing them again. Every model's weights are checked before
+the first one is evaluated; a model that cannot be loaded is reported as failed in the table, with
+its error, and the others go on.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ebft.config import ConfigError, validate_geometry
 from ebft.data.packing import PackedChunks, pack_rows
@@ -425,6 +426,8 @@ def evaluate(cfg: DictConfig, report_dir: str | None = None, job: int = 0) -> st
     dtype, attn = resolve_dtype(str(cfg.model.dtype), device), resolve_attn(str(cfg.model.attn_implementation), device)
 
     failed = _loadable(request.names, base_tokenizer, base)
+    request_config = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
+                      if k not in ("ckpt", "output_dir")}  # what a saved part must share to be taken over
     for index, name in enumerate(request.names):
         start = time.time()
         label = f"{name} (base)" if name == base else name
@@ -436,7 +439,7 @@ def evaluate(cfg: DictConfig, report_dir: str | None = None, job: int = 0) -> st
             continue
         print(f"== evaluating {label} on {cfg.task.name}: {', '.join(metrics)}", flush=True)
         check_data_record(name, cfg, "ckpt")
-        key = {"ckpt": name, "weights": _weights_stamp(name), "settings": result["settings"]}
+        key = {"ckpt": name, "weights": _weights_stamp(name), "config": request_config}
         loaded = {}
 
         def model():  # loaded on first use: a model whose every part is done is not loaded at all
