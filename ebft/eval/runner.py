@@ -30,6 +30,7 @@ import json
 import logging
 import re
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -378,9 +379,9 @@ def _done_part(model_dir: Path, part: str, key: dict) -> dict | None:
             saved = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if saved.get("key") == key:
+        if saved.pop("key", None) == key:
             if path != here:
-                report.write_json(saved, here)
+                _save_part(here.parent.parent, part, key, saved)
             return saved
     return None
 
@@ -463,9 +464,8 @@ def evaluate(cfg: DictConfig, report_dir: str | None = None, job: int = 0) -> st
             part = _done_part(model_dir, bench.name, {**key, "part": bench.name})
             if part is None:
                 outcome = bench.run(*model(), request.sampling)
-                part = _save_part(model_dir, bench.name, {**key, "part": bench.name},
-                                  {"scores": outcome.scores, "records": outcome.records, "details": outcome.details})
-            outcomes[bench.name] = Outcome(part["scores"], part["records"], part["details"])
+                part = _save_part(model_dir, bench.name, {**key, "part": bench.name}, dataclasses.asdict(outcome))
+            outcomes[bench.name] = Outcome(**part)
         result["downstream"] = {k: v for o in outcomes.values() for k, v in o.scores.items()}
         result["details"] = {n: o.details for n, o in outcomes.items() if o.details}
         result["seconds"] = round(time.time() - start, 1)
