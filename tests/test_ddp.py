@@ -77,6 +77,15 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     assert moved > 1e-3          # two Adam steps at lr 1e-3 really changed the weights
     assert gap < 1e-4, f"DDP weights differ from the single-process run by {gap}"
 
+    # the same run started by torchrun (docs/cluster.md): it makes the processes, Lightning joins them
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *SMALL, *common,
+           "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'torchrun'}"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    launched = weights(tmp_path / "torchrun")
+    gap = max((single[k] - launched[k]).abs().max().item() for k in single)
+    assert gap < 1e-4, f"torchrun DDP weights differ from the single-process run by {gap}"
+
 
 def test_ebft_runs_under_ddp_with_frozen_features_and_rollouts(tmp_path):
     run_train("method=ebft", "method.batch_size=1", "global_batch=2", "trainer.max_steps=1",
