@@ -120,6 +120,34 @@ def validate_rlvr(cfg: DictConfig) -> None:
     _choice(cfg, "method.scale_rewards", ("none", "group", "batch"))
 
 
+def validate_lora(cfg: DictConfig) -> None:
+    """``model.lora`` (LoRA on when ``rank`` is set): values first, then the target modules against the
+    model's config (no weights loaded) and a LoRA warm start's adapter (``ebft.models.lora``)."""
+    from ebft.models import lora as lora_module
+
+    lora = lora_module.lora_settings(cfg)
+    if lora is None:
+        return
+    rank = lora.rank
+    _require(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1,
+             f"model.lora.rank={rank!r} must be a whole number >= 1 (e.g. 16), or null for full fine-tuning")
+    _require(lora.get("alpha") is None or float(lora.alpha) > 0,
+             f"model.lora.alpha={lora.alpha} must be > 0, or null for 2 x rank")
+    _require(0 <= float(lora.dropout) < 1, f"model.lora.dropout={lora.dropout} must be in [0, 1)")
+    targets = lora.get("target_modules")
+    _require(targets is None or (not isinstance(targets, str) and len(targets) >= 1),
+             f"model.lora.target_modules={targets!r} must be a list of layer names, e.g. [q_proj,v_proj], "
+             "or null for the model family's attention and MLP projections")
+    strategy = cfg.trainer.get("strategy")
+    _require(not (hasattr(strategy, "get") and "FSDP" in str(strategy.get("_target_", ""))),
+             "model.lora with trainer=fsdp is not supported (the merged export reads the live, sharded weights); "
+             "use trainer=ddp: with adapters every device holds one frozen bf16 copy and small trainable state")
+    resolved = lora_module.target_modules(str(cfg.model.name), lora)
+    warm = lora_module.adapter_dir(cfg.get("init_from"))
+    if warm is not None:
+        lora_module.check_warm_adapter(warm, lora, resolved)
+
+
 def validate_paths(cfg: DictConfig) -> None:
     for key in ("model.name", "model.feature_network"):
         value = _get(cfg, key)
@@ -174,3 +202,4 @@ def validate(cfg: DictConfig) -> None:
     if cfg.get("hub") and cfg.hub.get("push"):
         _require(str(cfg.hub.get("repo_id") or "").count("/") == 1,
                  f"hub.push=true needs hub.repo_id=<owner/name>, got {cfg.hub.get('repo_id')!r}")
+    validate_lora(cfg)

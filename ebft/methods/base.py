@@ -23,6 +23,8 @@ from ebft.data.datamodule import ChunkDataModule
 from ebft.data.sources import write_data_record
 from ebft.models.compat import lm_head
 from ebft.models.loading import load_model, resolve_attn, resolve_dtype
+from ebft.models.lora import (ADAPTER_SUBDIR, add_adapters, adapter_dir, complete_state, lora_settings,
+                              merged_state_dict, target_modules, trainable_state)
 from ebft.objectives.losses import cross_entropy_term
 
 
@@ -42,8 +44,12 @@ def lr_lambda(warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: 
 
 
 def generator_source(cfg: DictConfig) -> str:
-    """The generator's weights: the warm start when given, else the base model."""
-    return str(cfg.init_from) if cfg.get("init_from") else str(cfg.model.name)
+    """The generator's weights (under its adapters with LoRA): the warm start when given, else the base
+    model; a LoRA warm start from a LoRA run keeps the base model and continues the run's adapter."""
+    init = cfg.get("init_from")
+    if init and not (lora_settings(cfg) is not None and adapter_dir(init) is not None):
+        return str(init)
+    return str(cfg.model.name)
 
 
 class FineTuneModule(L.LightningModule):
@@ -73,10 +79,14 @@ class FineTuneModule(L.LightningModule):
         return "cpu"
 
     def load_generator(self):
-        """The trainable model, in fp32 weights (Lightning's bf16-mixed autocasts on GPU)."""
+        """The trainable model, in fp32 weights (Lightning's bf16-mixed autocasts on GPU). With
+        ``model.lora`` the weights stay frozen in ``model.dtype`` and ``self.adapters`` is the ``peft``
+        model around the generator with its fp32 adapters (``ebft.models.lora``); else it is None."""
         device = self.device_kind()
         dtype = resolve_dtype(str(self.cfg.model.dtype), device)
-        train_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+        lora = lora_settings(self.cfg)
+        targets = target_modules(str(self.cfg.model.name), lora) if lora is not None else None  # before the weights
+        train_dtype = torch.float32 if dtype == torch.bfloat16 and lora is None else dtype
         model = load_model(generator_source(self.cfg), dtype=train_dtype,
                            attn_implementation=resolve_attn(str(self.cfg.model.attn_implementation), device,
                                                               strided=self.strided_rows),
@@ -84,6 +94,8 @@ class FineTuneModule(L.LightningModule):
         if self.cfg.method.get("gradient_checkpointing", False):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+        # Not a submodule: its weights are the generator's, which owns (and checkpoints) them.
+        object.__setattr__(self, "adapters", add_adapters(model, self.cfg, targets) if lora is not None else None)
         return model
 
     def on_train_start(self) -> None:
@@ -142,6 +154,16 @@ class FineTuneModule(L.LightningModule):
             opt, lr_lambda(warmup, total, str(m.schedule), float(m.get("min_lr_ratio", 0.1))))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """With LoRA, checkpoints hold the adapters only (and the optimizer state, as always): the
+        frozen base weights are loaded from their source again on resume."""
+        if self.adapters is not None:
+            checkpoint["state_dict"] = trainable_state(self, checkpoint["state_dict"])
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.adapters is not None:
+            complete_state(self, checkpoint["state_dict"])
+
     # ----------------------------------------------------------- validation
     def validation_step(self, batch, batch_idx):
         ids = batch["input_ids"]
@@ -156,20 +178,33 @@ class FineTuneModule(L.LightningModule):
         data settings they were trained on (``ebft.data.sources.DATA_RECORD``).
 
         ``module_state`` is this module's full state dict when the live weights are sharded
-        (FSDP: ``trainer.strategy.lightning_module_state_dict()`` gathers it on rank 0).
+        (FSDP: ``trainer.strategy.lightning_module_state_dict()`` gathers it on rank 0). With LoRA
+        the model written has the adapters merged into its weights, and the adapter alone goes to
+        ``adapter/`` next to ``directory``.
         """
-        target = Path(directory)
-        tmp = target.with_name(target.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
         state = None
-        if module_state is not None:
+        if self.adapters is not None:
+            _replace_dir(Path(directory).with_name(ADAPTER_SUBDIR), self.adapters.save_pretrained)
+            state = merged_state_dict(self.adapters)
+        elif module_state is not None:
             prefix = "generator."
             state = {k[len(prefix):]: v for k, v in module_state.items() if k.startswith(prefix)}
-        self.generator.save_pretrained(tmp, state_dict=state)
-        self.tokenizer.save_pretrained(tmp)
-        write_data_record(self.cfg, tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-        return target
+
+        def write(tmp: Path) -> None:
+            self.generator.save_pretrained(tmp, state_dict=state)
+            self.tokenizer.save_pretrained(tmp)
+            write_data_record(self.cfg, tmp)
+
+        return _replace_dir(Path(directory), write)
+
+
+def _replace_dir(target: Path, write) -> Path:
+    """``write(tmp)`` into a fresh temporary directory, then put it in place of ``target``."""
+    tmp = target.with_name(target.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    write(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 
 from ebft.eval.calibration import cfm_estimate
-from ebft.methods.base import FineTuneModule
+from ebft.methods.base import FineTuneModule, generator_source
 from ebft.models.compat import attn_implementation, backbone_forward, check_strided, lm_head, param_dtype
 from ebft.models.features import FeatureNetwork
 from ebft.models.loading import resolve_attn, resolve_dtype
@@ -43,20 +43,23 @@ def layout_from_config(cfg: DictConfig) -> StridedLayout:
                          int(cfg.method.num_samples))
 
 
-def build_feature_network(cfg: DictConfig, generator, device: str) -> FeatureNetwork:
+def build_feature_network(cfg: DictConfig, generator, device: str, adapters=None) -> FeatureNetwork:
     """The frozen critic: ``model.feature_network`` when set, else the BASE model (``model.name``):
-    a copy of the generator when it is the base model, a fresh load for warm starts (as the authors)."""
+    a copy of the generator when it is the base model, a fresh load for warm starts (as the authors).
+    With LoRA (``adapters``: the ``peft`` model around ``generator``) over the base model, the
+    generator's own layers with the adapters disabled: no copy."""
     f = cfg.method.features
     kwargs = {"layers": tuple(float(q) for q in f.layers), "pooling": str(f.pooling),
               "normalisation": str(f.normalisation)}
-    name = cfg.model.get("feature_network") or (cfg.model.name if cfg.get("init_from") else None)
+    base = str(cfg.model.name)
+    name = cfg.model.get("feature_network") or (base if generator_source(cfg) != base else None)
     if name is None:
-        network = FeatureNetwork(generator, **kwargs)
+        network = FeatureNetwork(generator, adapters=adapters, **kwargs)
     else:
         network = FeatureNetwork.from_name(str(name), dtype=torch.float32,
                                            attn_implementation=resolve_attn("auto", device, strided=True),
                                            **kwargs)
-    return network.to(resolve_dtype(str(cfg.model.dtype), device))
+    return network.to(resolve_dtype(str(cfg.model.dtype), device))  # shared layers (LoRA) are not moved
 
 
 def strided_hidden(model, row: torch.Tensor, layout: StridedLayout) -> torch.Tensor:
@@ -104,7 +107,7 @@ class EBFTModule(FineTuneModule):
     def __init__(self, cfg: DictConfig, tokenizer, datamodule=None):
         super().__init__(cfg, tokenizer, datamodule)
         self.layout = layout_from_config(cfg)
-        self.features = build_feature_network(cfg, self.generator, self.device_kind())
+        self.features = build_feature_network(cfg, self.generator, self.device_kind(), self.adapters)
         self.alpha, self.gamma = float(cfg.alpha), float(cfg.gamma)
         self._step_start = 0.0
 

@@ -24,7 +24,9 @@ One training step on a micro-batch of ``B`` prompts (``ebft.data.prompts``), ``n
                + kl_coef * 1/N sum_t k3_t,   k3_t = exp(l_t) - l_t - 1,  l_t = log p_ref(y_t) - log p_T(y_t)
 
    ``k3`` is Schulman's non-negative, unbiased estimator of ``KL(p_T || p_ref)`` per sampled token;
-   the reference is a frozen copy of the initial generator, loaded only when ``kl_coef > 0`` (paper: 0).
+   the reference is the initial generator, used only when ``kl_coef > 0`` (paper: 0): a frozen copy,
+   or with LoRA the generator itself with its adapters disabled (no copy; a warm start from a LoRA run
+   starts from its adapter, so there the reference is a frozen copy of that run's merged model).
    Without the KL term a completion with ``A = 0`` (every completion of a group whose rewards are all
    equal) adds exactly 0 to the loss and its gradient, so the forward scores only the completions
    with ``A != 0`` (one, with a zero gradient, when none has) and still divides by the ``N`` tokens
@@ -47,9 +49,10 @@ from omegaconf import DictConfig
 
 from ebft.config import ConfigError
 from ebft.data.prompts import PromptDataModule
-from ebft.methods.base import FineTuneModule, generator_source
+from ebft.methods.base import FineTuneModule
 from ebft.models.compat import backbone_forward, lm_head, new_cache
 from ebft.models.loading import load_model, resolve_attn
+from ebft.models.lora import adapter_dir, adapters_disabled
 from ebft.objectives.baselines import group_normalized_advantages
 from ebft.objectives.losses import ppo_clipped_loss, token_logprobs
 from ebft.objectives.verifiable import reward_fn_for
@@ -228,11 +231,16 @@ class RLVRModule(FineTuneModule):
         super().__init__(cfg, tokenizer, datamodule)
         self.reward_fn = reward_fn_for(str(cfg.task.name))
         self.kl_coef = float(cfg.method.kl_coef)
-        self.reference = self.load_reference() if self.kl_coef > 0 else None
+        self.reference = self.load_reference() if self.kl_coef > 0 and not self.reference_is_base() else None
+
+    def reference_is_base(self) -> bool:
+        """Whether the KL reference (the initial policy) is the generator with its adapters disabled:
+        LoRA on new adapters (a LoRA warm start's initial policy includes its adapter)."""
+        return self.adapters is not None and adapter_dir(self.cfg.get("init_from")) is None
 
     def load_reference(self):
         """A frozen copy of the initial generator (the warm start when given) for the KL penalty."""
-        model = load_model(generator_source(self.cfg), dtype=self.train_dtype,
+        model = load_model(str(self.cfg.get("init_from") or self.cfg.model.name), dtype=self.train_dtype,
                            attn_implementation=resolve_attn(str(self.cfg.model.attn_implementation),
                                                             self.device_kind()),
                            vocab_size=len(self.tokenizer))
@@ -256,7 +264,7 @@ class RLVRModule(FineTuneModule):
         m = self.cfg.method
         temperature = float(m.temperature)
         advantages = group_normalized_advantages(rewards, str(m.scale_rewards)).reshape(-1)
-        rows = rows_to_score(advantages, all_rows=self.reference is not None)
+        rows = rows_to_score(advantages, all_rows=self.kl_coef > 0)
         prompt_of = rows // int(m.num_samples)
         prompt_ids, prompt_mask = batch["prompt_ids"][prompt_of], batch["prompt_mask"][prompt_of]
         mask = rollout.mask[rows]
@@ -267,6 +275,9 @@ class RLVRModule(FineTuneModule):
         if self.reference is not None:
             with torch.no_grad():
                 ref_logprobs = completion_logprobs(self.reference, prompt_ids, prompt_mask, tokens, temperature)
+        elif self.kl_coef > 0:
+            with adapters_disabled(self.adapters):
+                ref_logprobs = completion_logprobs(self.generator, prompt_ids, prompt_mask, tokens, temperature)
         loss, pg, kl = grpo_loss(logprobs, logprobs.detach(), advantages[rows], mask, float(m.clip_eps),
                                  self.kl_coef, ref_logprobs, num_tokens=int(rollout.mask.sum()))
         parts = {"pg": pg.detach(), "kl": kl.detach(), "advantage_std": advantages.std(),

@@ -35,6 +35,7 @@ from torch import nn
 
 from ebft.models.compat import (attn_implementation, backbone_forward, check_strided, decoder_layers, get_backbone,
                                 param_dtype)
+from ebft.models.lora import adapters_disabled
 from ebft.rollout.layout import POOLINGS, StridedLayout
 from ebft.rollout.masks import strided_mask
 
@@ -54,10 +55,12 @@ def tap_layers(num_layers: int, fractions) -> tuple[int, ...]:
 
 class FeatureNetwork(nn.Module):
     """Frozen feature network. Build with ``FeatureNetwork(generator, ...)`` (a deep copy of its
-    backbone) or ``FeatureNetwork.from_name(name, ...)`` (loaded through ``ebft.models.loading``)."""
+    backbone), ``FeatureNetwork(generator, ..., adapters=peft_model)`` (the LoRA generator's own
+    layers with the adapters disabled, no copy) or ``FeatureNetwork.from_name(name, ...)`` (loaded
+    through ``ebft.models.loading``)."""
 
     def __init__(self, model: nn.Module, layers=(0.25, 0.5, 0.75), pooling: str = "last_token",
-                 normalisation: str = "joint"):
+                 normalisation: str = "joint", adapters: nn.Module | None = None):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling='{pooling}' is unknown; use one of {', '.join(POOLINGS)}")
@@ -66,8 +69,12 @@ class FeatureNetwork(nn.Module):
         self.num_layers = len(decoder_layers(model))
         self.taps = tap_layers(self.num_layers, layers)
         self.pooling, self.normalisation = pooling, normalisation
-        self.backbone = _truncated_copy(get_backbone(model), max(self.taps))
-        self.backbone.requires_grad_(False)
+        if adapters is None:
+            self.backbone = _truncated_copy(get_backbone(model), max(self.taps))
+            self.backbone.requires_grad_(False)
+        else:  # not submodules: the weights are the generator's, which owns (and trains the adapters of) them
+            object.__setattr__(self, "backbone", _truncated_copy(get_backbone(model), max(self.taps), share=True))
+        object.__setattr__(self, "adapters", adapters)
         self.eval()
 
     @classmethod
@@ -92,7 +99,7 @@ class FeatureNetwork(nn.Module):
         layers = decoder_layers(self.backbone)
         hooks = [layers[i - 1].register_forward_hook(_capture(captured, i)) for i in set(self.taps)]
         try:
-            with torch.no_grad():
+            with torch.no_grad() if self.adapters is None else adapters_disabled(self.adapters):
                 backbone_forward(self.backbone, input_ids, position_ids, attention_mask)
         finally:
             for hook in hooks:
@@ -166,11 +173,15 @@ def _capture(store: dict[int, torch.Tensor], index: int):
     return hook
 
 
-def _truncated_copy(backbone: nn.Module, depth: int) -> nn.Module:
+def _truncated_copy(backbone: nn.Module, depth: int, share: bool = False) -> nn.Module:
     """Deep copy of ``backbone`` with decoder layers 1..depth only (later layers are never copied) and
-    the final norm replaced by identity; ``backbone`` itself is untouched."""
+    the final norm replaced by identity; ``backbone`` itself is untouched. ``share``: the copy holds
+    ``backbone``'s own submodules (and weights), a view that stops at layer ``depth``."""
     layers = decoder_layers(backbone)
-    clone = copy.deepcopy(backbone, {id(layer): None for layer in layers[depth:]})
+    memo = {id(layer): None for layer in layers[depth:]}
+    if share:
+        memo.update({id(m): m for m in backbone.modules() if m is not backbone and id(m) not in memo})
+    clone = copy.deepcopy(backbone, memo)
     clone.layers = nn.ModuleList(list(clone.layers.children())[:depth])
     if hasattr(clone, "norm"):
         clone.norm = nn.Identity()

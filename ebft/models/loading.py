@@ -267,6 +267,22 @@ def resolve_attn(attn: str, device: str, strided: bool = False) -> str:
     return attn
 
 
+def load_config(name: str):
+    """The ``transformers`` config of ``name`` without its weights (a GGUF file is materialised once)."""
+    from transformers import AutoConfig
+
+    src = resolve_source(name)
+    if src.kind == "tiny":
+        return tiny_config()
+    path = _materialise_gguf(src) if src.kind == "gguf" else src.path
+    try:
+        return AutoConfig.from_pretrained(path)
+    except OSError as err:
+        if src.kind == "hub":
+            _hub_guard(name)(err)
+        raise
+
+
 def load_model(name: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
                vocab_size: int | None = None):
     """An ``AutoModelForCausalLM`` for ``name`` (hub id, local dir, .gguf, embedded or tiny)."""
