@@ -59,20 +59,26 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------- DDP on CPU
-def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("lora", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["full", "lora"])
+def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path, lora):
     """Two SFT steps with global_batch=4: one process accumulates 2 micro-batches of 2 chunks, two DDP
     processes take 2 chunks each (the sampler shards the same 4 chunks by rank). Every row has T-1
-    targets (loss_on=all), so both average the same per-token losses and end with the same weights."""
+    targets (loss_on=all), so both average the same per-token losses and end with the same weights
+    (with LoRA: the same adapters, whose B starts at 0)."""
     common = ["method=sft", "method.loss_on=all", "method.lr=1e-3", "global_batch=4", "trainer.max_steps=2",
-              "trainer.limit_val_batches=0"]
+              "trainer.limit_val_batches=0", *(["model.lora.rank=4"] if lora else [])]
     one = train(make(*SMALL, *common, output_dir=tmp_path / "one"))
     assert one["steps"] == 2
     done = run_train(*common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
                      run_dir=tmp_path / "ddp")
     assert "memory estimate per device (DDPStrategy, replicated, 2 device(s)" in done.stdout
-    single, ddp = weights(tmp_path / "one"), weights(tmp_path / "ddp")
-    initial = build_tiny_model(vocab_size=len(single["model.embed_tokens.weight"]), seed=0).state_dict()
-    moved = max((single[k] - initial[k]).abs().max().item() for k in single)
+    if lora:
+        single, ddp = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("one", "ddp"))
+        moved = max(v.abs().max().item() for k, v in single.items() if ".lora_B." in k)
+    else:
+        single, ddp = weights(tmp_path / "one"), weights(tmp_path / "ddp")
+        initial = build_tiny_model(vocab_size=len(single["model.embed_tokens.weight"]), seed=0).state_dict()
+        moved = max((single[k] - initial[k]).abs().max().item() for k in single)
     gap = max((single[k] - ddp[k]).abs().max().item() for k in single)
     assert moved > 1e-3          # two Adam steps at lr 1e-3 really changed the weights
     assert gap < 1e-4, f"DDP weights differ from the single-process run by {gap}"
@@ -87,12 +93,14 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     assert gap < 1e-4, f"torchrun DDP weights differ from the single-process run by {gap}"
 
 
-def test_ebft_runs_under_ddp_with_frozen_features_and_rollouts(tmp_path):
+@pytest.mark.parametrize("lora", [[], ["model.lora.rank=4", "method.gradient_checkpointing=true"]], ids=["full", "lora"])
+def test_ebft_runs_under_ddp_with_frozen_features_and_rollouts(tmp_path, lora):
     run_train("method=ebft", "method.batch_size=1", "global_batch=2", "trainer.max_steps=1",
               "trainer.limit_val_batches=0", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-              run_dir=tmp_path)
+              *lora, run_dir=tmp_path)
     metrics = (tmp_path / "metrics.csv").read_text()
     assert "train/reward" in metrics and (tmp_path / "hf_model" / "config.json").is_file()
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file() == bool(lora)
 
 
 # ------------------------------------------------------------------------------- global batch
