@@ -28,6 +28,14 @@ Examples::
     python bench/step_cost.py --device cuda --model qwen2.5-1.5b-shape --find-max-batch --gradient-checkpointing
 
 The last line printed is ``ebft_over_sft=<EBFT step / SFT step>``.
+
+``--lora`` instead compares the EBFT step with full fine-tuning and with LoRA (rank ``--lora-rank`` on
+the attention and MLP projections; the feature network is then the generator's own layers with the
+adapters disabled), each side in a fresh process: step time, resident memory, and the bytes of the
+trainable parameters plus their AdamW state; then it prints an ESTIMATE (not a measurement) of the peak
+GPU memory of Qwen2.5-7B at T=1024 with and without LoRA::
+
+    python bench/step_cost.py --lora --threads 1            # CPU, SmolLM2-135M shape, T=256
 """
 
 from __future__ import annotations
@@ -38,11 +46,14 @@ import gc
 import json
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -51,8 +62,9 @@ import ebft.objectives.losses as losses_module  # noqa: E402
 import ebft.rollout.sampler as sampler_module  # noqa: E402
 from ebft.methods.ebft import actor_loss, strided_hidden  # noqa: E402
 from ebft.models.compat import decoder_layers  # noqa: E402
-from ebft.models.features import FeatureNetwork  # noqa: E402
+from ebft.models.features import FeatureNetwork, tap_layers  # noqa: E402
 from ebft.models.loading import resolve_attn  # noqa: E402
+from ebft.models.lora import FAMILY_TARGETS, lora_config  # noqa: E402
 from ebft.objectives.baselines import rloo_advantages  # noqa: E402
 from ebft.objectives.losses import cross_entropy_term  # noqa: E402
 from ebft.objectives.rewards import feature_matching_rewards  # noqa: E402
@@ -60,6 +72,7 @@ from ebft.rollout import masks  # noqa: E402
 from ebft.rollout.layout import StridedLayout  # noqa: E402
 from ebft.rollout.sampler import sample_authors_style, sample_strided, sample_strided_nocache  # noqa: E402
 from ebft.rollout.sampler import sample_from_logits as _inverse_cdf  # noqa: E402
+from ebft.strategies import GIB, estimate_memory  # noqa: E402
 
 MODELS = ("smollm2-shape", "smollm2", "qwen2.5-1.5b-shape", "tiny")
 ABLATIONS = ("nocache", "multinomial", "dense_attention", "copies", "full_features", "inference_mode",
@@ -168,9 +181,17 @@ class Bench:
         self.generator = build_generator(args.model, device, args.attn, args.seed)
         if args.gradient_checkpointing:
             self.generator.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.generator.train()
         fdtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.features = FeatureNetwork(self.generator, layers=(0.25, 0.5, 0.75), pooling=args.pooling).to(fdtype)
+        self.adapters = None
+        if args.arm == "lora":  # as model.lora: the base frozen in the model dtype, fp32 adapters
+            from peft import get_peft_model
+
+            lora = OmegaConf.create({"rank": args.lora_rank, "alpha": None, "dropout": 0.0})
+            targets = FAMILY_TARGETS[self.generator.config.model_type]
+            self.adapters = get_peft_model(self.generator.to(fdtype), lora_config(lora, targets))
+        self.generator.train()
+        self.features = FeatureNetwork(self.generator, layers=(0.25, 0.5, 0.75), pooling=args.pooling,
+                                       adapters=self.adapters).to(fdtype)
         self.opt = torch.optim.AdamW([p for p in self.generator.parameters() if p.requires_grad], lr=1e-6,
                                      betas=(0.9, 0.95), weight_decay=0.0)
         self.layout = StridedLayout(args.T, args.C, args.s, args.G, args.n).to(device)
@@ -394,6 +415,10 @@ def parse_args(argv=None):
                    help="also time the slower variants the step avoids")
     p.add_argument("--find-max-batch", action="store_true",
                    help="GPU: double --batch until the EBFT step runs out of memory; report the largest that fits")
+    p.add_argument("--lora", action="store_true",
+                   help="EBFT step with full fine-tuning vs LoRA (one process each) + a Qwen2.5-7B GPU memory estimate")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--arm", choices=("full", "lora"), default=None, help=argparse.SUPPRESS)  # one side of --lora
     args = p.parse_args(argv)
     if args.T is None:
         args.T = 1024 if args.device.startswith("cuda") else 256
@@ -432,10 +457,119 @@ def find_max_batch(bench: Bench, meter: Meter) -> None:
         print(f"max_batch={best[0]} (EBFT step {best[1]:.3f} s, peak {best[2]:.2f} GiB)")
 
 
+# ------------------------------------------------------------------------------------------- LoRA
+def vm_rss_gib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2 ** 20
+    return float("nan")
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+
+def run_arm(bench: Bench, meter: Meter) -> None:
+    """One side of ``--lora``: the EBFT step after warm-up; prints one ``ARM {json}`` line."""
+    args, parts = bench.args, ("ebft sample", "ebft features", "ebft rewards", "ebft actor fwd+bwd", "ebft optimizer")
+    setup_rss = vm_rss_gib()
+    ids = bench.chunk(args.batch)
+    for rep in range(args.warmup + args.repeats):
+        bench.ebft_step(meter, ids, rep >= args.warmup)
+    trainable = [p for p in bench.generator.parameters() if p.requires_grad]
+    frozen = [p for p in bench.generator.parameters() if not p.requires_grad]
+    print("ARM " + json.dumps({
+        "arm": args.arm, "step_s": sum(meter.median(p) for p in parts),
+        "setup_rss_gib": setup_rss, "step_peak_rss_gib": max(meter.peaks[p] for p in parts),
+        "trainable_params": sum(p.numel() for p in trainable), "trainable_bytes": tensor_bytes(trainable),
+        "adam_bytes": tensor_bytes(t for state in bench.opt.state.values() for t in state.values()),
+        "frozen_generator_bytes": tensor_bytes(frozen), "feature_network_bytes": tensor_bytes(bench.features.parameters()),
+    }), flush=True)
+
+
+def qwen25_7b_config():
+    """Qwen2.5-7B's architecture (its config.json)."""
+    config = qwen25_15b_config()
+    config.update({"hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+                   "intermediate_size": 18944, "vocab_size": 152064, "tie_word_embeddings": False})
+    config.layer_types = ["full_attention"] * 28
+    return config
+
+
+def estimate_gpu_peak(T: int = 1024, C: int = 8, s: int = 8, G: int = 8, n: int = 4, batch: int = 1,
+                      rank: int = 16) -> dict[str, dict[str, float]]:
+    """ESTIMATED peak GPU bytes of one EBFT step of Qwen2.5-7B (bf16-mixed, gradient checkpointing, one
+    device), full fine-tuning vs LoRA. Model state: ``ebft.strategies.estimate_memory`` (what a training
+    run prints: fp32 trainable weights, gradients, 2 Adam moments, bf16 copies; frozen weights). Full
+    fine-tuning's frozen part is the bf16 feature network (embeddings + layers up to the deepest tap);
+    LoRA's is the bf16 base, which is also the feature network. Activations of the actor's backward (the
+    step's peak), R = the strided row's length: the checkpointed layer inputs L*B*R*H, one layer's
+    recomputed activations and their gradients 2*B*R*(6H + 4I), the additive strided mask B*R^2, all
+    bf16, and two fp32 chunks of 1024 x V logits (``token_logprobs``)."""
+    from transformers import AutoModelForCausalLM
+
+    config = qwen25_7b_config()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    embed = model.model.embed_tokens.weight.numel()
+    targets = FAMILY_TARGETS[config.model_type]
+    adapters = sum(rank * (m.in_features + m.out_features) for name, m in model.named_modules()
+                   if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets)
+    depth = max(tap_layers(config.num_hidden_layers, (0.25, 0.5, 0.75)))
+    H, I, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    R = StridedLayout(T, C, s, G, n).length
+    activations = 2 * (L * batch * R * H + 2 * batch * R * (6 * H + 4 * I) + batch * R * R) + 2 * 1024 * V * 4
+    out = {}
+    for arm, (trainable, frozen) in {"full": (total, 2 * (embed + depth * layer)),
+                                     "lora": (adapters, 2 * total)}.items():
+        parts = estimate_memory(trainable, 4, frozen, "replicated", 1, mixed=True)
+        parts["activations"] = activations
+        parts["total"] += activations
+        out[arm] = {"trainable_params": trainable, **parts}
+    out["geometry"] = {"T": T, "row": R, "batch": batch, "rank": rank, "params": total}
+    return out
+
+
+def compare_lora(args, argv: list[str]) -> None:
+    """``--lora``: each side in its own process (so resident memory is its own), then the 7B estimate."""
+    arms = {}
+    for arm in ("full", "lora"):
+        cmd = [sys.executable, __file__, *[a for a in argv if a != "--lora"], "--arm", arm]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"{arm} side failed:\n{done.stderr[-3000:]}")
+        arms[arm] = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("ARM "))[4:])
+        print(f"  {arm}: {arms[arm]}", flush=True)
+    print(f"\n| {args.model}, T={args.T}, batch {args.batch}, {args.device} | full fine-tuning | LoRA r={args.lora_rank} |")
+    print("|---|---:|---:|")
+    rows = [("EBFT step, median s", "step_s", "{:.2f}"), ("resident memory after setup, GiB", "setup_rss_gib", "{:.2f}"),
+            ("peak resident memory in the step, GiB", "step_peak_rss_gib", "{:.2f}"),
+            ("trainable parameters", "trainable_params", "{:,}")]
+    for label, key, fmt in rows:
+        print(f"| {label} | {fmt.format(arms['full'][key])} | {fmt.format(arms['lora'][key])} |")
+    for label, fn in (("trainable weights + AdamW state, MiB", lambda a: (a["trainable_bytes"] + a["adam_bytes"]) / 2 ** 20),
+                      ("feature network's own weights, MiB", lambda a: a["feature_network_bytes"] / 2 ** 20)):
+        print(f"| {label} | {fn(arms['full']):.1f} | {fn(arms['lora']):.1f} |")
+    est = estimate_gpu_peak(rank=args.lora_rank)
+    g = est.pop("geometry")
+    print(f"\nESTIMATE, not measured: peak GPU memory of one EBFT step of Qwen2.5-7B ({g['params'] / 1e9:.2f}B params), "
+          f"T={g['T']} (strided row {g['row']} tokens), micro-batch {g['batch']}, bf16-mixed, gradient checkpointing, "
+          f"one device (GiB)\n")
+    keys = [k for k in est["full"] if k not in ("trainable_params", "total")]
+    print("| | " + " | ".join(keys) + " | **total** |\n|---|" + "---:|" * (len(keys) + 1))
+    for arm, label in (("full", "full fine-tuning"), ("lora", f"LoRA r={g['rank']}")):
+        print(f"| {label} | " + " | ".join(f"{est[arm][k] / GIB:.2f}" for k in keys) + f" | **{est[arm]['total'] / GIB:.1f}** |")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.lora:
+        compare_lora(args, sys.argv[1:] if argv is None else list(argv))
+        return
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -449,6 +583,9 @@ def main(argv=None):
           flush=True)
     if args.find_max_batch:
         find_max_batch(bench, meter)
+        return
+    if args.arm:
+        run_arm(bench, meter)
         return
     ids = bench.chunk(args.batch)
     for rep in range(args.warmup + args.repeats):
