@@ -139,7 +139,8 @@ def validate_lora(cfg: DictConfig) -> None:
              f"model.lora.target_modules={targets!r} must be a list of layer names, e.g. [q_proj,v_proj], "
              "or null for the model family's attention and MLP projections")
     strategy = cfg.trainer.get("strategy")
-    _require(not (hasattr(strategy, "get") and "FSDP" in str(strategy.get("_target_", ""))),
+    strategy = strategy.get("_target_", "") if hasattr(strategy, "get") else strategy
+    _require("fsdp" not in str(strategy).lower(),
              "model.lora with trainer=fsdp is not supported (the merged export reads the live, sharded weights); "
              "use trainer=ddp: with adapters every device holds one frozen bf16 copy and small trainable state")
     resolved = lora_module.target_modules(str(cfg.model.name), lora)

@@ -170,6 +170,8 @@ def test_rlvr_kl_reference_is_the_base_with_adapters_disabled(tmp_path, tokenize
 @pytest.mark.parametrize("override,message", [
     ("model.lora.rank=0", r"model.lora.rank=0 must be a whole number >= 1"),
     ("model.lora.dropout=1.5", r"model.lora.dropout=1.5 must be in \[0, 1\)"),
+    ("trainer=fsdp", r"model.lora with trainer=fsdp is not supported"),
+    ("trainer.strategy=fsdp", r"model.lora with trainer=fsdp is not supported"),
     ("model.lora.target_modules=[q_proj,qkv]",
      r"model.lora.target_modules: \['qkv'\] match no module of LlamaForCausalLM \(tiny\); its linear layers are "
      r"named: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
