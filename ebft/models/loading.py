@@ -274,7 +274,7 @@ def load_config(name: str):
     src = resolve_source(name)
     if src.kind == "tiny":
         return tiny_config()
-    path = _materialise_gguf(src) if src.kind == "gguf" else src.path
+    path = _materialise_gguf(src) if src.kind in ("gguf", "embedded") else src.path
     try:
         return AutoConfig.from_pretrained(path)
     except OSError as err:
