@@ -225,10 +225,20 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> Path | None:
 
 
 def previous_results(output_dir: Path) -> list[str]:
-    """What an earlier run left in ``output_dir``: every entry but Hydra's ``.hydra/`` and ``*.log``."""
+    """What is in ``output_dir`` besides Hydra's ``.hydra/`` and ``*.log``: kept when a run fails."""
     if not output_dir.is_dir():
         return []
     return sorted(p.name for p in output_dir.iterdir() if p.name != ".hydra" and p.suffix != ".log")
+
+
+RUN_OUTPUTS = ("metrics.csv", "checkpoints", HF_SUBDIR, "adapter")
+"""What a training run writes into its directory; a directory holding one of them holds a run."""
+
+
+def previous_run(output_dir: Path) -> list[str]:
+    """The outputs of an earlier training run in ``output_dir`` (metrics, checkpoints, model). Files of
+    other tools (e.g. a driver's job record beside the run) do not make it a run."""
+    return [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
 
 
 def check_checkpoint(path: Path, cfg: DictConfig) -> None:
@@ -260,7 +270,7 @@ def prepare_output_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
     if ckpt_path is not None:
         check_checkpoint(ckpt_path, cfg)
     in_place = ckpt_path is not None and ckpt_path.resolve().parent.parent == output_dir.resolve()
-    earlier = previous_results(output_dir)
+    earlier = previous_run(output_dir)
     if earlier and not in_place:
         raise ConfigError(f"output_dir {output_dir} already holds a run ({', '.join(earlier)}): resume it with "
                           f"ckpt_path=last hydra.run.dir={output_dir}, or leave hydra.run.dir at its default for "

@@ -73,6 +73,19 @@ def test_a_directory_holding_a_run_is_refused_then_resumed_in_place(sft_run, tmp
     assert not (run / "checkpoints" / "last.ckpt.tmp").exists() and not (run / "hf_model.tmp").exists()
 
 
+def test_other_tools_files_do_not_make_a_run_and_survive_a_failure(tmp_path):
+    """A driver's record beside the run (e.g. the reproduction's job.json) is neither refused as an earlier
+    run nor deleted with a failed run's empty directory."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "job.json").write_text("{}")
+    with pytest.raises(ConfigError, match="alpha"):
+        train(make_cfg(run, "method=ebft", "alpha=2"))
+    assert (run / "job.json").is_file()
+    train(make_cfg(run, "method=sft", "trainer.max_steps=1"))
+    assert (run / "metrics.csv").is_file() and (run / "job.json").is_file()
+
+
 def test_ckpt_path_last_without_a_checkpoint_names_the_fix(tmp_path):
     with pytest.raises(ConfigError, match="ckpt_path=last: .*last.ckpt does not exist; .*hydra.run.dir"):
         train(make_cfg(tmp_path / "new", "method=sft", "ckpt_path=last"))
