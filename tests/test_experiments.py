@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 HAS_RLVR = (CONF / "method" / "rlvr.yaml").is_file()
 
-# REFERENCE.md "Recipe per task": hub data, model, T / C / s / G, pooling.
+# docs/authors_code.md, "Recipe per task": hub data, model, T / C / s / G, pooling.
 QWEN, LLAMA = "Qwen/Qwen2.5-1.5B", "meta-llama/Llama-3.2-1B"
 TASKS = {
     "paper_qa_code": ("qa_code", "sjelassi/opencode-instruct_100k_200tok", QWEN, (1024, 8, 8, 8), "last_token"),

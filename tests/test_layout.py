@@ -10,7 +10,7 @@ T_ = torch.tensor
 
 
 def slow_allowed(layout: StridedLayout) -> torch.Tensor:
-    """The attention rule of DESIGN.md written out with Python loops over rows."""
+    """The strided attention rule (ebft/rollout/layout.py) written out with Python loops over rows."""
     T, C, s, G, n, NB = (layout.seq_len, layout.context_len, layout.stride, layout.gen_len,
                          layout.num_samples, layout.num_blocks)
     owner = {}

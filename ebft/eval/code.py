@@ -253,7 +253,7 @@ def mbpp_prompt(text: str, example_test: str) -> str:
 def _mbpp_rows_from_file(path: Path) -> list[dict]:
     if not path.is_file():
         raise BenchmarkDataError(f"MBPP file {path} does not exist; give the path of the original mbpp.jsonl "
-                                 "(e.g. ../shared/data/mbpp/mbpp.jsonl) or path=None for the hub")
+                                 "(MBPP's original mbpp.jsonl) or path=None for the hub (datasets: mbpp)")
     with path.open() as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -266,7 +266,7 @@ def _mbpp_rows_from_hub(split: str) -> list[dict]:
     except Exception as err:  # network, offline mode, missing package: all end the same way
         raise BenchmarkDataError(
             f"MBPP could not be loaded from the hub ({MBPP_HUB_ID}, config full): {err}. Without a hub, pass "
-            "path= the original mbpp.jsonl (a copy is in ../shared/data/mbpp/mbpp.jsonl)") from err
+            "path= the original mbpp.jsonl from MBPP's release") from err
 
 
 # --------------------------------------------------------------------------- MultiPL-E

@@ -11,7 +11,7 @@ Running it on the base model and on an RLVR run gives "the mean reward before an
 training on the same prompts, samples drawn from the same seed:
 
     python -m ebft.eval.verifiable_reward --ckpt embedded:smollm2-135m-instruct \\
-        --ckpt results/repro_small/runs/rlvr/<run> data.mbpp_path=../shared/data/mbpp/mbpp.jsonl
+        --ckpt results/repro_small/runs/rlvr/<run> data.mbpp_path=<your copy of mbpp.jsonl>
 
 Trailing ``key=value`` arguments are ``train.py`` overrides (``method=rlvr`` is implied): they pick
 the task, the data and the sampling settings.

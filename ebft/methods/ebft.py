@@ -11,7 +11,7 @@ One training step on a micro-batch of chunks ``x`` (batch, T):
 4. ONE forward+backward of the generator over the strided row yields the log-probs of all
    generated tokens (scored at ``layout.score_index``, logits / temperature) and the
    teacher-forced CE of the chunk, and the loss is
-   ``rl_coef * PG(-A log p) + gamma * CE`` (REFERENCE.md: token mean, as the authors).
+   ``rl_coef * PG(-A log p) + gamma * CE`` (token mean, as the authors' code: docs/authors_code.md).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from pathlib import Path
 from ebft.collect import Run, load_run
 from ebft.repro.jobs import read_record
 
-PAPER_ROLLOUTS_PER_STEP = 16 * 127 * 4   # REFERENCE.md: 16 chunks x 127 blocks (T=1024, C=s=G=8) x n=4
+PAPER_ROLLOUTS_PER_STEP = 16 * 127 * 4   # docs/authors_code.md: 16 chunks x 127 blocks (T=1024, C=s=G=8) x n=4
 PAPER_LR = 1e-6
 TRAIN_KEYS = ("train/reward", "train/reward_std", "train/advantage_std", "train/alignment", "train/diversity",
               "train/duplicate_fraction", "train/zero_signal_fraction", "train/cfm", "train/ce", "train/pg",
