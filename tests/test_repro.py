@@ -296,6 +296,15 @@ def test_report_before_any_evaluation(tmp_path):
     assert (tmp_path / "training_curves.png").is_file()
 
 
+def test_report_while_the_sweep_runs(tmp_path):
+    plan = synthetic_output(tmp_path)
+    plan["lr_source"] = "lr sweep, in progress: the config's lrs until it ends"
+    (tmp_path / PLAN).write_text(json.dumps(plan))
+    text = write_report(tmp_path).read_text()
+    assert "The sweep is still running: no lr chosen yet." in text and "**chosen**" not in text
+    assert "lr_sweep/sft/lr1e-4" in text
+
+
 def test_report_only_without_a_plan_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="python -m ebft.repro"):
         main(["--out", str(tmp_path), "--report-only"])

@@ -49,7 +49,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def learning_rates(settings: Settings, sweep: bool, dry_run: bool) -> tuple[dict[str, float], str]:
+IN_PROGRESS = "lr sweep, in progress: the config's lrs until it ends"
+
+
+def learning_rates(settings: Settings, sweep: bool, dry_run: bool, argv: list[str]) -> tuple[dict[str, float], str]:
     """The lr of each method: from the config, or chosen by the lr sweep (run here)."""
     lrs = dict(settings.lr)
     if not sweep:
@@ -59,6 +62,8 @@ def learning_rates(settings: Settings, sweep: bool, dry_run: bool) -> tuple[dict
         print("\n".join(job.command for job in jobs))
         print("# the training commands below take the lrs the sweep chooses; shown with the config's")
         return lrs, "lr sweep"
+    # a provisional plan (the config's lrs) so that --report-only can show the sweep while it runs
+    planning.write_plan(settings, planning.models(settings, lrs), lrs, IN_PROGRESS, argv)
     run_all(jobs, "lr sweep (validation split only)")
     for method, point in chosen_lrs(sweep_points(settings.out, planning.sweep_entries(settings))).items():
         lrs[method] = point.lr
@@ -98,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"== reproduction into {settings.out}: {len(settings.variants)} variants x seeds "
           f"{', '.join(map(str, settings.seeds))}, {settings.steps} steps, model {settings.base_ckpt}", flush=True)
     try:
-        lrs, source = learning_rates(settings, args.lr_sweep, args.dry_run)
+        lrs, source = learning_rates(settings, args.lr_sweep, args.dry_run, argv)
         planned = planning.models(settings, lrs)
         training = planning.training_jobs(settings, planned)
         if args.dry_run:

@@ -193,7 +193,7 @@ def hardware() -> dict:
 def write_plan(settings: Settings, planned: list[dict], lrs: dict[str, float], lr_source: str,
                argv: list[str]) -> Path:
     """Write ``plan.json``: everything the report needs besides the run and evaluation outputs."""
-    sweep = {**settings.sweep, "runs": sweep_entries(settings)} if lr_source == "lr sweep" else None
+    sweep = {**settings.sweep, "runs": sweep_entries(settings)} if lr_source.startswith("lr sweep") else None
     plan = {
         "command": shlex.join(["python", "-m", "ebft.repro", *argv]),
         "quick": settings.quick,

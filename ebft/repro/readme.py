@@ -134,14 +134,14 @@ def curves_section(out: Path, models: list[dict], plan: dict) -> list[str]:
 
 
 def sweep_section(out: Path, plan: dict) -> list[str]:
-    if plan["lr_source"] != "lr sweep" or not plan.get("sweep"):
+    if not plan["lr_source"].startswith("lr sweep") or not plan.get("sweep"):
         return [f"Learning rates from the config (`repro.lr` in conf/experiment/repro_small.yaml): "
                 + ", ".join(f"{k} {format_lr(v)}" for k, v in plan["lr"].items())
                 + ". Run the driver with `--lr-sweep` to choose them on the validation split.", ""]
     s = plan["sweep"]
     rows = [[plan["variants"][p.variant]["label"], format_lr(p.lr), _fmt(p.start_ce), _fmt(p.val_ce), _fmt(p.start_cfm),
              f"{_fmt(p.val_cfm)} ± {_fmt(p.val_cfm_se)}", "ok" if p.ok else "failed/diverged",
-             "**chosen**" if plan["lr"].get(p.method) == p.lr else "", p.dir] for p in sweep_points(out, s["runs"])]
+             "**chosen**" if plan["lr_source"] == "lr sweep" and plan["lr"].get(p.method) == p.lr else "", p.dir] for p in sweep_points(out, s["runs"])]
     reused = all(r["dir"].startswith("runs/") for r in s["runs"])
     return [f"{len(s['lrs'])} lrs × {s['steps']} steps per method at seed {s['seed']}, chosen on the in-training "
             f"val/cfm of {plan['sizes']['in_training_cfm_chunks']} fixed validation chunks only (the comparison "
@@ -151,7 +151,8 @@ def sweep_section(out: Path, plan: dict) -> list[str]:
                             if reused else ""), "",
             markdown_table(["method", "lr", "val CE start", "val CE end", "val CFM start", "val CFM end ± se",
                             "status", "", "run dir"], rows), "",
-            "Chosen: " + ", ".join(f"{m} {format_lr(plan['lr'][m])}" for m in plan["lr"]) + ".", ""]
+            ("Chosen: " + ", ".join(f"{m} {format_lr(plan['lr'][m])}" for m in plan["lr"]) + "."
+             if plan["lr_source"] == "lr sweep" else "The sweep is still running: no lr chosen yet."), ""]
 
 
 def budget_section(plan: dict) -> list[str]:
