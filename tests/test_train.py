@@ -48,6 +48,20 @@ class CrashAt(Callback):
             raise Crash
 
 
+def crash_then_resume(tmp_path: Path, monkeypatch, extra: list[str], step: int) -> tuple[Path, Path]:
+    """A run crashed after ``step`` optimizer steps (``crashed/``) and its resumption (``resumed/``)."""
+    crashed = tmp_path / "crashed"
+    original = run_module.build_trainer
+    monkeypatch.setattr(run_module, "build_trainer",
+                        lambda cfg, out, cbs: original(cfg, out, [*cbs, CrashAt(step)]))
+    with pytest.raises(Crash):
+        train(make_cfg(crashed, *extra))
+    monkeypatch.setattr(run_module, "build_trainer", original)
+    resumed = tmp_path / "resumed"
+    train(make_cfg(resumed, *extra, f"ckpt_path={crashed}"))
+    return crashed, resumed
+
+
 def test_sft_trains_and_saves_hf_model(tmp_path):
     summary = train(make_cfg(tmp_path, "method=sft", "trainer.max_steps=2"))
     assert summary["steps"] == 2
@@ -72,15 +86,7 @@ def test_resume_gives_the_same_next_steps(tmp_path, monkeypatch, method, key):
     full = tmp_path / "full"
     train(make_cfg(full, *extra))
 
-    crashed = tmp_path / "crashed"
-    original = run_module.build_trainer
-    monkeypatch.setattr(run_module, "build_trainer",
-                        lambda cfg, out, cbs: original(cfg, out, [*cbs, CrashAt(2)]))
-    with pytest.raises(Crash):
-        train(make_cfg(crashed, *extra))
-    monkeypatch.setattr(run_module, "build_trainer", original)
-    resumed = tmp_path / "resumed"
-    train(make_cfg(resumed, *extra, f"ckpt_path={crashed}"))
+    crashed, resumed = crash_then_resume(tmp_path, monkeypatch, extra, step=2)
 
     expected, got = train_losses(full, key), train_losses(resumed, key)
     assert sorted(got) == [2, 3]
@@ -102,15 +108,7 @@ def test_epoch_bounded_resume_with_accumulation_trains_the_uninterrupted_steps(t
     expected = train_losses(full, "train/ce")
     assert summary["steps"] == 8 and sorted(expected) == list(range(8))
 
-    crashed = tmp_path / "crashed"
-    original = run_module.build_trainer
-    monkeypatch.setattr(run_module, "build_trainer",
-                        lambda cfg, out, cbs: original(cfg, out, [*cbs, CrashAt(6)]))
-    with pytest.raises(Crash):
-        train(make_cfg(crashed, *extra))
-    monkeypatch.setattr(run_module, "build_trainer", original)
-    resumed = tmp_path / "resumed"
-    train(make_cfg(resumed, *extra, f"ckpt_path={crashed}"))
+    crashed, resumed = crash_then_resume(tmp_path, monkeypatch, extra, step=6)
     got = train_losses(resumed, "train/ce")
     assert sorted(got) == [6, 7]
     for step in (6, 7):
