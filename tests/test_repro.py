@@ -45,7 +45,7 @@ def test_every_method_gets_the_same_budget(tmp_path):
         assert "experiment=repro_small" in job.argv and "data.mbpp_path=null" in job.argv
     methods = {a.split("=")[1] for j in jobs for a in j.argv if a.startswith("method=")}
     assert methods == {"sft", "ebft"}
-    assert {v.knobs["batch_size"] for v in s.variants.values()} == {2}
+    assert {v.knobs["batch_size"] for v in s.variants.values()} == {1}
     ebft = {n: v for n, v in s.variants.items() if v.method == "ebft"}
     assert {n: v.knobs["whitening"] for n, v in ebft.items()} == {"ebft": "reference", "ebft_no_whitening": "none"}
     assert all(v.knobs["alpha"] == 1.0 and v.knobs["gamma"] == 0.03 for v in ebft.values())
@@ -59,7 +59,7 @@ def test_full_length_sweep_runs_are_the_first_seeds_runs(tmp_path):
     so the driver skips it instead of training it again."""
     s = load_settings(tmp_path, steps=18, seeds=[43, 44])
     sweep = {job.directory: job.command for job in sweep_jobs(s)}
-    assert len(sweep) == 6 and all("/runs/" in str(d) for d in sweep)
+    assert len(sweep) == 4 and all("/runs/" in str(d) for d in sweep)   # 2 lrs x (sft, ebft)
     planned = models(s, {"sft": 1e-4, "ebft": 3e-4})
     headline = {job.directory: job.command for job in training_jobs(s, planned)}
     shared = set(sweep) & set(headline)

@@ -105,14 +105,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lrs, source = learning_rates(settings, args.lr_sweep, args.dry_run, argv)
         planned = planning.models(settings, lrs)
-        training = planning.training_jobs(settings, planned)
+        # two stages: the headline variants (every seed) are trained and evaluated before the ablations
+        # (first seed only), so an interrupted reproduction already has its main comparison
+        headline = [m for m in planned if m["variant"] not in settings.first_seed_only]
+        ablations = [m for m in planned if m["variant"] in settings.first_seed_only]
         if args.dry_run:
-            print("\n".join(job.command for job in training))
+            print("\n".join(job.command for job in planning.training_jobs(settings, planned)))
             print("\n".join(planning.eval_job(settings, p, planned).command for p in settings.parts))
             return 0
         planning.write_plan(settings, planned, lrs, source, argv)
-        run_all(training, "training")
-        evaluate_pending(settings, planned)
+        for trained, evaluated, stage in ((headline, headline, "training"), (ablations, planned, "training (ablations)")):
+            run_all(planning.training_jobs(settings, trained), stage)
+            evaluate_pending(settings, evaluated)
+            print(f"report so far: {write_report(settings.out)}", flush=True)
     except ReproError as err:
         if (settings.out / planning.PLAN).is_file():
             print(f"partial report: {write_report(settings.out)}", file=sys.stderr)
