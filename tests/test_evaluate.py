@@ -20,6 +20,7 @@ from ebft.eval.downstream import TranslationPair, code_done, first_line, run_cod
 from ebft.eval.generation import Completions, Sampling, complete, generate, left_padded
 from ebft.eval.runner import checkpoints, evaluate, plan_metrics
 from ebft.models.loading import build_tiny_model
+from ebft.reporting import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 MBPP = ROOT.parent / "shared" / "data" / "mbpp" / "mbpp.jsonl"
@@ -299,9 +300,9 @@ def test_report_gathers_a_sweep_in_job_order(tmp_path):
         return {"model": name, "task": "qa_code", "order": order, "calibration": {"ce": 1.5, "cfm": 0.25},
                 "downstream": downstream, "profile": profile, "settings": {"cfm_samples": 4, "cfm_temperature": 0.6}}
     profile = {"G": [1, 2], "cfm": [0.1, 0.2], "se": [0.01, float("nan")]}
-    report.write_json(result("second", [1, 0], {"HumanEval": {"greedy": 0.5}}, profile), tmp_path / "1" / "00-b" /
+    write_json(result("second", [1, 0], {"HumanEval": {"greedy": 0.5}}, profile), tmp_path / "1" / "00-b" /
                       report.RESULTS_FILE)
-    report.write_json(result("first", [0, 0], {"MBPP": {"greedy": 0.25}}), tmp_path / "0" / "00-a" /
+    write_json(result("first", [0, 0], {"MBPP": {"greedy": 0.25}}), tmp_path / "0" / "00-a" /
                       report.RESULTS_FILE)
     text = report.write_report(tmp_path)
     lines = text.splitlines()
@@ -323,13 +324,13 @@ def test_paired_table_against_the_reference(tmp_path):
     settings = {"seed": 43, "cfm_samples": 4, "cfm_temperature": 0.6, "critic": "tiny", "whitening": "reference"}
     for i, (name, v) in enumerate(values.items()):
         d = tmp_path / f"0{i}-{name}"
-        report.write_json({"model": name, "ckpt": name, "task": "qa_code", "order": [0, i], "settings": settings,
+        write_json({"model": name, "ckpt": name, "task": "qa_code", "order": [0, i], "settings": settings,
                            "calibration": {"cfm": v.mean().item()}, "downstream": {}}, d / report.RESULTS_FILE)
-        report.write_json({"cfm": v.tolist(), "ce": v.mean(-1).tolist()}, d / report.UNITS_FILE)
+        write_json({"cfm": v.tolist(), "ce": v.mean(-1).tolist()}, d / report.UNITS_FILE)
     odd = tmp_path / "03-odd"
-    report.write_json({"model": "odd", "ckpt": "odd", "task": "qa_code", "order": [0, 3], "settings": settings,
+    write_json({"model": "odd", "ckpt": "odd", "task": "qa_code", "order": [0, 3], "settings": settings,
                        "calibration": {}, "downstream": {}}, odd / report.RESULTS_FILE)
-    report.write_json({"cfm": difficulty[:3].tolist()}, odd / report.UNITS_FILE)
+    write_json({"cfm": difficulty[:3].tolist()}, odd / report.UNITS_FILE)
     text = report.write_report(tmp_path, reference="sft")
     rows, notes = report.paired_rows(report.collect(tmp_path), reference="sft")
     by = {(r[0], r[1]): r for r in rows}

@@ -1,5 +1,5 @@
 """The paper's recipes (conf/experiment), the sweep presets (conf/sweep), a real multirun on the
-CPU and its collection into one table (ebft.collect)."""
+CPU and its collection into one table (experiments.collect)."""
 
 import csv
 import itertools
@@ -14,7 +14,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import open_dict
 
-from ebft.collect import collect, find_runs
+from experiments.collect import collect, find_runs
 from ebft.config import validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,7 +150,7 @@ def test_collect_keeps_last_values_and_varying_overrides(tmp_path):
     lines = [line for line in text.splitlines() if line.startswith("| ")]
     assert lines[0] == "| job | alpha | val/ce | val/cfm | train/reward | steps |"
     assert lines[1] == "| 0 | 0 | 2.5000 | 0.5000 | 0.3000 | 2 |"
-    assert lines[2] == "| 1 | 1 | 3.0000 | - | 0.2000 | 1 |"
+    assert lines[2] == "| 1 | 1 | 3.0000 | – | 0.2000 | 1 |"
     with open(tmp_path / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["val/cfm"] for r in rows] == ["0.5000", ""]
@@ -181,7 +181,7 @@ def test_multirun_grid_runs_and_collects(tmp_path):
         assert run.last("val/ce") is not None and run.last("val/cfm") is not None
     grid = {(r.overrides["alpha"], r.overrides["gamma"]) for r in runs}
     assert grid == {("0", "0"), ("0", "0.1"), ("1", "0"), ("1", "0.1")}
-    printed = subprocess.run([sys.executable, "-m", "ebft.collect", str(sweep)], cwd=ROOT, capture_output=True,
+    printed = subprocess.run([sys.executable, "-m", "experiments.collect", str(sweep)], cwd=ROOT, capture_output=True,
                              text=True, timeout=120)
     assert printed.returncode == 0, printed.stderr
     table = [line for line in printed.stdout.splitlines() if line.startswith("| ")]

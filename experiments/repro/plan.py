@@ -19,8 +19,9 @@ import platform
 import shlex
 from pathlib import Path, PurePosixPath
 
-from ebft.repro.jobs import Job, read_record
-from ebft.repro.settings import ReproError, Settings, Variant, format_lr, merge_overrides, override_value
+from ebft.reporting import write_json
+from experiments.repro.jobs import Job, read_record
+from experiments.repro.settings import ReproError, Settings, Variant, format_lr, merge_overrides, override_value
 
 PLAN = "plan.json"
 PARTS = ("calibration", "profile", "downstream")
@@ -195,7 +196,7 @@ def write_plan(settings: Settings, planned: list[dict], lrs: dict[str, float], l
     """Write ``plan.json``: everything the report needs besides the run and evaluation outputs."""
     sweep = {**settings.sweep, "runs": sweep_entries(settings)} if lr_source.startswith("lr sweep") else None
     plan = {
-        "command": shlex.join(["python", "-m", "ebft.repro", *argv]),
+        "command": shlex.join(["python", "-m", "experiments.repro", *argv]),
         "quick": settings.quick,
         "sizes": settings.sizes,
         "seeds": list(settings.seeds),
@@ -211,9 +212,4 @@ def write_plan(settings: Settings, planned: list[dict], lrs: dict[str, float], l
         "train_common": list(settings.train_common),
         "hardware": hardware(),
     }
-    path = settings.out / PLAN
-    settings.out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(PLAN + ".tmp")
-    tmp.write_text(json.dumps(plan, indent=2))
-    os.replace(tmp, path)
-    return path
+    return write_json(plan, settings.out / PLAN)

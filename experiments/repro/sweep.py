@@ -16,9 +16,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ebft.collect import load_run
-from ebft.repro.jobs import read_record
-from ebft.repro.settings import ReproError
+from experiments.collect import load_run
+from experiments.repro.jobs import read_record
+from experiments.repro.settings import ReproError
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ over seeds.
 A model's metrics come from its results (``calibration``: CE and FM = the unbiased CFM estimate with
 its whitened proxy; ``downstream``: per benchmark greedy and pass@k; the FM profile goes to the
 figure). A variant's row is the mean and the sample standard deviation over its seeds. Whether one
-variant beat another is decided by paired differences (:mod:`ebft.repro.comparison`), not here.
+variant beat another is decided by paired differences (:mod:`experiments.repro.comparison`), not here.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 import statistics
 from dataclasses import dataclass
 
-from ebft.repro.plan import matches
+from experiments.repro.plan import matches
 
 @dataclass(frozen=True)
 class Stat:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ebft.collect import load_run
+from experiments.collect import load_run
 from ebft.eval.paired import PairedDiff, paired_difference
 from ebft.eval.report import UNITS_FILE
 

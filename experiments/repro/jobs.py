@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ebft.repro.settings import ROOT, ReproError
+from ebft.reporting import write_json
+from experiments.repro.settings import ROOT, ReproError
 
 RECORD = "job.json"
 LOG = "stdout.log"
@@ -50,12 +51,6 @@ def read_record(directory: Path) -> dict | None:
     """The ``job.json`` of a directory, or None when the job never finished there."""
     path = Path(directory) / RECORD
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _write_record(directory: Path, record: dict) -> None:
-    tmp = directory / (RECORD + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, directory / RECORD)
 
 
 def finished(job: Job) -> dict | None:
@@ -122,14 +117,14 @@ def run_job(job: Job, index: int, total: int) -> dict:
               "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if len(argv) > len(job.argv):
         record["resumed_with"] = argv[-1]
-    _write_record(job.directory, record)
+    write_json(record, job.directory / RECORD)
     start, cpu = time.time(), _children_cpu()
     with log.open("a") as out:
         returncode = _wait([sys.executable, *argv], out)
     seconds = round(time.time() - start, 1)
     record.update(returncode=returncode, seconds=seconds, cpu_seconds=round(_children_cpu() - cpu, 1),
                   finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    _write_record(job.directory, record)
+    write_json(record, job.directory / RECORD)
     if returncode != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
         if not job.may_fail:

@@ -1,6 +1,6 @@
 """Collect a sweep (a Hydra multirun directory) into one table and one figure.
 
-    python -m ebft.collect multirun/qa_code/2026-01-31_12-00-00
+    python -m experiments.collect multirun/qa_code/2026-01-31_12-00-00
 
 Every run directory under the sweep that holds a ``metrics.csv`` (the CSV logger's) is one row:
 the overrides that differ between runs (from the run's ``.hydra/overrides.yaml``), the last
@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from ebft.reporting import Line, Panel, line_panels, markdown_table, write_csv, write_text
 
 METRICS = ("val/ce", "val/cfm", "train/reward")
 CURVES = ("val/ce", "val/cfm")
@@ -84,53 +86,31 @@ def job_label(path: Path) -> str:
     return str(number) if number >= 0 else path.name
 
 
-def table(runs: list[Run], columns: list[str]) -> tuple[list[str], list[list[str]]]:
-    """Header and one row of strings per run: job, the ``columns`` overrides, metrics, steps."""
+def table(runs: list[Run], columns: list[str]) -> tuple[list[str], list[list[str | None]]]:
+    """Header and one row per run: job, the ``columns`` overrides, metrics (4 decimals), steps; None
+    where a run has no such override or metric."""
     header = ["job", *columns, *METRICS, "steps"]
     rows = []
     for run in runs:
         values = [run.last(k) for k in METRICS]
-        rows.append([job_label(run.path), *(run.overrides.get(k, "") for k in columns),
-                     *("" if v is None else f"{v:.4f}" for v in values), str(run.steps)])
+        rows.append([job_label(run.path), *(run.overrides.get(k) for k in columns),
+                     *(None if v is None else f"{v:.4f}" for v in values), str(run.steps)])
     return header, rows
 
 
-def markdown(header: list[str], rows: list[list[str]], common: dict[str, str]) -> str:
-    lines = []
-    if common:
-        lines += ["shared overrides: " + " ".join(f"{k}={v}" for k, v in common.items()), ""]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join("---" for _ in header) + "|")
-    lines += ["| " + " | ".join(cell or "-" for cell in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+def markdown(header: list[str], rows: list[list[str | None]], common: dict[str, str]) -> str:
+    """The table, under a line with the overrides every run shares."""
+    shared = ["shared overrides: " + " ".join(f"{k}={v}" for k, v in common.items()), ""] if common else []
+    return "\n".join([*shared, markdown_table(header, rows)]) + "\n"
 
 
-def plot(runs: list[Run], columns: list[str], path: Path) -> None:
+def plot(runs: list[Run], columns: list[str], path: Path) -> Path | None:
     """Validation CE and CFM over optimizer steps, one line per run, labelled by its overrides."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     keys = [k for k in CURVES if any(run.series(k) for run in runs)] or ["val/ce"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        for run in runs:
-            points = run.series(key)
-            if points:
-                label = " ".join(f"{k}={run.overrides.get(k, '')}" for k in columns) or run.path.name
-                ax.plot(*zip(*points), marker="o", markersize=3, label=label)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(key)
-        ax.set_title(key)
-        ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=7,
-                   bbox_to_anchor=(0.5, -0.02 - 0.03 * ((len(labels) + 2) // 3)))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    style = {"marker": "o", "markersize": 3}
+    labels = [" ".join(f"{k}={run.overrides.get(k, '')}" for k in columns) or run.path.name for run in runs]
+    return line_panels([Panel(key, [Line(run.series(key), label, style) for run, label in zip(runs, labels)],
+                              ylabel=key) for key in keys], path)
 
 
 def collect(sweep_dir: str | Path) -> str:
@@ -145,17 +125,14 @@ def collect(sweep_dir: str | Path) -> str:
     columns, common = split_overrides(runs)
     header, rows = table(runs, columns)
     text = markdown(header, rows, common)
-    (sweep_dir / "summary.md").write_text(text)
-    with open(sweep_dir / "summary.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
+    write_text(sweep_dir / "summary.md", text)
+    write_csv(sweep_dir / "summary.csv", header, rows)
     plot(runs, columns, sweep_dir / "curves.png")
     return text
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ebft.collect", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.collect", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", help="the multirun directory (hydra.sweep.dir) holding the runs")
     args = parser.parse_args(argv)
     print(collect(args.sweep_dir), end="")

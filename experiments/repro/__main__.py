@@ -1,9 +1,9 @@
-"""``python -m ebft.repro``: the small reproduction of the paper's Q&A coding comparison, end to end.
+"""``python -m experiments.repro``: the small reproduction of the paper's Q&A coding comparison, end to end.
 
-    python -m ebft.repro --lr-sweep            # lrs chosen on the validation chunks -> results/repro_small/README.md
-    python -m ebft.repro                       # the config's lrs, 2 seeds
-    python -m ebft.repro --quick --out /tmp/q  # the whole pipeline on the tiny random model
-    python -m ebft.repro --report-only         # rewrite README.md from what is there
+    python -m experiments.repro --lr-sweep            # lrs chosen on the validation chunks -> results/repro_small/README.md
+    python -m experiments.repro                       # the config's lrs, 2 seeds
+    python -m experiments.repro --quick --out /tmp/q  # the whole pipeline on the tiny random model
+    python -m experiments.repro --report-only         # rewrite README.md from what is there
 
 Resumable: a job whose directory says it finished is skipped, so the same command continues an
 interrupted reproduction (give the same flags: other settings are refused, not mixed).
@@ -16,15 +16,15 @@ import signal
 import sys
 import time
 
-from ebft.repro import plan as planning
-from ebft.repro.jobs import run_all
-from ebft.repro.readme import write_report
-from ebft.repro.settings import ReproError, Settings, format_lr, load_settings
-from ebft.repro.sweep import chosen_lrs, sweep_points
+from experiments.repro import plan as planning
+from experiments.repro.jobs import run_all
+from experiments.repro.readme import write_report
+from experiments.repro.settings import ReproError, Settings, format_lr, load_settings
+from experiments.repro.sweep import chosen_lrs, sweep_points
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ebft.repro",
+    p = argparse.ArgumentParser(prog="python -m experiments.repro",
                                 description="The small reproduction of the paper's Q&A coding comparison, end to end.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Settings: conf/experiment/repro_small.yaml (section repro).")
@@ -84,7 +84,7 @@ def evaluate_pending(settings: Settings, planned: list[dict]) -> None:
 
 
 def fail(err: ReproError) -> int:
-    print(f"\npython -m ebft.repro: {err}", file=sys.stderr)
+    print(f"\npython -m experiments.repro: {err}", file=sys.stderr)
     return 1
 
 

@@ -4,37 +4,26 @@ Inputs: ``plan.json`` (what was planned), the run directories (``metrics.csv``, 
 evaluation results (``eval/*/call*/*/results.json``). Outputs next to them: ``README.md``,
 ``fm_profile.png``, ``training_curves.png`` and ``runs.csv`` (every model's numbers with its
 directories). Missing pieces (a run still to come) show as "–", so the report can be written at any
-time (``python -m ebft.repro --report-only``).
+time (``python -m experiments.repro --report-only``).
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ebft.repro import comparison, diagnosis, figures
-from ebft.repro.jobs import read_record
-from ebft.repro.plan import PARTS, PLAN, eval_calls, read_results
-from ebft.repro.settings import format_lr
-from ebft.repro.sweep import sweep_points
-from ebft.repro.tables import attach_results, rate_columns, variant_stats
+from ebft.reporting import cell, markdown_table, write_csv, write_text
+from experiments.repro import comparison, diagnosis, figures
+from experiments.repro.jobs import read_record
+from experiments.repro.plan import PARTS, PLAN, eval_calls, read_results
+from experiments.repro.settings import format_lr
+from experiments.repro.sweep import sweep_points
+from experiments.repro.tables import attach_results, rate_columns, variant_stats
 
 README = "README.md"
 VERDICT_METRICS = ("FM", "CE")
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
-
-
-def _fmt(value, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
 def _rel(out: Path, path: str | None) -> str:
@@ -63,7 +52,7 @@ def _seed_text(c: comparison.Comparison) -> str:
 
 
 def comparison_table(found: list[comparison.Comparison], what: str) -> str:
-    rows = [[c.metric, _fmt(c.value, 4), _fmt(c.reference_value, 4),
+    rows = [[c.metric, cell(c.value, 4), cell(c.reference_value, 4),
              f"{c.diff.mean:+.4f} [{c.diff.ci_low:+.4f}, {c.diff.ci_high:+.4f}]", f"{c.diff.p_value:.3g}",
              f"{c.diff.se:.4f}", str(c.diff.n), _seed_text(c), c.outcome] for c in found]
     return markdown_table(["metric", what.split(" vs ")[0], what.split(" vs ")[1], "Δ [95% CI]", "p", "SE", "units",
@@ -139,8 +128,8 @@ def sweep_section(out: Path, plan: dict) -> list[str]:
                 + ", ".join(f"{k} {format_lr(v)}" for k, v in plan["lr"].items())
                 + ". Run the driver with `--lr-sweep` to choose them on the validation split.", ""]
     s = plan["sweep"]
-    rows = [[plan["variants"][p.variant]["label"], format_lr(p.lr), _fmt(p.start_ce), _fmt(p.val_ce), _fmt(p.start_cfm),
-             f"{_fmt(p.val_cfm)} ± {_fmt(p.val_cfm_se)}", "ok" if p.ok else "failed/diverged",
+    rows = [[plan["variants"][p.variant]["label"], format_lr(p.lr), cell(p.start_ce), cell(p.val_ce), cell(p.start_cfm),
+             f"{cell(p.val_cfm)} ± {cell(p.val_cfm_se)}", "ok" if p.ok else "failed/diverged",
              "**chosen**" if plan["lr_source"] == "lr sweep" and plan["lr"].get(p.method) == p.lr else "", p.dir] for p in sweep_points(out, s["runs"])]
     reused = all(r["dir"].startswith("runs/") for r in s["runs"])
     return [f"{len(s['lrs'])} lrs × {s['steps']} steps per method at seed {s['seed']}, chosen on the in-training "
@@ -205,7 +194,7 @@ def runs_section(out: Path, models: list[dict], cols: list[str], parts: list[str
     for m in models:
         where = [m.get("dir") or m["ckpt"], *(_rel(out, m.get(p) and m[p]["_call"]) for p in parts)]
         rows.append([m["label"], str(m.get("seed") or "–"), format_lr(m["lr"]) if m.get("lr") else "–", *where,
-                     *(_fmt(m["metrics"].get(k), 4) for k in keys)])
+                     *(cell(m["metrics"].get(k), 4) for k in keys)])
         records.append({"variant": m["variant"], "label": m["label"], "seed": m.get("seed"), "lr": m.get("lr"),
                         "run_dir": where[0], **{f"{p}_result": w for p, w in zip(parts, where[1:])},
                         **{k: m["metrics"].get(k) for k in keys}})
@@ -278,7 +267,7 @@ def write_report(out: str | Path) -> Path:
     out = Path(out).resolve()
     plan_path = out / PLAN
     if not plan_path.is_file():
-        raise FileNotFoundError(f"no {PLAN} in {out}: run `python -m ebft.repro --out {out}` first")
+        raise FileNotFoundError(f"no {PLAN} in {out}: run `python -m experiments.repro --out {out}` first")
     plan = json.loads(plan_path.read_text())
     parts = plan["eval"].get("parts", PARTS)
     models = attach_results(plan["models"], {p: read_results(out, p) for p in parts})
@@ -291,10 +280,7 @@ def write_report(out: str | Path) -> Path:
     curves = figures.training_curves(out, models, out / "training_curves.png")
     figures.cfm_curves(out, models, plan, out / "cfm_curves.png")
     runs_lines, records = runs_section(out, models, cols, parts)
-    with (out / "runs.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
+    write_csv(out / "runs.csv", list(records[0]), [list(r.values()) for r in records])
 
     lines = [f"# EBFT vs SFT, small reproduction ({z['task']}, {z['model']})", "",
              f"Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by `{plan['command']}` from this folder's "
@@ -334,6 +320,4 @@ def write_report(out: str | Path) -> Path:
               "completions.", "",
               "## Wall time and hardware", "", *time_section(out, plan, models),
               "## Commands", "", *commands_section(out, plan)]
-    path = out / README
-    path.write_text("\n".join(lines))
-    return path
+    return write_text(out / README, "\n".join(lines))

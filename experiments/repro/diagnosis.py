@@ -13,8 +13,9 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from ebft.collect import Run, load_run
-from ebft.repro.jobs import read_record
+from ebft.reporting import cell
+from experiments.collect import Run, load_run
+from experiments.repro.jobs import read_record
 
 PAPER_ROLLOUTS_PER_STEP = 16 * 127 * 4   # docs/authors_code.md: 16 chunks x 127 blocks (T=1024, C=s=G=8) x n=4
 PAPER_LR = 1e-6
@@ -87,10 +88,6 @@ def mean_of(runs: list[RunStats], key: str) -> float:
     return mean(r.means.get(key) for r in runs)
 
 
-def _fmt(value: float, digits: int = 3) -> str:
-    return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
-
-
 def stats_table(out: Path, plan: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows (one per trained variant) of the training statistics, means over seeds."""
     header = ["variant", "s/step", "reward (first→last ¼)", "reward sd", "advantage sd", "alignment", "diversity",
@@ -103,13 +100,13 @@ def stats_table(out: Path, plan: dict) -> tuple[list[str], list[list[str]]]:
             continue
 
         def arrow(key: str) -> str:
-            return "→".join(_fmt(v) for v in mean_trend(runs, key)) if any(key in r.trend for r in runs) else "–"
+            return "→".join(cell(v) for v in mean_trend(runs, key)) if any(key in r.trend for r in runs) else "–"
 
-        rows.append([variant["label"], _fmt(mean(r.seconds_per_step for r in runs), 1), arrow("train/reward"),
-                     _fmt(mean_of(runs, "train/reward_std")), _fmt(mean_of(runs, "train/advantage_std")),
-                     _fmt(mean_of(runs, "train/alignment")), _fmt(mean_of(runs, "train/diversity")),
-                     _fmt(mean_of(runs, "train/duplicate_fraction"), 2),
-                     _fmt(mean_of(runs, "train/zero_signal_fraction"), 2), arrow("train/ce"), arrow("val/ce"),
+        rows.append([variant["label"], cell(mean(r.seconds_per_step for r in runs), 1), arrow("train/reward"),
+                     cell(mean_of(runs, "train/reward_std")), cell(mean_of(runs, "train/advantage_std")),
+                     cell(mean_of(runs, "train/alignment")), cell(mean_of(runs, "train/diversity")),
+                     cell(mean_of(runs, "train/duplicate_fraction"), 2),
+                     cell(mean_of(runs, "train/zero_signal_fraction"), 2), arrow("train/ce"), arrow("val/ce"),
                      arrow("val/cfm")])
     return header, rows
 
@@ -154,8 +151,8 @@ def cfm_finding(ev: Evidence) -> str | None:
     noise = 2 * math.sqrt(2) * se if math.isfinite(se) else math.nan
     moved = "within" if abs(cfm1 - cfm0) <= noise else "beyond"
     return (f"**CFM signal vs noise.** Over {ev.e_runs[0].steps} steps the in-training val CFM of EBFT went "
-            f"{_fmt(cfm0)} → {_fmt(cfm1)} (Δ {cfm1 - cfm0:+.4f}), {moved} twice the standard error of a "
-            f"difference of two estimates (±{_fmt(noise, 4)}, {ev.sizes['in_training_cfm_chunks']} chunks).")
+            f"{cell(cfm0)} → {cell(cfm1)} (Δ {cfm1 - cfm0:+.4f}), {moved} twice the standard error of a "
+            f"difference of two estimates (±{cell(noise, 4)}, {ev.sizes['in_training_cfm_chunks']} chunks).")
 
 
 def reward_finding(ev: Evidence) -> str | None:
@@ -166,8 +163,8 @@ def reward_finding(ev: Evidence) -> str | None:
     k = max(1, ev.e_runs[0].steps // 4)
     noise = 2 * step_sd * math.sqrt(2 / k) if math.isfinite(step_sd) else math.nan
     trend = "no trend beyond its step-to-step noise" if abs(r1 - r0) <= noise else ("a rise" if r1 > r0 else "a fall")
-    return (f"**Training reward.** Batch-mean feature-matching reward {_fmt(r0)} (first quarter) → {_fmt(r1)} "
-            f"(last quarter): {trend} (±{_fmt(noise)}; it varies by {_fmt(step_sd)} between steps because every "
+    return (f"**Training reward.** Batch-mean feature-matching reward {cell(r0)} (first quarter) → {cell(r1)} "
+            f"(last quarter): {trend} (±{cell(noise)}; it varies by {cell(step_sd)} between steps because every "
             "step draws new chunks).")
 
 
@@ -177,7 +174,7 @@ def advantage_finding(ev: Evidence) -> str | None:
     if not (math.isfinite(adv) and math.isfinite(rsd) and rsd > 0 and n > 1):
         return None
     within = min(1.0, ((n - 1) / n * adv / rsd) ** 2)
-    return (f"**Advantages.** RLOO advantage sd {_fmt(adv)} vs reward sd {_fmt(rsd)} within a batch: leave-one-out "
+    return (f"**Advantages.** RLOO advantage sd {cell(adv)} vs reward sd {cell(rsd)} within a batch: leave-one-out "
             f"advantages are n/(n-1) × (reward − context mean), so about {within:.0%} of the reward variance is "
             f"between the {n} samples of a context (the signal the policy gradient follows) and {1 - within:.0%} "
             "between contexts (removed by the baseline).")
@@ -234,7 +231,7 @@ def rlvr_finding(ev: Evidence) -> str | None:
         return None
     reading = "it learned almost nothing at this scale" if zero > 0.9 else "its gradient comes from the other groups"
     return (f"**RLVR for comparison.** Pass rate of its training completions "
-            f"{_fmt(mean_of(ev.r_runs, 'train/reward'))}; {zero:.0%} of prompt groups had all-equal rewards and so "
+            f"{cell(mean_of(ev.r_runs, 'train/reward'))}; {zero:.0%} of prompt groups had all-equal rewards and so "
             f"zero advantage: {reading}.")
 
 
