@@ -57,6 +57,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.samplers import dense_strided_sdpa, sample_authors_style, sample_strided_nocache  # noqa: E402
 import ebft.methods.ebft as ebft_module  # noqa: E402
 import ebft.objectives.losses as losses_module  # noqa: E402
 import ebft.rollout.sampler as sampler_module  # noqa: E402
@@ -70,7 +71,7 @@ from ebft.objectives.losses import cross_entropy_term  # noqa: E402
 from ebft.objectives.rewards import feature_matching_rewards  # noqa: E402
 from ebft.rollout import masks  # noqa: E402
 from ebft.rollout.layout import StridedLayout  # noqa: E402
-from ebft.rollout.sampler import sample_authors_style, sample_strided, sample_strided_nocache  # noqa: E402
+from ebft.rollout.sampler import sample_strided  # noqa: E402
 from ebft.rollout.sampler import sample_from_logits as _inverse_cdf  # noqa: E402
 from ebft.strategies import GIB, estimate_memory  # noqa: E402
 
@@ -282,7 +283,7 @@ class Bench:
             with _patched(sampler_module, "sample_from_logits", _multinomial_sample_from_logits):
                 sample("abl: sampling, torch.multinomial draws")
         if "dense_attention" in which:
-            with masks.dense_strided_sdpa():
+            with dense_strided_sdpa():
                 sample("abl: sampling, dense sdpa step masks")
                 features("abl: features, dense sdpa mask")
                 actor("abl: actor fwd+bwd, dense sdpa mask")

@@ -12,14 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.samplers import dense_strided_sdpa
 from ebft.methods.ebft import actor_loss, strided_hidden
 from ebft.models.compat import backbone_forward
 from ebft.models.loading import build_tiny_model
 from ebft.objectives.losses import token_logprobs
 from ebft.rollout import masks
 from ebft.rollout.layout import StridedLayout
-from ebft.rollout.masks import (band_plan, banded_sdpa, banded_step_sdpa, dense_strided_sdpa, step_mask,
-                               strided_mask)
+from ebft.rollout.masks import band_plan, banded_sdpa, banded_step_sdpa, step_mask, strided_mask
 from ebft.rollout.sampler import sample_from_logits, sample_strided
 
 VOCAB = 256

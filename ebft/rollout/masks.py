@@ -29,12 +29,11 @@ dense mask (fused sdpa kernels forward and backward, no extra memory); about 2x 
 at T = 256 and more at larger T. Every other call (plain causal, sampling steps, any mask without a
 layout) goes to transformers' sdpa unchanged. ``BANDED_SDPA`` picks when it is used: ``"cpu"``
 (default; on GPU use ``flex_attention``, whose BlockMask skips the masked blocks), ``"always"`` or
-``"never"``; ``dense_strided_sdpa()`` switches it off for a block of code (benchmarks).
+``"never"`` (``bench/samplers.py``'s ``dense_strided_sdpa()`` switches it off for a block of code).
 """
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 
 import torch
@@ -165,17 +164,6 @@ def _use_banded(device: torch.device) -> bool:
     if BANDED_SDPA == "always":
         return True
     return BANDED_SDPA == "cpu" and device.type == "cpu"
-
-
-@contextlib.contextmanager
-def dense_strided_sdpa():
-    """Within the block, strided rows use sdpa with the dense mask (for comparisons)."""
-    global BANDED_SDPA
-    previous, BANDED_SDPA = BANDED_SDPA, "never"
-    try:
-        yield
-    finally:
-        BANDED_SDPA = previous
 
 
 def band_plan(layout: StridedLayout, band_rows: int | None = None) -> list[tuple[int, int, torch.Tensor]]:

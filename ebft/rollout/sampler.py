@@ -1,24 +1,19 @@
 """Strided block-parallel sampling (paper Algorithm 1 step 2, appendix F).
 
 For each chunk ``x[0:T]`` and each of the ``n * NB`` (sample, block) pairs, draw ``G`` tokens from
-``p_theta(. | x[0 : C + k*s], previous tokens of the pair)``. Three samplers return the same
-``(batch, n, NB, G)`` tensor:
-
-- ``sample_strided``: one causal prefill of the chunk into a KV cache, then ``G - 1`` incremental
-  steps; step g feeds the ``n*NB`` tokens of step g (positions ``C + k*s + g``) with the strided
-  step mask and samples step g+1 from their logits. Step 0 is sampled from the prefill logits at
-  rows ``C + k*s - 1``. Cost: ``T + (G-1)*n*NB`` token-forwards.
-- ``sample_strided_nocache``: the exact oracle, ``G`` forwards of the whole strided row with the
-  full mask (not-yet-sampled rows hold placeholders that no earlier row can see).
-- ``sample_authors_style``: the released code's scheme, kept as a benchmark baseline: ``n`` copies
-  of the chunk, one row per sample, ``G`` forwards of the whole row without a cache.
+``p_theta(. | x[0 : C + k*s], previous tokens of the pair)`` as a ``(batch, n, NB, G)`` tensor:
+``sample_strided`` makes one causal prefill of the chunk into a KV cache, then ``G - 1`` incremental
+steps; step g feeds the ``n*NB`` tokens of step g (positions ``C + k*s + g``) with the strided step
+mask and samples step g+1 from their logits. Step 0 is sampled from the prefill logits at rows
+``C + k*s - 1``. Cost: ``T + (G-1)*n*NB`` token-forwards. Its exact oracle without a cache and the
+released code's scheme (benchmark baselines) are in ``bench/samplers.py``.
 
 Sampling draws from ``softmax(logits / temperature)`` in fp32, restricted to the top-p nucleus
 (``top_p = 1`` keeps all tokens), with one inverse-CDF draw per step over the ``(batch, n, NB)``
-grid (``sample_from_logits``); the cached sampler and the oracle draw in the same order, so with the same
-``torch.Generator`` they return the same tokens. ``temperature = 0`` takes the argmax. The LM head
-(the model's own: bias and final soft-cap included, ``ebft.models.compat.lm_head``) is applied only to
-the rows that are sampled from.
+grid (``sample_from_logits``); the cached sampler and the uncached oracle draw in the same order, so
+with the same ``torch.Generator`` they return the same tokens. ``temperature = 0`` takes the argmax.
+The LM head (the model's own: bias and final soft-cap included, ``ebft.models.compat.lm_head``) is
+applied only to the rows that are sampled from.
 """
 
 from __future__ import annotations
@@ -31,7 +26,7 @@ from torch import nn
 from ebft.models.compat import (LMHead, attn_implementation, backbone_forward, check_strided, lm_head, new_cache,
                                 param_dtype)
 from ebft.rollout.layout import StridedLayout
-from ebft.rollout.masks import dense_strided_sdpa, step_mask, strided_mask
+from ebft.rollout.masks import step_mask, strided_mask
 
 
 @contextmanager
@@ -116,43 +111,3 @@ def sample_strided(model: nn.Module, input_ids: torch.Tensor, layout: StridedLay
             logits = head.logits(hidden).view(batch, n, NB, -1)
             tokens[..., g + 1] = sample_from_logits(logits, temperature, top_p, generator)
     return tokens
-
-
-def _sample_full_rows(model: nn.Module, chunk_ids: torch.Tensor, layout: StridedLayout, temperature: float,
-                      top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """``G`` forwards of the whole strided row, no cache: step g is sampled from the logits at
-    ``score_index[..., g]``. Returns (batch, n, NB, G)."""
-    check_strided(model, layout.seq_len)
-    batch, n, NB, G = chunk_ids.shape[0], layout.num_samples, layout.num_blocks, layout.gen_len
-    mask, head = strided_mask(layout, attn_implementation(model), param_dtype(model)), lm_head(model)
-    tokens = torch.zeros(batch, n, NB, G, dtype=torch.long, device=chunk_ids.device)
-    with _sampling_mode(model):
-        for g in range(G):
-            row = layout.scatter_generated(chunk_ids, tokens)
-            hidden, _ = backbone_forward(model, row, layout.position_ids, mask)
-            logits = _logits_at(head, hidden, layout.score_index[..., g])
-            tokens[..., g] = sample_from_logits(logits, temperature, top_p, generator)
-    return tokens
-
-
-def sample_strided_nocache(model: nn.Module, input_ids: torch.Tensor, layout: StridedLayout,
-                           temperature: float = 0.6, top_p: float = 1.0,
-                           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Exact oracle of ``sample_strided`` without a cache (same draws for the same generator)."""
-    _check(input_ids, layout, temperature, top_p)
-    return _sample_full_rows(model, input_ids, layout.to(input_ids.device), temperature, top_p, generator)
-
-
-def sample_authors_style(model: nn.Module, input_ids: torch.Tensor, layout: StridedLayout,
-                         temperature: float = 0.6, top_p: float = 1.0,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
-    """Baseline: each of the ``n`` samples gets its own copy of the chunk (a strided row with n = 1)
-    and ``G`` uncached forwards of that row with the dense mask, as the released code. Same
-    distribution as ``sample_strided``, other draws."""
-    _check(input_ids, layout, temperature, top_p)
-    n = layout.num_samples
-    single = StridedLayout(layout.seq_len, layout.context_len, layout.stride, layout.gen_len, 1).to(input_ids.device)
-    copies = input_ids.repeat_interleave(n, dim=0)
-    with dense_strided_sdpa():
-        tokens = _sample_full_rows(model, copies, single, temperature, top_p, generator)
-    return tokens.view(input_ids.shape[0], n, layout.num_blocks, layout.gen_len)
