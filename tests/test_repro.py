@@ -4,6 +4,8 @@ the report written from synthetic run directories (fast); the whole pipeline on 
 import csv
 import json
 import math
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from experiments.repro.__main__ import main
-from experiments.repro.jobs import Job, finished, run_job
-from experiments.repro.plan import PLAN, matches, models, pending, sweep_jobs, training_jobs
-from experiments.repro.readme import write_report
-from experiments.repro.settings import ReproError, format_lr, load_settings, merge_overrides, val_interval
-from experiments.repro.sweep import SweepPoint, choose
 from ebft.eval.report import UNITS_FILE
+from experiments.repro.__main__ import main
 from experiments.repro.comparison import compare, curve
+from experiments.repro.jobs import Job, finished, run_job
+from experiments.repro.plan import PLAN, matches, models, pending, sweep_jobs, training_jobs, write_plan
+from experiments.repro.readme import write_report
+from experiments.repro.settings import ROOT as REPO, ReproError, format_lr, load_settings, merge_overrides, val_interval
+from experiments.repro.sweep import SweepPoint, choose
 from experiments.repro.tables import Stat
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +78,26 @@ def test_quick_profile_and_missing_mbpp(tmp_path):
         load_settings(tmp_path, mbpp=str(tmp_path / "nope.jsonl"))
 
 
+def test_plan_records_paths_relative_to_the_repository(tmp_path):
+    out = REPO / "outputs" / f"test-repro-paths-{tmp_path.name}"   # inside the repository, named absolutely
+    mbpp = tmp_path / "mbpp.jsonl"
+    mbpp.write_text("{}\n")
+    try:
+        s = load_settings(out, quick=True, mbpp=str(mbpp))
+        argv = ["--quick", "--out", str(out), f"--mbpp={mbpp}", "--seeds", "43"]
+        text = write_plan(s, models(s, dict(s.lr)), dict(s.lr), "config", argv).read_text()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    plan = json.loads(text)
+    relative_out, relative_mbpp = f"outputs/{out.name}", os.path.relpath(mbpp, REPO)
+    assert plan["command"] == (f"python -m experiments.repro --quick --out {relative_out} --mbpp={relative_mbpp} "
+                               "--seeds 43")
+    assert str(REPO) not in text and not re.search(f'[ ="]{re.escape(str(tmp_path))}', text)  # no absolute path
+    assert plan["eval"]["mbpp_path"] == relative_mbpp
+    assert {m["ckpt"] for m in plan["models"] if m.get("dir")} == {f"{relative_out}/{m['dir']}"
+                                                                    for m in plan["models"] if m.get("dir")}
+
+
 def test_results_map_to_models_by_checkpoint():
     run = {"key": "runs/sft/lr1e-4-seed43", "variant": "sft", "ckpt": "results/x/runs/sft/lr1e-4-seed43"}
     base = {"key": "base", "variant": "base", "ckpt": "tiny"}
@@ -122,11 +144,13 @@ def test_paired_comparison_pools_seeds_on_the_same_units(tmp_path):
 # ------------------------------------------------------------------------------- resumable jobs
 
 def test_jobs_skip_when_done_and_refuse_other_commands(tmp_path, capsys):
-    job = Job("hello", ("-c", "import os; os.makedirs('{0}/bulky'); print('hi')".format(tmp_path / "j")),
-              tmp_path / "j", discard=("bulky",))
+    job = Job("hello", ("-c", "import os; os.makedirs('{0}/bulky'); os.makedirs('{0}/.hydra'); "
+                               "open('{0}/.hydra/hydra.yaml', 'w'); print('hi')".format(tmp_path / "j")),
+              tmp_path / "j", discard=("bulky", ".hydra/hydra.yaml"))
     record = run_job(job, 1, 1)
     assert record["returncode"] == 0 and (tmp_path / "j" / "stdout.log").read_text() == "hi\n"
     assert not (tmp_path / "j" / "bulky").exists() and record["cpu_seconds"] >= 0
+    assert (tmp_path / "j" / ".hydra").is_dir() and not (tmp_path / "j" / ".hydra" / "hydra.yaml").exists()
     assert finished(job) is not None
     run_job(job, 1, 1)
     assert "skipped" in capsys.readouterr().out

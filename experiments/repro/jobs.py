@@ -38,7 +38,7 @@ class Job:
     argv: tuple[str, ...]
     directory: Path
     may_fail: bool = False
-    discard: tuple[str, ...] = ()   # subdirectories removed once the job succeeded (bulky, never read)
+    discard: tuple[str, ...] = ()   # paths under directory removed once the job succeeded (never read)
     checkpoint: str | None = None   # a train.py run's last checkpoint (relative to directory): resume from it
 
     @property
@@ -133,7 +133,11 @@ def run_job(job: Job, index: int, total: int) -> dict:
         print(f"{head}: FAILED after {seconds:.0f} s (kept as a result; log: {log})", flush=True)
         return record
     for name in job.discard:
-        shutil.rmtree(job.directory / name, ignore_errors=True)
+        path = job.directory / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
     print(f"{head}: done in {seconds:.0f} s", flush=True)
     return record
 

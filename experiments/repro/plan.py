@@ -31,6 +31,11 @@ RESULTS = "results.json"
 
 # ----------------------------------------------------------------------------------- training
 
+HYDRA_RUNTIME = ".hydra/hydra.yaml"
+"""Hydra's record of the machine a run ran on (absolute paths, environment): removed after the run;
+``.hydra/config.yaml`` and ``overrides.yaml`` say what ran."""
+
+
 def run_key(variant: str, seed: int, lr: float) -> str:
     """A headline run's directory relative to the output folder (also its key in the report)."""
     return f"runs/{variant}/lr{format_lr(lr)}-seed{seed}"
@@ -47,7 +52,7 @@ def train_job(settings: Settings, name: str, variant: Variant, seed: int, lr: fl
     run = [f"seed={seed}", f"method.lr={lr!r}", f"trainer.max_steps={steps}",
            f"trainer.val_check_interval={interval}", f"hydra.run.dir={settings.path_arg(directory)}"]
     return Job(name, ("train.py", *merge_overrides(settings.train_common, variant.overrides, run)), directory,
-               may_fail, discard=("checkpoints",), checkpoint="checkpoints/last.ckpt")
+               may_fail, discard=("checkpoints", HYDRA_RUNTIME), checkpoint="checkpoints/last.ckpt")
 
 
 def sweep_is_headline(settings: Settings) -> bool:
@@ -168,7 +173,7 @@ def eval_job(settings: Settings, part: str, todo: list[dict]) -> Job:
     ckpts = ",".join(m["ckpt"] for m in todo)
     argv = ("evaluate.py", *eval_overrides(settings, part), f"ckpt=[{ckpts}]",
             f"hydra.run.dir={settings.path_arg(directory)}")
-    return Job(f"evaluate {part}: {len(todo)} model(s)", argv, directory)
+    return Job(f"evaluate {part}: {len(todo)} model(s)", argv, directory, discard=(HYDRA_RUNTIME,))
 
 
 # ---------------------------------------------------------------------------------- plan.json
@@ -191,12 +196,30 @@ def hardware() -> dict:
             "lightning": lightning.__version__, "os": platform.platform()}
 
 
+def recorded_argv(settings: Settings, argv: list[str]) -> list[str]:
+    """The driver's arguments as ``plan.json`` records them: the folders given to ``--out`` and
+    ``--mbpp`` named as the commands it runs name them (relative to the repository when inside it),
+    so that a committed reproduction carries no path of the machine it ran on."""
+    paths = {"--out": settings.path_arg(settings.out), "--mbpp": settings.mbpp_path}
+    recorded, flag = [], None
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if flag is not None:
+            recorded.append(paths[flag] or arg)
+        elif eq and name in paths:
+            recorded.append(f"{name}={paths[name] or value}")
+        else:
+            recorded.append(arg)
+        flag = arg if flag is None and arg in paths else None
+    return recorded
+
+
 def write_plan(settings: Settings, planned: list[dict], lrs: dict[str, float], lr_source: str,
                argv: list[str]) -> Path:
     """Write ``plan.json``: everything the report needs besides the run and evaluation outputs."""
     sweep = {**settings.sweep, "runs": sweep_entries(settings)} if lr_source.startswith("lr sweep") else None
     plan = {
-        "command": shlex.join(["python", "-m", "experiments.repro", *argv]),
+        "command": shlex.join(["python", "-m", "experiments.repro", *recorded_argv(settings, argv)]),
         "quick": settings.quick,
         "sizes": settings.sizes,
         "seeds": list(settings.seeds),
