@@ -1,24 +1,37 @@
-"""The verifiable-reward evaluation (the RLVR objective before / after training)."""
+"""The verifiable-reward metric of evaluate.py (the RLVR objective before / after training)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
 
-from ebft.config import compose_config
-from ebft.data.prompts import left_pad_collate
-from ebft.eval.verifiable_reward import fixed_prompts, main, mean_reward
+from ebft.config import ConfigError
+from ebft.data.prompts import left_pad_collate, select_prompts
+from ebft.eval.runner import check_request, evaluate, held_out, plan_metrics
+from ebft.eval.verifiable_reward import RewardSettings, fixed_prompts, mean_reward
 from ebft.methods.rlvr import sample_completions
 from ebft.models.loading import build_tiny_model, load_tokenizer
+from ebft.objectives.verifiable import reward_fn_for
 
-OVERRIDES = ["method=rlvr", "task=translation", "model=tiny", "data.limit=300", "data.val_size=40",
-             "method.max_new_tokens=6"]
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["task=translation", "model=tiny", "data.limit=300", "data.val_size=40"]
+
+
+def make_cfg(output_dir, *overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=[*SMALL, *overrides])
+    with open_dict(cfg):
+        cfg.output_dir = str(output_dir)
+    return cfg
 
 
 @pytest.fixture(scope="module")
-def setup():
-    cfg = compose_config("train", OVERRIDES)
-    return cfg, load_tokenizer("tiny")
+def setup(tmp_path_factory):
+    tok = load_tokenizer("tiny")
+    return held_out(make_cfg(tmp_path_factory.mktemp("cfg")), tok).rows, tok
 
 
 def length_reward(texts, rows):
@@ -27,27 +40,25 @@ def length_reward(texts, rows):
     return [(len(t) % 7) / 6 for t in texts]
 
 
-def test_fixed_prompts_are_a_seeded_subset_of_the_split(setup):
-    cfg, tok = setup
-    val = fixed_prompts(cfg, tok, "val", None, seed=0)
-    first = fixed_prompts(cfg, tok, "val", 5, seed=0)
-    assert len(first.rows) == 5 and all(r in val.rows for r in first.rows)
-    assert first.rows == fixed_prompts(cfg, tok, "val", 5, seed=0).rows
-    assert first.rows != fixed_prompts(cfg, tok, "val", 5, seed=1).rows
-    train = fixed_prompts(cfg, tok, "train", 50, seed=0)
-    assert not {r["question"] for r in train.rows} & {r["question"] for r in val.rows}
+def test_fixed_prompts_are_a_seeded_subset_of_the_held_out_prompts(setup):
+    rows, tok = setup
+    every = fixed_prompts(rows, "translation", tok, RewardSettings(prompts=None), seed=0)
+    kept, _ = select_prompts(rows, "translation", tok, 1024, True)
+    assert sorted(r["question"] for r in every.rows) == sorted(r["question"] for r in kept) and len(kept) > 5
+    first = fixed_prompts(rows, "translation", tok, RewardSettings(prompts=5), seed=0)
+    assert len(first.rows) == 5 and all(r in every.rows for r in first.rows)
+    assert first.rows == fixed_prompts(rows, "translation", tok, RewardSettings(prompts=5), seed=0).rows
+    assert first.rows != fixed_prompts(rows, "translation", tok, RewardSettings(prompts=5), seed=1).rows
     for row, ids in zip(first.rows, first.ids):
         assert ids == tok(row["question"], add_special_tokens=False)["input_ids"]
-    with pytest.raises(ValueError, match="split"):
-        fixed_prompts(cfg, tok, "test", 5, seed=0)
 
 
 def test_mean_reward_equals_scoring_the_samples_by_hand(setup):
-    cfg, tok = setup
-    prompts = fixed_prompts(cfg, tok, "val", 5, seed=0)
+    rows, tok = setup
+    settings = RewardSettings(prompts=5, samples=3, max_new_tokens=6, batch_size=2)
+    prompts = fixed_prompts(rows, "translation", tok, settings, seed=0)
     model = build_tiny_model()
-    est = mean_reward(model, tok, prompts, length_reward, num_samples=3, max_new_tokens=6, temperature=1.0,
-                      top_p=1.0, batch_size=2, seed=7)
+    est = mean_reward(model, tok, prompts, length_reward, settings, seed=7)
     expected = []
     for i, start in enumerate(range(0, 5, 2)):
         batch = left_pad_collate(tok.pad_token_id)(
@@ -61,22 +72,32 @@ def test_mean_reward_equals_scoring_the_samples_by_hand(setup):
     assert est.mean == pytest.approx(sum(flat) / 15)
     assert est.solved == pytest.approx(sum(max(g) for g in expected) / 5) and est.solved >= est.mean
     assert 1 <= est.completion_len <= 6
-    again = mean_reward(model, tok, prompts, length_reward, 3, 6, 1.0, 1.0, 2, seed=7)
+    again = mean_reward(model, tok, prompts, length_reward, settings, seed=7)
     assert again.per_prompt == est.per_prompt                       # same seed, same samples
 
 
-def test_cli_scores_each_checkpoint_on_the_same_prompts(tmp_path):
-    out = tmp_path / "r.json"
-    results = main(["--ckpt", "tiny", "--ckpt", "tiny", "--prompts", "4", "--samples", "2", "--out", str(out),
-                    *OVERRIDES[1:]])
-    saved = json.loads(out.read_text())
-    assert saved == json.loads(json.dumps(results)) and len(saved) == 2
-    assert saved[0]["per_prompt"] == saved[1]["per_prompt"]         # identical models, identical draws
-    assert saved[0]["prompts"] == 4 and all(len(g) == 2 for g in saved[0]["per_prompt"])
-    assert all(0.0 <= r <= 1.0 for g in saved[0]["per_prompt"] for r in g)
+def test_evaluate_reward_metric_scores_each_checkpoint_on_the_same_prompts(tmp_path, setup):
+    rows, tok = setup
+    cfg = make_cfg(tmp_path, "metrics=[reward]", "ckpt=[tiny,tiny]", "eval.reward.prompts=3",
+                   "eval.reward.samples=2", "eval.reward.max_new_tokens=6", "eval.reward.batch_size=2")
+    text = evaluate(cfg)
+    results = [json.loads((tmp_path / d / "results.json").read_text()) for d in ("00-tiny_base", "01-tiny_base")]
+    first, second = (r["downstream"]["reward"] for r in results)
+    assert first == second                                          # identical models, identical draws
+    settings = RewardSettings(prompts=3, samples=2, max_new_tokens=6, batch_size=2)
+    prompts = fixed_prompts(rows, "translation", tok, settings, seed=int(cfg.seed))
+    model = build_tiny_model(vocab_size=len(tok), seed=0).eval()   # what model=tiny loads
+    expected = mean_reward(model, tok, prompts, reward_fn_for("translation"), settings, seed=int(cfg.seed))
+    assert first == pytest.approx({"mean": expected.mean, "solved": expected.solved,
+                                   "completion tokens": expected.completion_len})
+    records = [json.loads(line) for line in (tmp_path / "00-tiny_base" / "reward_samples.jsonl").open()]
+    assert [r["rewards"] for r in records] == expected.per_prompt and len(records) == 3
+    assert text.splitlines()[0] == "| model | reward mean | reward solved | reward completion tokens |"
 
 
-def test_cli_refuses_a_task_without_a_verifier():
-    from ebft.config import ConfigError
-    with pytest.raises(ConfigError, match="unstructured"):
-        main(["--ckpt", "tiny", "task=unstructured_code", "model=tiny"])
+def test_reward_is_asked_for_and_checked_before_anything_loads(tmp_path):
+    assert "reward" not in plan_metrics(make_cfg(tmp_path))          # not part of the default metrics
+    with pytest.raises(ConfigError, match="not offered by task=unstructured_code"):
+        plan_metrics(make_cfg(tmp_path, "task=unstructured_code", "metrics=[reward]"))
+    with pytest.raises(ConfigError, match="eval.reward.samples=0"):
+        check_request(make_cfg(tmp_path, "metrics=[reward]", "eval.reward.samples=0"))

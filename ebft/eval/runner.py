@@ -8,7 +8,9 @@ and the critic once, and evaluates each checkpoint in turn:
   ``data.val_size`` / ``data.seed``, packed into ``task.seq_len`` chunks; a fixed random subset of
   ``eval.cfm_chunks`` / ``limit`` chunks): CE, CFM with its whitened proxy, the FM profile;
 - the task's downstream suite: ``code`` (HumanEval, MBPP, MultiPL-E) or ``translation``
-  (held-out pairs: BLEU, chrF, COMET).
+  (held-out pairs: BLEU, chrF, COMET);
+- on request (``metrics=[reward]``), the RLVR objective: the mean verifiable reward on fixed held-out
+  prompts (:mod:`ebft.eval.verifiable_reward`).
 
 Each model's numbers go to ``<output_dir>/<NN>-<model>/results.json`` (per-problem completions
 beside it); then every result under the report directory (the run directory, or the sweep
@@ -49,10 +51,12 @@ from ebft.eval.downstream import Outcome, TranslationPair, run_code, run_transla
 from ebft.eval.generation import Sampling
 from ebft.eval.sandbox import require_isolation
 from ebft.eval.translation import COMET_HOWTO
+from ebft.eval.verifiable_reward import RewardBenchmark, RewardSettings, fixed_prompts
 from ebft.models.features import FeatureNetwork
 from ebft.models.loading import (ModelSourceError, check_weights, load_model, load_tokenizer, resolve_attn,
                                  resolve_dtype,
                                  resolve_source)
+from ebft.objectives.verifiable import REWARDS, reward_fn_for
 from ebft.reporting import write_json
 from ebft.rollout.layout import StridedLayout
 
@@ -61,6 +65,8 @@ log = logging.getLogger(__name__)
 CALIBRATION = ("ce", "cfm", "profile")
 SUITES = {"code": ("humaneval", "mbpp", "multipl_e"), "translation": ("bleu", "comet"), "none": ()}
 """Downstream metrics of each evaluation suite (``task.eval_suite``)."""
+REWARD = "reward"
+"""The mean verifiable reward: offered for the tasks with a verifier, computed only when asked for."""
 
 
 # --------------------------------------------------------------------------- the request
@@ -75,6 +81,8 @@ def plan_metrics(cfg: DictConfig) -> list[str]:
     e = cfg.eval
     offered = (*CALIBRATION, *SUITES[suite])
     requested = cfg.get("metrics")
+    if requested is not None and str(cfg.task.name) in REWARDS:
+        offered = (*offered, REWARD)
     if requested is None:
         optional = {"mbpp": e.get("mbpp_path"), "multipl_e": e.get("multipl_e"), "comet": e.get("comet_python")}
         metrics = [m for m in offered if optional.get(m, True)]
@@ -207,13 +215,24 @@ class TranslationBenchmark:
         return run_translation(model, tokenizer, self.problems, sampling, self.comet_python, progress)
 
 
-Benchmark = CodeBenchmark | TranslationBenchmark
+Benchmark = CodeBenchmark | TranslationBenchmark | RewardBenchmark
+
+
+def reward_settings(cfg: DictConfig, limit: int | None) -> RewardSettings:
+    """``eval.reward`` as :class:`RewardSettings`, its prompts cut to ``limit``."""
+    r = cfg.eval.reward
+    prompts = min((v for v in (r.prompts, limit) if v is not None), default=None)
+    return RewardSettings(prompts=None if prompts is None else int(prompts), samples=int(r.samples),
+                          temperature=float(r.temperature), top_p=float(r.top_p),
+                          max_new_tokens=int(r.max_new_tokens), max_prompt_tokens=int(r.max_prompt_tokens),
+                          check_references=bool(r.check_references), batch_size=int(r.batch_size))
 
 
 def load_benchmarks(cfg: DictConfig, metrics: Sequence[str], limit: int | None,
-                    rows: Sequence[dict] = ()) -> list[Benchmark]:
+                    rows: Sequence[dict] = (), tokenizer=None) -> list[Benchmark]:
     """The downstream benchmarks of ``metrics``, each cut to its first ``limit`` problems (translation:
-    a fixed random subset of the held-out ``rows``)."""
+    a fixed random subset of the held-out ``rows``; the reward: of their prompts, tokenized by
+    ``tokenizer``)."""
     e, out = cfg.eval, []
     code = {"timeout": float(e.timeout), "workers": e.get("workers")}
     if "humaneval" in metrics:
@@ -229,6 +248,10 @@ def load_benchmarks(cfg: DictConfig, metrics: Sequence[str], limit: int | None,
         pick = fixed_subset(len(rows), limit, int(cfg.seed)).tolist()
         out.append(TranslationBenchmark([TranslationPair.from_row(rows[i]) for i in pick],
                                         e.get("comet_python") if "comet" in metrics else None))
+    if REWARD in metrics:
+        task, settings = str(cfg.task.name), reward_settings(cfg, limit)
+        prompts = fixed_prompts(rows, task, tokenizer, settings, int(cfg.seed), bool(cfg.data.get("chat_template")))
+        out.append(RewardBenchmark(prompts, reward_fn_for(task), settings, int(cfg.seed)))
     return out
 
 
@@ -330,6 +353,8 @@ def check_request(cfg: DictConfig) -> Request:
             profile_layouts(int(t.seq_len), int(t.context_len), int(t.stride), list(cfg.eval.profile_lengths), 2)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+    if REWARD in metrics:
+        reward_settings(cfg, limit)   # its errors before any data or model is loaded
     return Request(names, metrics, limit, min(chunk_limits, default=None), sampling_from(cfg, cfg))
 
 
@@ -415,15 +440,15 @@ def evaluate(cfg: DictConfig, report_dir: str | None = None, job: int = 0) -> st
     """
     request = check_request(cfg)
     metrics, base = request.metrics, str(cfg.model.name)
-    if set(SUITES["code"]) & set(metrics):
+    if set(SUITES["code"]) & set(metrics) or (REWARD in metrics and str(cfg.task.eval_suite) == "code"):
         require_isolation(bool(cfg.eval.get("require_isolation", False)))
     device = device_of(cfg)
     base_tokenizer = load_tokenizer(base)
     calibration_metrics = [m for m in metrics if m in CALIBRATION]
-    data = held_out(cfg, base_tokenizer) if calibration_metrics or {"bleu", "comet"} & set(metrics) else None
+    data = held_out(cfg, base_tokenizer) if calibration_metrics or {"bleu", "comet", REWARD} & set(metrics) else None
     chunks = (subset(data.chunks, request.chunk_limit, int(cfg.seed), int(cfg.eval.get("cfm_skip") or 0))
               if calibration_metrics else None)
-    benchmarks = load_benchmarks(cfg, metrics, request.limit, data.rows if data else ())
+    benchmarks = load_benchmarks(cfg, metrics, request.limit, data.rows if data else (), base_tokenizer)
     critic = build_critic(cfg, device) if {"cfm", "profile"} & set(metrics) else None
     dtype, attn = resolve_dtype(str(cfg.model.dtype), device), resolve_attn(str(cfg.model.attn_implementation), device)
 

@@ -1,43 +1,66 @@
-"""The RLVR objective of a model: its mean verifiable reward on a fixed set of prompts.
+"""The RLVR objective of a model: its mean verifiable reward on fixed held-out prompts, the ``reward``
+metric of ``python evaluate.py``.
 
-For each prompt ``x_i`` of a fixed random subset of the held-out (or training) prompts, ``n``
-completions ``y_ij`` are sampled as RLVR samples them during training (``method.temperature``,
-``method.top_p``, ``method.max_new_tokens``, stop at EOS) and scored by the task's verifier
-(code: unit tests or doctests in the sandbox; translation: sentence BLEU):
+For each prompt ``x_i`` of a fixed random subset of the held-out prompts (the validation rows of
+training, filtered as RLVR filters its prompts), ``n`` completions ``y_ij`` are sampled as RLVR
+samples them during training (temperature, top-p, at most ``max_new_tokens``, stop at EOS) and scored
+by the task's verifier (code: unit tests or doctests in the sandbox; translation: sentence BLEU):
 
     R = 1/(P n) sum_i sum_j r(x_i, y_ij),        solved = 1/P sum_i max_j r(x_i, y_ij)
 
-Running it on the base model and on an RLVR run gives "the mean reward before and after"
-training on the same prompts, samples drawn from the same seed:
+Evaluating the base model and an RLVR run together gives the mean reward before and after training
+on the same prompts, the samples of prompt batch ``b`` drawn from ``seed + b`` for every model:
 
-    python -m ebft.eval.verifiable_reward --ckpt embedded:smollm2-135m-instruct \\
-        --ckpt results/repro_small/runs/rlvr/<run> data.mbpp_path=<your copy of mbpp.jsonl>
+    python evaluate.py 'metrics=[reward]' 'ckpt=[embedded:smollm2-135m-instruct,outputs/qa_code/rlvr/<run>]'
 
-Trailing ``key=value`` arguments are ``train.py`` overrides (``method=rlvr`` is implied): they pick
-the task, the data and the sampling settings.
+Settings: ``eval.reward`` (``conf/eval/default.yaml``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
-from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from ebft.config import compose_config, validate_rlvr
+from ebft.config import ConfigError
 from ebft.data.prompts import left_pad_collate, select_prompts
-from ebft.data.sources import load_rows, train_val_split
-from ebft.methods.rlvr import check_config, sample_completions, score_completions
-from ebft.models.loading import load_model, load_tokenizer
-from ebft.objectives.verifiable import reward_fn_for
+from ebft.eval.downstream import Outcome
+from ebft.eval.generation import Sampling
+from ebft.methods.rlvr import sample_completions, score_completions
 
-log = logging.getLogger(__name__)
+RewardFn = Callable[[list[str], list[dict]], list[float]]
 
-SPLITS = ("val", "train")
+
+@dataclass(frozen=True)
+class RewardSettings:
+    """``eval.reward``: how many prompts (None: all) and completions per prompt, how they are sampled
+    (as RLVR's ``method.temperature``, ``top_p``, ``max_new_tokens``) and which prompts are kept
+    (``max_prompt_tokens``, ``check_references``: RLVR's prompt filters)."""
+
+    prompts: int | None = 32
+    samples: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    max_prompt_tokens: int = 1024
+    check_references: bool = True
+    batch_size: int = 4
+
+    def __post_init__(self):
+        positive = {"samples": self.samples, "max_new_tokens": self.max_new_tokens,
+                    "max_prompt_tokens": self.max_prompt_tokens, "batch_size": self.batch_size}
+        if self.prompts is not None:
+            positive["prompts"] = self.prompts
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"eval.reward.{key}={value} must be >= 1" +
+                                  (" (or null for all held-out prompts)" if key == "prompts" else ""))
+        if self.temperature <= 0:
+            raise ConfigError(f"eval.reward.temperature={self.temperature} must be > 0 (RLVR samples)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"eval.reward.top_p={self.top_p} is outside (0, 1]; 1.0 keeps every token")
 
 
 @dataclass(frozen=True)
@@ -56,39 +79,32 @@ class RewardEstimate:
     per_prompt: list[list[float]]
 
 
-def fixed_prompts(cfg: DictConfig, tokenizer, split: str, limit: int | None, seed: int) -> Prompts:
-    """The RLVR prompts of ``split`` (the rows ``train.py`` trains or validates on, filtered as for
-    training), a fixed random subset of ``limit`` of them (all when None)."""
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r}: use one of {SPLITS}")
-    rows = load_rows(cfg.data, str(cfg.task.name))
-    train_rows, val_rows = train_val_split(rows, int(cfg.data.val_size), int(cfg.data.seed))
-    kept, ids = select_prompts(val_rows if split == "val" else train_rows, str(cfg.task.name), tokenizer,
-                               int(cfg.method.max_prompt_tokens), bool(cfg.method.check_references),
-                               bool(cfg.data.get("chat_template", False)))
-    order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(seed)).tolist()
-    if limit is not None:
-        if limit < 1:
-            raise ValueError(f"limit={limit} must be >= 1")
-        order = order[:limit]
+def fixed_prompts(rows: Sequence[dict], task: str, tokenizer, settings: RewardSettings, seed: int,
+                  chat_template: bool = False) -> Prompts:
+    """The RLVR prompts of the held-out ``rows`` (filtered as for training), a fixed random subset of
+    ``settings.prompts`` of them (all when None) in the order of a ``seed``-ed permutation."""
+    kept, ids = select_prompts(list(rows), task, tokenizer, settings.max_prompt_tokens, settings.check_references,
+                               chat_template)
+    order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(seed)).tolist()[:settings.prompts]
     return Prompts([kept[i] for i in order], [ids[i] for i in order])
 
 
-def mean_reward(model, tokenizer, prompts: Prompts, reward_fn, num_samples: int, max_new_tokens: int,
-                temperature: float, top_p: float, batch_size: int, seed: int) -> RewardEstimate:
-    """Sample ``num_samples`` completions per prompt (batch ``i`` draws from ``seed + i``, so every
-    model sees the same random numbers) and score them; see the module docstring."""
+def mean_reward(model, tokenizer, prompts: Prompts, reward_fn: RewardFn, settings: RewardSettings, seed: int,
+                progress: bool = True) -> RewardEstimate:
+    """Sample ``settings.samples`` completions per prompt (batch ``b`` draws from ``seed + b``, so
+    every model sees the same random numbers) and score them; see the module docstring."""
     collate = left_pad_collate(tokenizer.pad_token_id)
     device = next(model.parameters()).device
     per_prompt, lengths = [], []
-    starts = range(0, len(prompts.rows), batch_size)
-    for i, start in enumerate(tqdm(starts, desc="verifiable reward", unit="batch")):
+    size = settings.batch_size
+    starts = range(0, len(prompts.rows), size)
+    for b, start in enumerate(tqdm(starts, desc="verifiable reward", unit="batch", disable=not progress)):
         batch = collate([{"prompt_ids": p, "row": r} for p, r in
-                         zip(prompts.ids[start:start + batch_size], prompts.rows[start:start + batch_size])])
-        generator = torch.Generator(device=device).manual_seed(seed + i)
+                         zip(prompts.ids[start:start + size], prompts.rows[start:start + size])])
+        generator = torch.Generator(device=device).manual_seed(seed + b)
         rollout = sample_completions(model, batch["prompt_ids"].to(device), batch["prompt_mask"].to(device),
-                                     num_samples, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                     temperature, top_p, generator)
+                                     settings.samples, settings.max_new_tokens, tokenizer.eos_token_id,
+                                     tokenizer.pad_token_id, settings.temperature, settings.top_p, generator)
         per_prompt += score_completions(rollout, batch["rows"], tokenizer, reward_fn)
         lengths += rollout.lengths.tolist()
     flat = [r for group in per_prompt for r in group]
@@ -96,47 +112,26 @@ def mean_reward(model, tokenizer, prompts: Prompts, reward_fn, num_samples: int,
                           completion_len=sum(lengths) / len(lengths), per_prompt=per_prompt)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(prog="python -m ebft.eval.verifiable_reward",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", action="append", required=True,
-                        help="model: HF dir, run dir (its hf_model/), .gguf, hub id or embedded:...; repeatable")
-    parser.add_argument("--prompts", type=int, default=32, help="prompts (a fixed random subset; default 32)")
-    parser.add_argument("--samples", type=int, default=4, help="completions per prompt (default 4)")
-    parser.add_argument("--split", choices=SPLITS, default="val", help="held-out (default) or training prompts")
-    parser.add_argument("--batch", type=int, default=4, help="prompts per sampling batch (default 4)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="write the results as JSON here")
-    parser.add_argument("overrides", nargs="*", help="train.py overrides, e.g. task=translation method.max_new_tokens=96")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = compose_config("train", ["method=rlvr", *args.overrides])
-    validate_rlvr(cfg)
-    check_config(cfg)
-    m = cfg.method
-    tokenizer = load_tokenizer(str(cfg.model.name))
-    prompts = fixed_prompts(cfg, tokenizer, args.split, args.prompts, args.seed)
-    reward_fn = reward_fn_for(str(cfg.task.name))
-    results = []
-    for ckpt in args.ckpt:
-        model = load_model(ckpt, vocab_size=len(tokenizer)).eval()
-        estimate = mean_reward(model, tokenizer, prompts, reward_fn, args.samples, int(m.max_new_tokens),
-                               float(m.temperature), float(m.top_p), args.batch, args.seed)
-        results.append({"ckpt": ckpt, "split": args.split, "prompts": len(prompts.rows), "samples": args.samples,
-                        "max_new_tokens": int(m.max_new_tokens), "temperature": float(m.temperature),
-                        "seed": args.seed, "mean_reward": estimate.mean, "solved": estimate.solved,
-                        "completion_len": estimate.completion_len, "per_prompt": estimate.per_prompt})
-        del model
-    print(f"\n{len(prompts.rows)} {args.split} prompts of {cfg.task.name} x {args.samples} samples at temperature "
-          f"{float(m.temperature)}, <= {int(m.max_new_tokens)} new tokens, seed {args.seed}")
-    print("| model | mean reward | solved (best of n) | completion tokens |\n|---|---:|---:|---:|")
-    for r in results:
-        print(f"| {r['ckpt']} | {r['mean_reward']:.4f} | {r['solved']:.4f} | {r['completion_len']:.1f} |")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-    return results
+@dataclass(frozen=True)
+class RewardBenchmark:
+    """The ``reward`` metric as one of evaluate.py's benchmarks: scores ``{"reward": {"mean", "solved",
+    "completion tokens"}}`` and one record per prompt with its rewards."""
 
+    prompts: Prompts
+    reward_fn: RewardFn
+    settings: RewardSettings
+    seed: int
+    name: str = "reward"
 
-if __name__ == "__main__":
-    main()
+    def __post_init__(self):
+        if not self.prompts.rows:
+            raise ConfigError("metrics has reward but no held-out prompt has a verifier within "
+                              f"eval.reward.max_prompt_tokens={self.settings.max_prompt_tokens}: raise "
+                              "data.val_size or eval.reward.max_prompt_tokens")
+
+    def run(self, model, tokenizer, sampling: Sampling, progress: bool = True) -> Outcome:
+        """``sampling`` (the benchmarks' settings) is not used: the reward samples as RLVR does."""
+        est = mean_reward(model, tokenizer, self.prompts, self.reward_fn, self.settings, self.seed, progress)
+        scores = {"mean": est.mean, "solved": est.solved, "completion tokens": est.completion_len}
+        records = [{"prompt": i, "rewards": rewards} for i, rewards in enumerate(est.per_prompt)]
+        return Outcome({self.name: scores}, records)
