@@ -11,12 +11,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from ebft.config import ConfigError
-from ebft.data.sources import DataConfigError
-from ebft.eval.code import BenchmarkDataError, ToolchainMissing
+from ebft.config import ConfigError, DataConfigError
+from ebft.eval.code import BenchmarkDataError
 from ebft.eval.runner import evaluate
-from ebft.eval.sandbox import IsolationUnavailable
 from ebft.eval.translation import MetricUnavailable
+from ebft.execution.programs import ToolchainMissing
+from ebft.execution.sandbox import IsolationUnavailable
 from ebft.models.loading import ModelSourceError
 
 USER_ERRORS = (ConfigError, DataConfigError, ModelSourceError, BenchmarkDataError, ToolchainMissing, MetricUnavailable,

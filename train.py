@@ -7,9 +7,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ebft.config import ConfigError
-from ebft.data.sources import DataConfigError
-from ebft.eval.sandbox import IsolationUnavailable
+from ebft.config import ConfigError, DataConfigError
+from ebft.execution.sandbox import IsolationUnavailable
 from ebft.models.loading import ModelSourceError
 from ebft.run import Interrupted, train
 

@@ -10,8 +10,6 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from ebft.models.loading import ModelSourceError, resolve_source
-
 log = logging.getLogger(__name__)
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -34,6 +32,10 @@ def compose_config(config_name: str, overrides) -> DictConfig:
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message says which key and how to fix it."""
+
+
+class DataConfigError(ValueError):
+    """A data setting that cannot work; the message names the key and the fix."""
 
 
 def _require(ok: bool, message: str) -> None:
@@ -120,52 +122,6 @@ def validate_rlvr(cfg: DictConfig) -> None:
     _choice(cfg, "method.scale_rewards", ("none", "group", "batch"))
 
 
-def validate_lora(cfg: DictConfig) -> None:
-    """``model.lora`` (LoRA on when ``rank`` is set): values first, then the target modules against the
-    model's config (no weights loaded) and a LoRA warm start's adapter (``ebft.models.lora``)."""
-    from ebft.models import lora as lora_module
-
-    lora = lora_module.lora_settings(cfg)
-    if lora is None:
-        return
-    rank = lora.rank
-    _require(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1,
-             f"model.lora.rank={rank!r} must be a whole number >= 1 (e.g. 16), or null for full fine-tuning")
-    _require(lora.get("alpha") is None or float(lora.alpha) > 0,
-             f"model.lora.alpha={lora.alpha} must be > 0, or null for 2 x rank")
-    _require(0 <= float(lora.dropout) < 1, f"model.lora.dropout={lora.dropout} must be in [0, 1)")
-    targets = lora.get("target_modules")
-    _require(targets is None or (not isinstance(targets, str) and len(targets) >= 1),
-             f"model.lora.target_modules={targets!r} must be a list of layer names, e.g. [q_proj,v_proj], "
-             "or null for the model family's attention and MLP projections")
-    strategy = cfg.trainer.get("strategy")
-    strategy = strategy.get("_target_", "") if hasattr(strategy, "get") else strategy
-    _require("fsdp" not in str(strategy).lower(),
-             "model.lora with trainer=fsdp is not supported (the merged export reads the live, sharded weights); "
-             "use trainer=ddp: with adapters every device holds one frozen bf16 copy and small trainable state")
-    resolved = lora_module.target_modules(str(cfg.model.name), lora)
-    warm = lora_module.adapter_dir(cfg.get("init_from"))
-    if warm is not None:
-        lora_module.check_warm_adapter(warm, lora, resolved)
-
-
-def validate_paths(cfg: DictConfig) -> None:
-    for key in ("model.name", "model.feature_network"):
-        value = _get(cfg, key)
-        if value:
-            try:
-                resolve_source(str(value))
-            except ModelSourceError as err:
-                raise ConfigError(f"{key}: {err}") from None
-    if cfg.get("init_from"):
-        _require(Path(str(cfg.init_from)).exists(),
-                 f"init_from={cfg.init_from} does not exist; give an SFT run dir (with hf_model/) or an HF dir")
-    if cfg.get("ckpt_path") and str(cfg.ckpt_path) != "last":
-        _require(Path(str(cfg.ckpt_path)).exists(),
-                 f"ckpt_path={cfg.ckpt_path} does not exist; give a .ckpt file, a run dir with checkpoints/last.ckpt, "
-                 "or 'last' (this run dir's, with hydra.run.dir=<run dir>)")
-
-
 NUMBERS = {"alpha": float, "gamma": float, "seed": int, "global_batch": int, "method.lr": float,
            "method.batch_size": int, "method.warmup_ratio": float, "method.weight_decay": float,
            "method.num_samples": int, "method.temperature": float, "method.top_p": float,
@@ -186,8 +142,9 @@ def validate_numbers(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} is not {'an integer' if kind is int else 'a number'}") from None
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check the whole training config; raise :class:`ConfigError` on the first problem."""
+def validate_values(cfg: DictConfig) -> None:
+    """Check the values of the training config that need no file or model (the paths and LoRA's
+    target modules are checked by ``ebft.run.validate``); raise :class:`ConfigError` on the first problem."""
     validate_numbers(cfg)
     validate_geometry(cfg.task)
     validate_optim(cfg.method)
@@ -199,8 +156,6 @@ def validate(cfg: DictConfig) -> None:
         validate_ebft(cfg)
     elif name == "rlvr":
         validate_rlvr(cfg)
-    validate_paths(cfg)
     if cfg.get("hub") and cfg.hub.get("push"):
         _require(str(cfg.hub.get("repo_id") or "").count("/") == 1,
                  f"hub.push=true needs hub.repo_id=<owner/name>, got {cfg.hub.get('repo_id')!r}")
-    validate_lora(cfg)

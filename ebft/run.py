@@ -36,11 +36,12 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from ebft.card import FINAL_METRICS, push, write_card
-from ebft.config import ConfigError, validate
+from ebft.config import ConfigError, validate_values
 from ebft.data.sources import check_data_record
 from ebft.eval.callback import CalibrationCallback
-from ebft.eval.sandbox import require_isolation
-from ebft.models.loading import HF_SUBDIR, load_tokenizer
+from ebft.execution.sandbox import require_isolation
+from ebft.models.loading import HF_SUBDIR, ModelSourceError, load_tokenizer, resolve_source
+from ebft.models.lora import validate_lora
 from ebft.strategies import MemoryEstimate, apply_global_batch, build_strategy, check_launch
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,32 @@ warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the s
 # The CSV logger warns that a non-empty log folder will be cleared when fit starts after the initial
 # validation wrote to it; it appends instead (metrics.csv keeps the step-0 validation).
 warnings.filterwarnings("ignore", message=".*exists and is not empty. Previous log files.*")
+
+
+def validate_paths(cfg: DictConfig) -> None:
+    """The model names resolve (``ebft.models.loading.resolve_source``, nothing loaded) and the
+    ``init_from`` / ``ckpt_path`` paths exist."""
+    for key in ("model.name", "model.feature_network"):
+        value = OmegaConf.select(cfg, key)
+        if value:
+            try:
+                resolve_source(str(value))
+            except ModelSourceError as err:
+                raise ConfigError(f"{key}: {err}") from None
+    if cfg.get("init_from") and not Path(str(cfg.init_from)).exists():
+        raise ConfigError(f"init_from={cfg.init_from} does not exist; give an SFT run dir (with hf_model/) or an HF dir")
+    if cfg.get("ckpt_path") and str(cfg.ckpt_path) != "last" and not Path(str(cfg.ckpt_path)).exists():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; give a .ckpt file, a run dir with "
+                          "checkpoints/last.ckpt, or 'last' (this run dir's, with hydra.run.dir=<run dir>)")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the whole training config before anything is loaded: its values
+    (``ebft.config.validate_values``), the paths, then LoRA against the model's config
+    (``ebft.models.lora.validate_lora``); raise :class:`ConfigError` on the first problem."""
+    validate_values(cfg)
+    validate_paths(cfg)
+    validate_lora(cfg)
 
 
 def non_finite(state: dict) -> list[str]:

@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ebft.eval.calibration import (Estimate, cfm_estimate, chunk_nll, context_fm, fixed_subset, fm_profile,
-                                   profile_layouts, validation_ce, whitened_fm_proxy)
+from ebft.eval.calibration import (Estimate, chunk_nll, context_fm, fixed_subset, fm_profile, profile_layouts,
+                                   validation_ce)
 from ebft.models.features import FeatureNetwork
+from ebft.objectives.rewards import cfm_estimate, whitened_fm_proxy
 from ebft.rollout.layout import StridedLayout
 
 # A toy "model": K outcomes with probabilities p and feature vectors f_k; ground truth psi.

@@ -11,8 +11,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 import ebft
-from ebft.config import ConfigError, validate
-from ebft.run import train
+from ebft.config import ConfigError
+from ebft.run import train, validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 OVERRIDES = ["model=tiny", "method=ebft", "alpha=0.5", "gamma=0.1", "method.whitening=paper", "data.limit=200",

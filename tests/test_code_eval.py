@@ -10,11 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from ebft.eval import code
-from ebft.eval.code import (
-    PAPER_LANGUAGES, BenchmarkDataError, Toolchain, ToolchainMissing, available_languages, load_humaneval,
-    load_mbpp, load_multipl_e, mean_pass_at_k, pass_at_k, run_problems, score_completions, score_problems,
-)
+from ebft.eval.code import BenchmarkDataError, load_humaneval, load_mbpp, load_multipl_e
+from ebft.execution.programs import (PAPER_LANGUAGES, TOOLCHAINS, Toolchain, ToolchainMissing, available_languages,
+                                     mean_pass_at_k, pass_at_k, run_problems, score_completions, score_problems)
 
 MBPP_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mbpp" / "mbpp.jsonl"
 needs_mbpp = pytest.mark.skipif(not MBPP_FILE.is_file(), reason=f"MBPP data file {MBPP_FILE} not present")
@@ -202,7 +200,7 @@ def test_toolchain_check_skips_missing_languages(caplog):
     with caplog.at_level(logging.WARNING, logger="ebft.eval.code"):
         found = available_languages()
     expected = [lang for lang in PAPER_LANGUAGES
-                if all(shutil.which(exe) for exe in code.TOOLCHAINS[lang].tools.values())]
+                if all(shutil.which(exe) for exe in TOOLCHAINS[lang].tools.values())]
     assert found == expected
     assert len([r for r in caplog.records if "skipped" in r.getMessage()]) == len(PAPER_LANGUAGES) - len(found)
     ghost = Toolchain("ghost", "main.ghost", {"g": "ebft-no-such-compiler"}, "{g} main.ghost")

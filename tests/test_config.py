@@ -7,7 +7,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from omegaconf import open_dict
 
-from ebft.config import ConfigError, validate
+from ebft.config import ConfigError
+from ebft.run import validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

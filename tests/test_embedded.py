@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from ebft.config import DataConfigError
 from ebft.data import embedded
 from ebft.data.embedded import (MAX_BODY_CHARS, django_translation_rows, embedded_rows, mbpp_train_rows,
                                 parse_po, stdlib_qa_rows, stdlib_root, stdlib_source_rows)
-from ebft.data.sources import DataConfigError
 
 MBPP = Path(__file__).resolve().parents[2] / "shared" / "data" / "mbpp" / "mbpp.jsonl"
 needs_mbpp = pytest.mark.skipif(not MBPP.is_file(), reason="MBPP data file not present")

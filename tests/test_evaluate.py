@@ -208,7 +208,7 @@ def test_checkpoint_lists_and_missing_paths(tmp_path, monkeypatch):
 
 
 def test_required_isolation_refuses_before_any_model_loads(tmp_path, monkeypatch):
-    from ebft.eval import sandbox
+    from ebft.execution import sandbox
 
     monkeypatch.setattr(sandbox, "_required", False)
     monkeypatch.setattr(sandbox, "_level", "process")

@@ -8,10 +8,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from ebft.config import DataConfigError
 from ebft.data.formats import row_segments
 from ebft.data.packing import pack_rows
 from ebft.data.prompts import select_prompts
-from ebft.data.sources import DataConfigError, load_rows
+from ebft.data.sources import load_rows
 
 CHATS = [
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 1 and 2."},

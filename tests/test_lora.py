@@ -12,14 +12,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from ebft import run as run_module
-from ebft.config import ConfigError, validate
+from ebft.config import ConfigError
 from ebft.methods.ebft import EBFTModule
 from ebft.methods.rlvr import RLVRModule, completion_logprobs
 from ebft.models.compat import decoder_layers
 from ebft.models.features import FeatureNetwork
 from ebft.models.loading import build_tiny_model
 from ebft.models.lora import adapters_disabled
-from ebft.run import build_trainer, train
+from ebft.run import build_trainer, train, validate
 from tests.test_train import Crash, CrashAt, make_cfg, train_losses
 
 LORA = ["model.lora.rank=4", "method.lr=1e-2", "method.warmup_ratio=0", "trainer.limit_val_batches=0"]

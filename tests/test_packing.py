@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 
+from ebft.config import DataConfigError
 from ebft.data import packing
 from ebft.data.packing import leading_special_ids, pack_rows
-from ebft.data.sources import DataConfigError
 
 ROWS = [
     {"question": "def add(a, b):\n", "answer": "    return a + b\n"},

@@ -15,8 +15,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from ebft import run as run_module
-from ebft.config import ConfigError
-from ebft.data.sources import DataConfigError, load_rows
+from ebft.config import ConfigError, DataConfigError
+from ebft.data.sources import load_rows
 from ebft.models.loading import ModelSourceError, build_tiny_model, load_model
 from ebft.run import train
 from tests.test_train import make_cfg

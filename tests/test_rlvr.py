@@ -15,12 +15,12 @@ from ebft import run as run_module
 from ebft.config import ConfigError
 from ebft.data.prompts import left_pad_collate, select_prompts, with_module_namespace
 from ebft.methods import rlvr
-from ebft.methods.rlvr import (
-    RLVRModule, check_config, completion_logprobs, grpo_loss, k3_kl, sample_completions, zero_signal_fraction,
-)
+from ebft.methods.rlvr import RLVRModule, check_config, completion_logprobs, zero_signal_fraction
 from ebft.models.loading import build_tiny_model
 from ebft.objectives.baselines import group_normalized_advantages
+from ebft.objectives.losses import grpo_loss, k3_kl
 from ebft.objectives.verifiable import code_rewards
+from ebft.rollout.completions import sample_completions
 from ebft.run import train
 from tests.test_train import SMALL, train_losses
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from ebft.eval import sandbox
-from ebft.eval.sandbox import (OUTPUT_CAP, UID_POOL, IsolationUnavailable, Limits, isolation_level,
-                                require_isolation, run_command, run_many, run_python)
+from ebft.execution import sandbox
+from ebft.execution.sandbox import (OUTPUT_CAP, UID_POOL, IsolationUnavailable, Limits, isolation_level,
+                                    require_isolation, run_command, run_many, run_python)
 
 LEVEL = isolation_level()
 ISOLATED = LEVEL == "bwrap"
@@ -227,7 +227,7 @@ def test_run_many_keeps_order_and_runs_in_parallel():
 def test_missing_bwrap_falls_back_with_one_warning(monkeypatch, caplog):
     monkeypatch.setattr(sandbox, "_level", None)
     monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
-    with caplog.at_level(logging.WARNING, logger="ebft.eval.sandbox"):
+    with caplog.at_level(logging.WARNING, logger="ebft.execution.sandbox"):
         assert isolation_level() == "process"
         assert isolation_level() == "process"
     warnings = [r for r in caplog.records if "bubblewrap" in r.getMessage()]
@@ -326,7 +326,7 @@ def test_fallback_as_root_runs_the_program_under_a_sandbox_uid():
 def test_fallback_as_a_user_killing_the_parent_ends_only_the_run():
     """A runner that is not root: the program (same uid) kills its parent, the disposable launcher; the
     runner reports the run as killed and goes on. Guards stop ``run_python`` programs from going further."""
-    runner = ("import os, sys\nfrom ebft.eval.sandbox import run_command, run_python\n"
+    runner = ("import os, sys\nfrom ebft.execution.sandbox import run_command, run_python\n"
               "hit = run_command([sys.executable, '-c', 'import os, signal; os.kill(os.getppid(), signal.SIGKILL)'],"
               " isolation='process')\n"
               "print(hit.status, hit.detail)\n"

@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from omegaconf import OmegaConf
 
+from ebft.config import DataConfigError
 from ebft.data import sources
-from ebft.data.sources import DataConfigError, load_rows, subset_indices, train_val_split
+from ebft.data.sources import load_rows, subset_indices, train_val_split
 
 ROWS = [{"prompt": f"q{i}", "solution": f"a{i}", "unit": [f"assert f({i})"]} for i in range(6)]
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from ebft.config import DataConfigError
 from ebft.data.packing import pack_rows
-from ebft.data.sources import DataConfigError, load_rows, train_val_split
+from ebft.data.sources import load_rows, train_val_split
 from ebft.data.synthetic import (HiddenMarkovProcess, make_process, process_from_config, symbol_tokenizer,
                                  synthetic_rows)
 from ebft.eval.oracle import exact_frequencies, model_rollouts, ngram_frequencies, oracle_errors

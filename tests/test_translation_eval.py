@@ -7,10 +7,8 @@ import sys
 import pytest
 import sacrebleu
 
-from ebft.eval.translation import (
-    MetricUnavailable, best_of_k, bleu_tokenizer, comet_scores, corpus_bleu, corpus_chrf, oracle_indices,
-    sentence_bleu,
-)
+from ebft.eval.translation import MetricUnavailable, best_of_k, comet_scores, oracle_indices
+from ebft.execution.bleu import bleu_tokenizer, corpus_bleu, corpus_chrf, sentence_bleu
 
 HYPS = ["The cat sat on the mat.", "He read the book yesterday evening.", "It is raining today."]
 REFS = ["The cat sat on the mat.", "Yesterday evening he read a book.", "Today it rains."]

@@ -8,9 +8,7 @@ import pytest
 import sacrebleu
 
 from ebft.eval.code import load_humaneval
-from ebft.objectives.verifiable import (
-    bleu_reward, bleu_rewards, code_problem, code_reward, code_rewards, reward_fn_for,
-)
+from ebft.objectives.verifiable import bleu_rewards, code_problem, code_rewards, reward_fn_for
 
 MBPP_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mbpp" / "mbpp.jsonl"
 
@@ -73,12 +71,12 @@ def test_full_solution_is_taken_whole_or_from_its_fence():
 
 
 def test_doctest_reward_on_a_stdlib_like_function():
-    assert code_reward(SPLITEXT_BODY, DOCTEST_ROW) == 1.0
-    assert code_reward("    return path, ''\n", DOCTEST_ROW) == 0.0  # wrong on the first example
-    assert code_reward("    raise NotImplementedError\n", DOCTEST_ROW) == 0.0
-    assert code_reward("", DOCTEST_ROW) == 0.0  # docstring only: returns None
+    assert code_rewards([SPLITEXT_BODY], [DOCTEST_ROW])[0] == 1.0
+    assert code_rewards(["    return path, ''\n"], [DOCTEST_ROW])[0] == 0.0  # wrong on the first example
+    assert code_rewards(["    raise NotImplementedError\n"], [DOCTEST_ROW])[0] == 0.0
+    assert code_rewards([""], [DOCTEST_ROW])[0] == 0.0  # docstring only: returns None
     rambling = SPLITEXT_BODY + "\n\ndef unrelated(:\n"
-    assert code_reward(rambling, DOCTEST_ROW) == 1.0  # the body is cut at the next top-level def
+    assert code_rewards([rambling], [DOCTEST_ROW])[0] == 1.0  # the body is cut at the next top-level def
 
 
 def test_code_rewards_cannot_be_gamed_by_leaving_before_the_tests():
@@ -91,12 +89,12 @@ def test_code_rewards_cannot_be_gamed_by_leaving_before_the_tests():
                 "\nimport os\nos._exit(0)\n", "\nimport sys\nsys.exit(0)\n"]
     assert code_rewards([wrong + e for e in exploits], [row] * 4) == [0.0] * 4
     # a correct solution with a main block: the block is cut, the tests run
-    assert code_reward(raw["code"] + exploits[0], row) == 1.0
+    assert code_rewards([raw["code"] + exploits[0]], [row])[0] == 1.0
     wrong_body = "    return path, ''\n"
     for exit_ in ("import os\nos._exit(0)\n", "exit()\n", "raise SystemExit(0)\n"):
-        assert code_reward(wrong_body + exit_, DOCTEST_ROW) == 0.0
-    assert code_reward(SPLITEXT_BODY + "```\n\nThis skips leading dots.", DOCTEST_ROW) == 1.0
-    assert code_reward(wrong_body + "```\n", DOCTEST_ROW) == 0.0
+        assert code_rewards([wrong_body + exit_], [DOCTEST_ROW])[0] == 0.0
+    assert code_rewards([SPLITEXT_BODY + "```\n\nThis skips leading dots."], [DOCTEST_ROW])[0] == 1.0
+    assert code_rewards([wrong_body + "```\n"], [DOCTEST_ROW])[0] == 0.0
 
 
 def test_doctest_program_runs_the_examples_against_the_body():
@@ -108,24 +106,24 @@ def test_doctest_program_runs_the_examples_against_the_body():
 
 def test_row_schema_errors_name_the_field():
     with pytest.raises(ValueError, match="'tests'"):
-        code_reward("pass", {"question": "x"})
+        code_rewards(["pass"], [{"question": "x"}])
     with pytest.raises(ValueError, match="test_type"):
-        code_reward("pass", {"tests": ["assert True"], "test_type": "pytest"})
+        code_rewards(["pass"], [{"tests": ["assert True"], "test_type": "pytest"}])
     with pytest.raises(ValueError, match="doctest examples"):
-        code_reward("pass", {**DOCTEST_ROW, "tests": "no examples here"})
+        code_rewards(["pass"], [{**DOCTEST_ROW, "tests": "no examples here"}])
     with pytest.raises(ValueError, match="one row per completion"):
         code_rewards(["a", "b"], [{"tests": ["assert True"]}])
     with pytest.raises(ValueError, match="target_lang"):
-        bleu_reward("Hallo", {"answer": "Hallo"})
+        bleu_rewards(["Hallo"], [{"answer": "Hallo"}])
 
 
 def test_bleu_reward_is_sentence_bleu_over_100():
     row = {"answer": "Yesterday evening he read a book.", "target_lang": "en"}
     hyp = "He read the book yesterday evening."
-    assert bleu_reward(hyp, row) == pytest.approx(sacrebleu.sentence_bleu(hyp, [row["answer"]]).score / 100)
-    assert bleu_reward("  " + row["answer"] + "\n", row) == pytest.approx(1.0)
+    assert bleu_rewards([hyp], [row])[0] == pytest.approx(sacrebleu.sentence_bleu(hyp, [row["answer"]]).score / 100)
+    assert bleu_rewards(["  " + row["answer"] + "\n"], [row])[0] == pytest.approx(1.0)
     zh = {"answer": "今天我们去公园散步。", "target_lang": "zh"}
-    assert bleu_reward("我们今天去公园散步。", zh) == pytest.approx(
+    assert bleu_rewards(["我们今天去公园散步。"], [zh])[0] == pytest.approx(
         sacrebleu.sentence_bleu("我们今天去公园散步。", [zh["answer"]], tokenize="zh").score / 100)
     assert bleu_rewards(["a b c", row["answer"]], [row, row])[1] == pytest.approx(1.0)
 

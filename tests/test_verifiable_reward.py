@@ -12,9 +12,9 @@ from ebft.config import ConfigError
 from ebft.data.prompts import left_pad_collate, select_prompts
 from ebft.eval.runner import check_request, evaluate, held_out, plan_metrics
 from ebft.eval.verifiable_reward import RewardSettings, fixed_prompts, mean_reward
-from ebft.methods.rlvr import sample_completions
 from ebft.models.loading import build_tiny_model, load_tokenizer
 from ebft.objectives.verifiable import reward_fn_for
+from ebft.rollout.completions import sample_completions
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["task=translation", "model=tiny", "data.limit=300", "data.val_size=40"]

@@ -30,7 +30,7 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-from ebft.data.sources import DataConfigError
+from ebft.config import DataConfigError
 from ebft.models.loading import cache_dir
 
 EMBEDDED_TASKS = ("qa_code", "unstructured_code", "translation")

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 
-from ebft.data.sources import DataConfigError
+from ebft.config import DataConfigError
 
 FORMATS = ("chat", "prompt_completion", "fields", "text")
 EXTRA_FIELDS = ("tests", "test_type", "test_setup", "entry_point", "source_lang", "target_lang")

@@ -24,8 +24,8 @@ from itertools import chain
 import numpy as np
 import torch
 
+from ebft.config import DataConfigError
 from ebft.data.formats import row_segments
-from ebft.data.sources import DataConfigError
 
 TOKENIZE_BATCH = 1024
 

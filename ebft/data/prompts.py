@@ -34,10 +34,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ebft.config import DataConfigError
 from ebft.data.datamodule import ChunkDataModule, ResumableBatchSampler
 from ebft.data.formats import prompt_text
 from ebft.data.packing import leading_special_ids, pack_rows
-from ebft.data.sources import DataConfigError, load_rows, train_val_split
+from ebft.data.sources import load_rows, train_val_split
 from ebft.objectives.verifiable import RewardFn, code_problem, reward_fn_for
 
 log = logging.getLogger(__name__)

@@ -48,15 +48,17 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
+from ebft.config import DataConfigError
+from ebft.data.embedded import LANGUAGE_NAMES, embedded_rows, translation_prompt, translation_source
+from ebft.data.formats import detect_format, format_row
+from ebft.data.synthetic import synthetic_rows
+from ebft.models.loading import ModelSourceError, resolve_source
+
 KINDS = ("embedded", "hub", "local", "synthetic")
 ROW_FIELDS = ("question", "answer", "tests", "test_type", "test_setup", "entry_point", "source_lang", "target_lang")
 CONFIG_KEYS = {"kind", "name", "config", "split", "files", "file_type", "format", "chat_template", "fields",
                "mbpp_path", "langs", "process", "rows", "row_len", "limit", "val_size", "seed"}
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-class DataConfigError(ValueError):
-    """A data setting that cannot work; the message names the key and the fix."""
 
 
 # ---------------------------------------------------------------- presets
@@ -80,8 +82,6 @@ def _decode_tests(row: dict, cfg: Mapping, index: int) -> list[dict]:
 
 
 def _translation_pairs(row: dict, cfg: Mapping, index: int) -> list[dict]:
-    from ebft.data.embedded import LANGUAGE_NAMES, translation_prompt
-
     pair = str(cfg.get("config") or "")
     xx, _, en = pair.partition("-")
     if xx not in LANGUAGE_NAMES or en not in LANGUAGE_NAMES:
@@ -149,8 +149,6 @@ def _preset(cfg: Mapping, columns: list[str]) -> Preset:
 def rows_from_table(table, cfg: Mapping) -> list[dict]:
     """Map a ``datasets.Dataset`` to rows: a ``chat`` / ``prompt_completion`` / ``text`` table by its
     format (``ebft.data.formats``), a ``fields`` one with the preset / ``data.fields`` mapping."""
-    from ebft.data.formats import detect_format, format_row
-
     columns = list(table.column_names)
     fmt = detect_format(columns, cfg.get("format"), bool(cfg.get("fields")) or (cfg.get("name") or "") in PRESETS)
     if fmt != "fields":
@@ -345,8 +343,6 @@ def load_rows(cfg_data, task: str) -> list[dict]:
     kind = cfg.get("kind", "embedded")
     limit, seed = cfg.get("limit"), cfg.get("seed", 43)
     if kind == "embedded":
-        from ebft.data.embedded import embedded_rows
-
         langs = cfg.get("langs") or ("cs", "de", "is", "ru", "zh")
         rows = embedded_rows(task, mbpp_path=cfg.get("mbpp_path"), langs=tuple(langs))
         rows = [rows[i] for i in subset_indices(len(rows), limit, seed)]
@@ -356,8 +352,6 @@ def load_rows(cfg_data, task: str) -> list[dict]:
             table = table.select(subset_indices(len(table), limit, seed))
         rows = rows_from_table(table, cfg)
     elif kind == "synthetic":
-        from ebft.data.synthetic import synthetic_rows
-
         rows = synthetic_rows(cfg)
         rows = [rows[i] for i in subset_indices(len(rows), limit, seed)]
     else:
@@ -376,8 +370,6 @@ def split_key(row: Mapping) -> str:
     so both directions of a pair, and the pairs of every language sharing that English text, stay
     together; any other row's group is its exact ``(question, answer)``.
     """
-    from ebft.data.embedded import translation_source
-
     english = None
     if row.get("target_lang") == "en":
         english = row["answer"].strip()
@@ -458,8 +450,6 @@ def check_data_record(model: str, cfg, key: str) -> list[str]:
     was trained on. Returns the differing settings (empty when they agree or nothing was recorded:
     a hub model, or a model saved before records were written).
     """
-    from ebft.models.loading import ModelSourceError, resolve_source
-
     try:
         source = resolve_source(model)
     except ModelSourceError:

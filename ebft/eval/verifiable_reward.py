@@ -28,7 +28,7 @@ from ebft.config import ConfigError
 from ebft.data.prompts import left_pad_collate, select_prompts
 from ebft.eval.downstream import Outcome
 from ebft.eval.generation import Sampling
-from ebft.methods.rlvr import sample_completions, score_completions
+from ebft.rollout.completions import sample_completions, score_completions
 
 RewardFn = Callable[[list[str], list[dict]], list[float]]
 

@@ -22,14 +22,13 @@ import time
 import torch
 from omegaconf import DictConfig
 
-from ebft.eval.calibration import cfm_estimate
 from ebft.methods.base import FineTuneModule, generator_source
 from ebft.models.compat import attn_implementation, backbone_forward, check_strided, lm_head, param_dtype
 from ebft.models.features import FeatureNetwork
 from ebft.models.loading import resolve_attn, resolve_dtype
 from ebft.objectives.baselines import rloo_advantages
 from ebft.objectives.losses import cross_entropy_term, policy_gradient_loss, token_logprobs
-from ebft.objectives.rewards import feature_matching_rewards
+from ebft.objectives.rewards import cfm_estimate, feature_matching_rewards
 from ebft.rollout.layout import StridedLayout
 from ebft.rollout.masks import strided_mask
 from ebft.rollout.sampler import sample_strided

@@ -2,10 +2,10 @@
 
 One training step on a micro-batch of ``B`` prompts (``ebft.data.prompts``), ``n`` samples each:
 
-1. Rollout (no grad, eval mode): the left-padded prompts are prefilled ONCE into a KV cache, the
-   cache is repeated ``n`` times, and each of the ``B*n`` completions is sampled token by token from
-   ``softmax(logits / temperature)`` (top-p nucleus) until it emits EOS or reaches
-   ``max_new_tokens``. The counted tokens of a completion are its tokens up to and including EOS.
+1. Rollout (no grad, eval mode; ``ebft.rollout.completions``): the left-padded prompts are prefilled
+   ONCE into a KV cache, the cache is repeated ``n`` times, and each of the ``B*n`` completions is
+   sampled token by token from ``softmax(logits / temperature)`` (top-p nucleus) until it emits EOS
+   or reaches ``max_new_tokens``. The counted tokens of a completion are its tokens up to and including EOS.
 2. Rewards ``r_ij`` in [0, 1] from the task's verifier (``ebft.objectives.verifiable``): 1 when the
    code passes all of the row's unit tests / doctests (else 0), sentence BLEU / 100 for translation.
 3. GRPO advantages, one per completion (``group_normalized_advantages``)::
@@ -17,7 +17,8 @@ One training step on a micro-batch of ``B`` prompts (``ebft.data.prompts``), ``n
 4. ONE forward with grad of the generator over ``[prompt; completion]`` gives the token log-probs
    ``log p_T(y_t | x, y_<t)`` with the logits divided by the sampling temperature (the distribution
    the tokens were drawn from, top-p truncation aside), and the loss is the token-level PPO clipped
-   surrogate over all ``N`` counted tokens of the micro-batch plus an optional KL penalty::
+   surrogate over all ``N`` counted tokens of the micro-batch plus an optional KL penalty
+   (``grpo_loss`` and ``k3_kl`` of ``ebft.objectives.losses``)::
 
        rho_t = exp(log p_T(y_t) - log p_old(y_t))
        loss  = -1/N sum_t min(rho_t A, clip(rho_t, 1 - clip_eps, 1 + clip_eps) A)
@@ -42,7 +43,6 @@ accumulation and clipping) cannot express; ``ppo_epochs`` other than 1 is refuse
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 from omegaconf import DictConfig
@@ -50,13 +50,13 @@ from omegaconf import DictConfig
 from ebft.config import ConfigError
 from ebft.data.prompts import PromptDataModule
 from ebft.methods.base import FineTuneModule
-from ebft.models.compat import backbone_forward, lm_head, new_cache
+from ebft.models.compat import backbone_forward, lm_head
 from ebft.models.loading import load_model, resolve_attn
 from ebft.models.lora import adapter_dir, adapters_disabled
 from ebft.objectives.baselines import group_normalized_advantages
-from ebft.objectives.losses import ppo_clipped_loss, token_logprobs
+from ebft.objectives.losses import grpo_loss, token_logprobs
 from ebft.objectives.verifiable import reward_fn_for
-from ebft.rollout.sampler import sample_from_logits
+from ebft.rollout.completions import Rollout, positions, sample_completions, score_completions
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -76,76 +76,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"method.max_prompt_tokens={m.max_prompt_tokens} must be >= 1")
 
 
-# ------------------------------------------------------------------------------------- rollout
-
-def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids of a left-padded batch: 0 at each row's first real token (pads get 0 too)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-
-
-@dataclass
-class Rollout:
-    """``n`` completions per prompt, sample-major per prompt (row ``i*n + j`` = sample j of prompt i).
-
-    ``tokens`` (B*n, L) right-padded with ``pad_id``; ``mask`` (B*n, L) marks the counted tokens (up to
-    and including EOS); ``finished`` (B*n,) whether the completion ended with EOS; ``logprobs`` (B*n, L)
-    the sampling policy's ``log p_T`` of each counted token (0 elsewhere), fp32.
-    """
-
-    tokens: torch.Tensor
-    mask: torch.Tensor
-    finished: torch.Tensor
-    logprobs: torch.Tensor
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return self.mask.sum(-1)
-
-
-@torch.no_grad()
-def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, num_samples: int,
-                       max_new_tokens: int, eos_id: int, pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
-                       generator: torch.Generator | None = None) -> Rollout:
-    """Sample ``num_samples`` completions of each left-padded prompt (B, P) with a KV cache.
-
-    The prompts are prefilled once and the cache repeated ``num_samples`` times; every step feeds the
-    ``B*n`` newest tokens and applies the LM head to them only. A completion stops at ``eos_id``; the
-    loop stops when all have, or after ``max_new_tokens`` tokens.
-    """
-    if max_new_tokens < 1 or num_samples < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} and num_samples={num_samples} must be >= 1")
-    was_training = model.training
-    model.eval()
-    head = lm_head(model)
-    try:
-        cache = new_cache(model)
-        hidden, cache = backbone_forward(model, prompt_ids, positions(prompt_mask), prompt_mask, cache)
-        cache.batch_repeat_interleave(num_samples)
-        mask = prompt_mask.repeat_interleave(num_samples, 0)
-        next_pos = positions(mask)[:, -1] + 1
-        logits = head.logits(hidden[:, -1]).repeat_interleave(num_samples, 0)
-        rows = mask.shape[0]
-        tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=prompt_ids.device)
-        done = torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)
-        counted = torch.zeros_like(tokens, dtype=torch.bool)
-        logprobs = torch.zeros_like(tokens, dtype=torch.float32)
-        for t in range(max_new_tokens):
-            counted[:, t] = ~done
-            drawn = sample_from_logits(logits, temperature, top_p, generator)
-            drawn_logprob = (logits.float() / temperature).log_softmax(-1).gather(-1, drawn[:, None])[:, 0]
-            logprobs[:, t] = torch.where(done, 0.0, drawn_logprob)
-            tokens[:, t] = torch.where(done, pad_id, drawn)
-            done |= tokens[:, t] == eos_id
-            if bool(done.all()) or t == max_new_tokens - 1:
-                break
-            mask = torch.cat([mask, mask.new_ones(rows, 1)], 1)
-            hidden, cache = backbone_forward(model, tokens[:, t:t + 1], (next_pos + t)[:, None], mask, cache)
-            logits = head.logits(hidden[:, -1])
-    finally:
-        model.train(was_training)
-    width = max(int(counted.sum(-1).max()), 1)
-    return Rollout(tokens[:, :width], counted[:, :width], done, logprobs[:, :width])
-
+# ------------------------------------------------------------------------------------- update
 
 def completion_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completions: torch.Tensor,
                         temperature: float = 1.0) -> torch.Tensor:
@@ -178,42 +109,9 @@ def rows_to_score(advantages: torch.Tensor, all_rows: bool) -> torch.Tensor:
     return keep.nonzero().squeeze(-1)
 
 
-# ---------------------------------------------------------------------------------------- loss
-
-def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token ``k3 = exp(l) - l - 1`` with ``l = log p_ref - log p`` (>= 0, unbiased for KL(p || p_ref))."""
-    delta = ref_logprobs.detach() - logprobs
-    return torch.exp(delta) - delta - 1
-
-
 def zero_signal_fraction(rewards: torch.Tensor) -> torch.Tensor:
     """Fraction of groups (rows of ``rewards`` (B, n)) whose rewards are all equal: zero advantage."""
     return (rewards.amax(-1) == rewards.amin(-1)).float().mean()
-
-
-def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-              clip_eps: float = 0.2, kl_coef: float = 0.0, ref_logprobs: torch.Tensor | None = None,
-              num_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, pg, kl)``: token-level clipped surrogate with per-completion ``advantages`` (R,)
-    broadcast over its tokens, plus ``kl_coef`` times the token mean of ``k3`` (module docstring).
-    Both means divide by ``num_tokens`` (default: the tokens ``mask`` counts here)."""
-    counted = int(mask.sum())
-    scale = counted / num_tokens if num_tokens else 1.0
-    pg = ppo_clipped_loss(logprobs, old_logprobs, advantages[:, None].expand_as(logprobs), mask, clip_eps) * scale
-    if kl_coef == 0:
-        return pg, pg, torch.zeros_like(pg)
-    if ref_logprobs is None:
-        raise ValueError(f"kl_coef={kl_coef} needs the reference model's log-probs")
-    kl = (k3_kl(logprobs, ref_logprobs) * mask).sum() / max(counted, 1) * scale
-    return pg + kl_coef * kl, pg, kl
-
-
-def score_completions(rollout: Rollout, rows: list[dict], tokenizer, reward_fn) -> list[list[float]]:
-    """Rewards of the B*n decoded completions of ``rollout`` (n per row, in row order), one list per row."""
-    n = rollout.tokens.shape[0] // len(rows)
-    texts = tokenizer.batch_decode(rollout.tokens, skip_special_tokens=True)
-    rewards = reward_fn(texts, [row for row in rows for _ in range(n)])
-    return [rewards[i:i + n] for i in range(0, len(rewards), n)]
 
 
 # -------------------------------------------------------------------------------------- module

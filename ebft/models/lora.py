@@ -45,6 +45,37 @@ def lora_settings(cfg: DictConfig) -> DictConfig | None:
     return lora if lora is not None and lora.get("rank") is not None else None
 
 
+def validate_lora(cfg: DictConfig) -> None:
+    """``model.lora`` (LoRA on when ``rank`` is set): values first, then the target modules against the
+    model's config (no weights loaded) and a LoRA warm start's adapter; raise ``ConfigError`` on the
+    first problem."""
+    lora = lora_settings(cfg)
+    if lora is None:
+        return
+    rank = lora.rank
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"model.lora.rank={rank!r} must be a whole number >= 1 (e.g. 16), or null for full "
+                          "fine-tuning")
+    if lora.get("alpha") is not None and float(lora.alpha) <= 0:
+        raise ConfigError(f"model.lora.alpha={lora.alpha} must be > 0, or null for 2 x rank")
+    if not 0 <= float(lora.dropout) < 1:
+        raise ConfigError(f"model.lora.dropout={lora.dropout} must be in [0, 1)")
+    targets = lora.get("target_modules")
+    if targets is not None and (isinstance(targets, str) or len(targets) < 1):
+        raise ConfigError(f"model.lora.target_modules={targets!r} must be a list of layer names, e.g. "
+                          "[q_proj,v_proj], or null for the model family's attention and MLP projections")
+    strategy = cfg.trainer.get("strategy")
+    strategy = strategy.get("_target_", "") if hasattr(strategy, "get") else strategy
+    if "fsdp" in str(strategy).lower():
+        raise ConfigError("model.lora with trainer=fsdp is not supported (the merged export reads the live, sharded "
+                          "weights); use trainer=ddp: with adapters every device holds one frozen bf16 copy and "
+                          "small trainable state")
+    resolved = target_modules(str(cfg.model.name), lora)
+    warm = adapter_dir(cfg.get("init_from"))
+    if warm is not None:
+        check_warm_adapter(warm, lora, resolved)
+
+
 def adapter_dir(path) -> Path | None:
     """``<path>/adapter`` when ``path`` is a LoRA run directory (or an adapter directory itself), else None."""
     if not path:

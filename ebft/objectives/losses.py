@@ -1,6 +1,6 @@
 """Losses of the actor update: token log-probs without full-vocabulary logits, the
-policy-gradient loss (paper eq. 7 and the authors' token mean), PPO's clipped loss (RLVR)
-and the cross-entropy term ``gamma * CE``.
+policy-gradient loss (paper eq. 7 and the authors' token mean), PPO's clipped loss and GRPO's
+loss with its k3 KL estimator (RLVR), and the cross-entropy term ``gamma * CE``.
 """
 
 from __future__ import annotations
@@ -199,6 +199,35 @@ def ppo_clipped_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor,
     ratio = torch.exp(logprobs - old_logprobs.detach())
     surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
     return -(surrogate * weights).sum() / weights.sum().clamp_min(1)
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token ``k3 = exp(l) - l - 1`` with ``l = log p_ref - log p``: Schulman's non-negative estimator
+    of ``KL(p || p_ref)``, unbiased for tokens sampled from ``p``. ``ref_logprobs`` are constants."""
+    delta = ref_logprobs.detach() - logprobs
+    return torch.exp(delta) - delta - 1
+
+
+def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              clip_eps: float = 0.2, kl_coef: float = 0.0, ref_logprobs: torch.Tensor | None = None,
+              num_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, pg, kl)`` of GRPO (RLVR): the token-level clipped surrogate (:func:`ppo_clipped_loss`)
+    with per-completion ``advantages`` (R,) broadcast over its tokens, plus ``kl_coef`` times the token
+    mean of :func:`k3_kl` against the reference's ``ref_logprobs``::
+
+        loss = -1/N sum_t min(rho_t A, clip(rho_t, 1 - clip_eps, 1 + clip_eps) A) + kl_coef * 1/N sum_t k3_t
+
+    Both means divide by ``N = num_tokens`` (default: the tokens ``mask`` counts here), so a caller
+    that scores only some completions of a batch still divides by the tokens of all of them."""
+    counted = int(mask.sum())
+    scale = counted / num_tokens if num_tokens else 1.0
+    pg = ppo_clipped_loss(logprobs, old_logprobs, advantages[:, None].expand_as(logprobs), mask, clip_eps) * scale
+    if kl_coef == 0:
+        return pg, pg, torch.zeros_like(pg)
+    if ref_logprobs is None:
+        raise ValueError(f"kl_coef={kl_coef} needs the reference model's log-probs")
+    kl = (k3_kl(logprobs, ref_logprobs) * mask).sum() / max(counted, 1) * scale
+    return pg + kl_coef * kl, pg, kl
 
 
 def cross_entropy_term(hidden: Tensor, lm_head_weight: Tensor, input_ids: Tensor, loss_mask: Tensor | None = None,

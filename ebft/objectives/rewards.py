@@ -1,4 +1,5 @@
-"""Feature-matching rewards (paper §2, eqs. 7-9 and 67) with the whitening variants.
+"""Feature-matching rewards (paper §2, eqs. 7-9 and 67) with the whitening variants, and the
+conditional feature-matching loss they estimate (eq. 2; whitened: eq. 53).
 
 For one context: generated features ``phi_1..phi_n`` (rows of ``X``, shape ``n x D``)
 and the ground-truth feature ``psi``. After an optional whitening ``(phi~, psi~_j)``:
@@ -171,3 +172,36 @@ def feature_matching_rewards(gen: Tensor, gt: Tensor, alpha: float,
     alpha = check_alpha(alpha)
     alignment, diversity = alignment_diversity(*whiten_features(gen, gt, whitening))
     return FMRewards(alignment=alignment, diversity=diversity, reward=alignment - alpha * diversity)
+
+
+def cfm_estimate(gen: Tensor, gt: Tensor) -> Tensor:
+    """Unbiased estimate of the conditional feature-matching loss of one context (paper eq. 2,
+    ``L_CFM = ||E_{y_hat ~ p_theta(.|c)} phi_c(y_hat) - phi_c(y)||^2``) from ``n >= 2`` samples::
+
+        ||psi||^2 - (2/n) sum_j phi_j . psi + 1/(n(n-1)) sum_{j != j'} phi_j . phi_j'
+
+    (``phi_j`` the sample features, ``psi`` the ground truth's). With unit-norm features this is
+    ``1 - mean_j AT_j + mean_j DT_j / 2`` in terms of the unwhitened rewards of eq. 7
+    (``AT_j = 2 cos(phi_j, psi)``): the quantity the authors report (Figures 1-2).
+
+    ``gen``: (..., n, D) sample features, ``gt``: (..., D) ground-truth features. Returns (...),
+    computed in fp32.
+    """
+    n = gen.shape[-2]
+    if n < 2:
+        raise ValueError(f"cfm_estimate needs n >= 2 samples per context, got n={n}")
+    gen, gt = gen.float(), gt.float()
+    gt_sq = (gt * gt).sum(-1)
+    cross = (gen @ gt.unsqueeze(-1)).squeeze(-1).mean(-1)
+    total = gen.sum(-2)
+    pair_sum = (total * total).sum(-1) - (gen * gen).sum((-1, -2))
+    return gt_sq - 2 * cross + pair_sum / (n * (n - 1))
+
+
+def whitened_fm_proxy(gen: Tensor, gt: Tensor, whitening: str = "reference") -> Tensor:
+    """The "feature-matching loss with whitening" (paper eq. 53 as a loss): :func:`cfm_estimate`'s
+    ``1 - mean_j AT_j + mean_j DT_j / 2`` with the whitened ``AT``/``DT`` of eq. 9
+    (``whitening`` as in :func:`feature_matching_rewards`). ``gen`` (..., n, D), ``gt`` (..., D);
+    returns (...)."""
+    r = feature_matching_rewards(gen, gt, alpha=1.0, whitening=whitening)
+    return 1 - r.alignment.mean(-1) + r.diversity.mean(-1) / 2

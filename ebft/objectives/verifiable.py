@@ -20,7 +20,7 @@ the program's globals. A body completion is cut at HumanEval's stop sequences; a
 whole solution is taken as it is (or its first fenced code block) up to a
 top-level ``if __name__`` block, so other test code the model appends runs too.
 Reward 1.0 when the program exits 0 in the sandbox after its last test ran (it
-prints a random marker there; ``ebft.eval.code.run_to_the_end``), else 0.0
+prints a random marker there; ``ebft.execution.programs.run_to_the_end``), else 0.0
 (wrong answer, crash, timeout, or an exit before the tests finished, e.g.
 ``exit()`` or ``os._exit(0)`` in the completion). ``entry_point`` and other
 fields are ignored.
@@ -34,8 +34,8 @@ from __future__ import annotations
 import doctest
 from typing import Callable, Mapping, Sequence
 
-from ebft.eval.code import HUMANEVAL_STOPS, CodeProblem, score_problems
-from ebft.eval.translation import sentence_bleu
+from ebft.execution.bleu import sentence_bleu
+from ebft.execution.programs import HUMANEVAL_STOPS, CodeProblem, score_problems
 
 RewardFn = Callable[[Sequence[str], Sequence[Mapping]], list[float]]
 """A batch reward: (completions, their rows) -> one float per completion."""
@@ -85,11 +85,6 @@ def code_rewards(completions: Sequence[str], rows: Sequence[Mapping], timeout: f
     return [1.0 if ok else 0.0 for [ok] in passed]
 
 
-def code_reward(completion: str, row: Mapping, timeout: float = 3.0) -> float:
-    """``code_rewards`` for one completion."""
-    return code_rewards([completion], [row], timeout=timeout)[0]
-
-
 def bleu_rewards(completions: Sequence[str], rows: Sequence[Mapping]) -> list[float]:
     """Sentence BLEU / 100 of each (stripped) completion against its row's ``answer``."""
     _check_pairs(completions, rows)
@@ -97,11 +92,6 @@ def bleu_rewards(completions: Sequence[str], rows: Sequence[Mapping]) -> list[fl
         if "answer" not in row or "target_lang" not in row:
             raise ValueError("translation row needs 'answer' (the reference) and 'target_lang' (e.g. 'de', 'zh')")
     return [sentence_bleu(c.strip(), row["answer"], row["target_lang"]) / 100.0 for c, row in zip(completions, rows)]
-
-
-def bleu_reward(completion: str, row: Mapping) -> float:
-    """``bleu_rewards`` for one completion."""
-    return bleu_rewards([completion], [row])[0]
 
 
 REWARDS: dict[str, RewardFn] = {"qa_code": code_rewards, "translation": bleu_rewards}
