@@ -17,7 +17,7 @@ import sys
 import time
 
 from ebft.repro import plan as planning
-from ebft.repro.jobs import run_all
+from ebft.repro.jobs import finished, run_all
 from ebft.repro.readme import write_report
 from ebft.repro.settings import ReproError, Settings, format_lr, load_settings
 from ebft.repro.sweep import chosen_lrs, sweep_points
@@ -113,18 +113,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lrs, source = learning_rates(settings, args.lr_sweep, args.dry_run, argv, args.jobs)
         planned = planning.models(settings, lrs)
-        # two stages: the headline variants (every seed) are trained and evaluated before the ablations
-        # (first seed only), so an interrupted reproduction already has its main comparison
+        # stages, each trained then evaluated, so that an interrupted reproduction already has a verdict:
+        # the headline variants at the first seed (with --lr-sweep at full length: the sweep's runs), the
+        # other seeds, then the ablations (first seed only)
         headline = [m for m in planned if m["variant"] not in settings.first_seed_only]
-        ablations = [m for m in planned if m["variant"] in settings.first_seed_only]
+        first = [m for m in headline if m.get("seed") in (None, settings.seeds[0])]
+        stages = ((first, "training (first seed)"), (headline, "training (other seeds)"),
+                  (planned, "training (ablations)"))
         if args.dry_run:
             print("\n".join(job.command for job in planning.training_jobs(settings, planned)))
             print("\n".join(planning.eval_job(settings, p, planned).command for p in settings.parts))
             return 0
         planning.write_plan(settings, planned, lrs, source, argv)
-        for trained, evaluated, stage in ((headline, headline, "training"), (ablations, planned, "training (ablations)")):
-            run_all(planning.training_jobs(settings, trained), stage, args.jobs)
-            evaluate_pending(settings, evaluated, args.jobs)
+        for models, stage in stages:
+            run_all([job for job in planning.training_jobs(settings, models) if finished(job) is None], stage,
+                    args.jobs)
+            evaluate_pending(settings, models, args.jobs)
             print(f"report so far: {write_report(settings.out)}", flush=True)
     except ReproError as err:
         if (settings.out / planning.PLAN).is_file():
