@@ -16,6 +16,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -70,8 +71,16 @@ def finished(job: Job) -> dict | None:
     if record["command"] != job.command:
         raise ReproError(f"{job.directory} holds a run of a different command:\n  was: {record['command']}\n"
                          f"  now: {job.command}\nuse another --out, or delete that directory to rerun it")
-    done = record.get("returncode") is not None and (record["returncode"] == 0 or job.may_fail)
+    code = record.get("returncode")
+    done = code is not None and (code == 0 or (job.may_fail and not interrupted(code)))
     return record if done else None
+
+
+def interrupted(returncode: int) -> bool:
+    """Whether a job ended because it was stopped (SIGINT, SIGTERM, SIGKILL: by the driver, a scheduler or
+    the end of a session) rather than by failing: such a job continues later, even one that may fail."""
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)
+    return returncode in {*(-s for s in stops), *(128 + s for s in stops)}
 
 
 GRACE_S = 600   # how long a stopped training run may take to finish its step and save a checkpoint
@@ -143,7 +152,7 @@ def run_job(job: Job, index: int, total: int, threads: int | None = None) -> dic
     _write_record(job.directory, record)
     if returncode != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
-        if not job.may_fail:
+        if not job.may_fail or interrupted(returncode):
             raise ReproError(f"{job.name} failed (exit {returncode}) after {seconds:.0f} s; "
                              f"log: {log}\n{tail}")
         print(f"{head}: FAILED after {seconds:.0f} s (kept as a result; log: {log})", flush=True)
