@@ -161,6 +161,13 @@ def test_jobs_skip_when_done_and_refuse_other_commands(tmp_path, capsys):
         run_job(failing, 1, 1)
     assert finished(failing) is None   # a failed job runs again next time
     assert run_job(Job("boom", failing.argv, tmp_path / "g", may_fail=True), 1, 1)["returncode"] == 3
+    # a job that may fail but was stopped (SIGTERM: exit 143, or killed) is not a result: it runs again
+    for code, name in ((143, "t"), (-9, "k")):
+        stopped = Job("stopped", (f"-c", f"import os, signal; os.kill(os.getpid(), 9) if {code} < 0 else exit({code})"),
+                      tmp_path / name, may_fail=True)
+        with pytest.raises(ReproError, match=f"exit {code}"):
+            run_job(stopped, 1, 1)
+        assert finished(stopped) is None
 
 
 def test_an_interrupted_training_job_continues_from_its_checkpoint(tmp_path):

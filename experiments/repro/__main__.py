@@ -17,7 +17,7 @@ import sys
 import time
 
 from experiments.repro import plan as planning
-from experiments.repro.jobs import run_all
+from experiments.repro.jobs import finished, run_all
 from experiments.repro.readme import write_report
 from experiments.repro.settings import ReproError, Settings, format_lr, load_settings
 from experiments.repro.sweep import chosen_lrs, sweep_points
@@ -44,6 +44,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rlvr", action="store_true", help="also train and evaluate RLVR (no reward at 135M: off by default)")
     p.add_argument("--downstream", action="store_true",
                    help="also evaluate HumanEval/MBPP pass@k (near zero at 135M on a few problems: off by default)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="training runs at a time (each gets cores/jobs threads); on a 2-core CPU 2 single-thread "
+                        "runs do more work per hour than one 2-thread run, and resist other load far better")
     p.add_argument("--dry-run", action="store_true", help="print the planned commands and stop")
     p.add_argument("--report-only", action="store_true", help="only rewrite README.md from the output folder")
     return p.parse_args(argv)
@@ -52,7 +55,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 IN_PROGRESS = "lr sweep, in progress: the config's lrs until it ends"
 
 
-def learning_rates(settings: Settings, sweep: bool, dry_run: bool, argv: list[str]) -> tuple[dict[str, float], str]:
+def learning_rates(settings: Settings, sweep: bool, dry_run: bool, argv: list[str],
+                   workers: int = 1) -> tuple[dict[str, float], str]:
     """The lr of each method: from the config, or chosen by the lr sweep (run here)."""
     lrs = dict(settings.lr)
     if not sweep:
@@ -64,7 +68,7 @@ def learning_rates(settings: Settings, sweep: bool, dry_run: bool, argv: list[st
         return lrs, "lr sweep"
     # a provisional plan (the config's lrs) so that --report-only can show the sweep while it runs
     planning.write_plan(settings, planning.models(settings, lrs), lrs, IN_PROGRESS, argv)
-    run_all(jobs, "lr sweep (validation split only)")
+    run_all(jobs, "lr sweep (validation split only)", workers)
     for method, point in chosen_lrs(sweep_points(settings.out, planning.sweep_entries(settings))).items():
         lrs[method] = point.lr
         print(f"   {method}: lr {format_lr(point.lr)} (val CE {point.val_ce:.4f}, val CFM {point.val_cfm:.4f})",
@@ -72,15 +76,19 @@ def learning_rates(settings: Settings, sweep: bool, dry_run: bool, argv: list[st
     return lrs, "lr sweep"
 
 
-def evaluate_pending(settings: Settings, planned: list[dict]) -> None:
-    """One evaluate.py call per part for the models that have no result of it yet."""
+def evaluate_pending(settings: Settings, planned: list[dict], workers: int = 1) -> None:
+    """One evaluate.py call per part for the models that have no result of it yet (parts run
+    ``workers`` at a time)."""
+    jobs = []
     for part in settings.parts:
         planning.check_calls(settings, part)
         todo = planning.pending(planned, planning.read_results(settings.out, part))
         if todo:
-            run_all([planning.eval_job(settings, part, todo)], f"evaluation ({part})")
+            jobs.append(planning.eval_job(settings, part, todo))
         else:
             print(f"\n== evaluation ({part}): every model done before", flush=True)
+    run_all(jobs, "evaluation (" + ", ".join(job.name.split(":")[0].removeprefix("evaluate ") for job in jobs) + ")",
+            workers)
 
 
 def fail(err: ReproError) -> int:
@@ -103,20 +111,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"== reproduction into {settings.out}: {len(settings.variants)} variants x seeds "
           f"{', '.join(map(str, settings.seeds))}, {settings.steps} steps, model {settings.base_ckpt}", flush=True)
     try:
-        lrs, source = learning_rates(settings, args.lr_sweep, args.dry_run, argv)
+        lrs, source = learning_rates(settings, args.lr_sweep, args.dry_run, argv, args.jobs)
         planned = planning.models(settings, lrs)
-        # two stages: the headline variants (every seed) are trained and evaluated before the ablations
-        # (first seed only), so an interrupted reproduction already has its main comparison
+        # stages, each trained then evaluated, so that an interrupted reproduction already has a verdict:
+        # the headline variants at the first seed (with --lr-sweep at full length: the sweep's runs), the
+        # other seeds, then the ablations (first seed only)
         headline = [m for m in planned if m["variant"] not in settings.first_seed_only]
-        ablations = [m for m in planned if m["variant"] in settings.first_seed_only]
+        first = [m for m in headline if m.get("seed") in (None, settings.seeds[0])]
+        stages = ((first, "training (first seed)"), (headline, "training (other seeds)"),
+                  (planned, "training (ablations)"))
         if args.dry_run:
             print("\n".join(job.command for job in planning.training_jobs(settings, planned)))
             print("\n".join(planning.eval_job(settings, p, planned).command for p in settings.parts))
             return 0
         planning.write_plan(settings, planned, lrs, source, argv)
-        for trained, evaluated, stage in ((headline, headline, "training"), (ablations, planned, "training (ablations)")):
-            run_all(planning.training_jobs(settings, trained), stage)
-            evaluate_pending(settings, evaluated)
+        for models, stage in stages:
+            run_all([job for job in planning.training_jobs(settings, models) if finished(job) is None], stage,
+                    args.jobs)
+            evaluate_pending(settings, models, args.jobs)
             print(f"report so far: {write_report(settings.out)}", flush=True)
     except ReproError as err:
         if (settings.out / planning.PLAN).is_file():

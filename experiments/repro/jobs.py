@@ -16,9 +16,11 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -64,35 +66,53 @@ def finished(job: Job) -> dict | None:
     if record["command"] != job.command:
         raise ReproError(f"{job.directory} holds a run of a different command:\n  was: {record['command']}\n"
                          f"  now: {job.command}\nuse another --out, or delete that directory to rerun it")
-    done = record.get("returncode") is not None and (record["returncode"] == 0 or job.may_fail)
+    code = record.get("returncode")
+    done = code is not None and (code == 0 or (job.may_fail and not interrupted(code)))
     return record if done else None
 
 
-def _children_cpu() -> float:
-    """CPU seconds (user + system) of the finished child processes so far: on a shared machine the
-    work a job did, where its wall time also counts the waiting for a core."""
-    t = os.times()
-    return t.children_user + t.children_system
+def interrupted(returncode: int) -> bool:
+    """Whether a job ended because it was stopped (SIGINT, SIGTERM, SIGKILL: by the driver, a scheduler or
+    the end of a session) rather than by failing: such a job continues later, even one that may fail."""
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)
+    return returncode in {*(-s for s in stops), *(128 + s for s in stops)}
 
 
-def _wait(argv: list[str], out) -> int:
-    """Run ``argv`` in the repository root with its output to ``out``; return its exit code. When the
-    driver is interrupted (Ctrl-C, SIGTERM), the child is stopped too (terminate, then kill after 30 s)."""
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        return proc.wait()
-    except BaseException:
+GRACE_S = 600   # how long a stopped training run may take to finish its step and save a checkpoint
+_live: set[subprocess.Popen] = set()
+
+
+def _wait(argv: list[str], out, threads: int | None) -> tuple[int, float]:
+    """Run ``argv`` in the repository root with its output to ``out``; return its exit code and CPU seconds
+    (user + system: on a shared machine the work it did, where its wall time also counts the waiting for a
+    core). ``threads`` sets the child's OMP/MKL threads unless the environment already does."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if threads:
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+        env.setdefault("MKL_NUM_THREADS", str(threads))
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+    _live.add(proc)   # until it ends: an interruption of the driver stops it (stop_children)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    _live.discard(proc)
+    return proc.returncode, usage.ru_utime + usage.ru_stime
+
+
+def stop_children() -> None:
+    """Stop every running job (the driver was interrupted): SIGTERM, so that a training run finishes its
+    step and saves a checkpoint to resume from, then SIGKILL after ``GRACE_S`` seconds."""
+    procs = list(_live)
+    for proc in procs:
         proc.terminate()
+    deadline = time.time() + GRACE_S
+    for proc in procs:
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
+            proc.wait(timeout=max(1.0, deadline - time.time()))
+        except (subprocess.TimeoutExpired, ChildProcessError):
             proc.kill()
-            proc.wait()
-        raise
 
 
-def run_job(job: Job, index: int, total: int) -> dict:
+def run_job(job: Job, index: int, total: int, threads: int | None = None) -> dict:
     """Run ``job`` unless it finished before; print one progress line before and after; return its record.
 
     Raises :class:`ReproError` when the command fails (and the job may not fail).
@@ -118,16 +138,16 @@ def run_job(job: Job, index: int, total: int) -> dict:
     if len(argv) > len(job.argv):
         record["resumed_with"] = argv[-1]
     write_json(record, job.directory / RECORD)
-    start, cpu = time.time(), _children_cpu()
+    start = time.time()
     with log.open("a") as out:
-        returncode = _wait([sys.executable, *argv], out)
+        returncode, cpu = _wait([sys.executable, *argv], out, threads)
     seconds = round(time.time() - start, 1)
-    record.update(returncode=returncode, seconds=seconds, cpu_seconds=round(_children_cpu() - cpu, 1),
+    record.update(returncode=returncode, seconds=seconds, cpu_seconds=round(cpu, 1),
                   finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     write_json(record, job.directory / RECORD)
     if returncode != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
-        if not job.may_fail:
+        if not job.may_fail or interrupted(returncode):
             raise ReproError(f"{job.name} failed (exit {returncode}) after {seconds:.0f} s; "
                              f"log: {log}\n{tail}")
         print(f"{head}: FAILED after {seconds:.0f} s (kept as a result; log: {log})", flush=True)
@@ -142,9 +162,24 @@ def run_job(job: Job, index: int, total: int) -> dict:
     return record
 
 
-def run_all(jobs: list[Job], stage: str) -> list[dict]:
-    """Run ``jobs`` in order under a stage heading; return their records."""
+def run_all(jobs: list[Job], stage: str, workers: int = 1) -> list[dict]:
+    """Run ``jobs`` under a stage heading, ``workers`` at a time (each child then gets
+    cores / workers threads); return their records in the jobs' order. When the driver is interrupted
+    (or a job fails), the running jobs are stopped (:func:`stop_children`)."""
     if not jobs:
         return []
-    print(f"\n== {stage}: {len(jobs)} job(s)", flush=True)
-    return [run_job(job, i, len(jobs)) for i, job in enumerate(jobs, 1)]
+    print(f"\n== {stage}: {len(jobs)} job(s)" + (f", {workers} at a time" if workers > 1 else ""), flush=True)
+    if workers <= 1:
+        try:
+            return [run_job(job, i, len(jobs)) for i, job in enumerate(jobs, 1)]
+        finally:
+            stop_children()
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(run_job, job, i, len(jobs), threads) for i, job in enumerate(jobs, 1)]
+        try:
+            return [f.result() for f in futures]
+        finally:
+            for f in futures:
+                f.cancel()
+            stop_children()

@@ -17,8 +17,12 @@ import numpy as np
 import torch
 
 from experiments.synthetic import report
+from experiments.synthetic.report import STATS
 from experiments.synthetic.stages import (Run, Settings, curves, load_settings, oracle_of_truth, relative,
                                           test_model, train_run, write_init)
+
+
+ALPHA_PAIRS = (("ebft", "ebft_alpha0"), ("ebft_whitened", "ebft_alpha0_whitened"))   # alpha 1 vs 0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -107,11 +111,15 @@ def write_report(settings: Settings, tests, truth, runs, chosen, sweep, records,
     keys = ["ce", "cfm"] + [f"oracle/pairs/G{g}" for g in horizons] + [f"oracle/unigram/G{g}" for g in horizons]
     paired = report.paired_rows(fine, "sft", keys)
     versus_base = report.paired_rows(tests, "base", keys)
+    alpha = [row for one, zero in ALPHA_PAIRS if one in tests and zero in tests
+             for row in report.paired_rows({one: tests[one], zero: tests[zero]}, zero, keys)]
     base_vs_truth = base_miscalibration(tests["base"][0], truth, horizons)
     summary = report.summary_rows(tests, truth, horizons)
     report.write_csv(out / "summary.csv", summary)
     report.write_csv(out / "paired_vs_sft.csv", paired)
     report.write_csv(out / "paired_vs_base.csv", versus_base)
+    if alpha:
+        report.write_csv(out / "paired_alpha.csv", alpha)
     report.write_csv(out / "lr_sweep.csv", sweep)
     report.write_csv(out / "base_vs_truth.csv", base_vs_truth)
     report.plot_curves(out / "curves.png", {v: [curves(r.directory) for r in rs] for v, rs in runs.items()})
@@ -120,7 +128,8 @@ def write_report(settings: Settings, tests, truth, runs, chosen, sweep, records,
     report.write_claims(out, claims)
     timing = timing_rows(records, tests)
     report.write_csv(out / "timing.csv", timing)
-    text = readme(settings, summary, paired, versus_base, base_vs_truth, chosen, sweep, timing, horizons, base_run)
+    text = readme(settings, summary, paired, versus_base, alpha, base_vs_truth, chosen, sweep, timing, horizons,
+                  base_run)
     (out / "README.md").write_text(text)
     return {"paired": paired, "claims": claims, "summary": summary}
 
@@ -174,7 +183,46 @@ def _verdict(paired: list[dict], variant: str, horizons) -> str:
     return f"- **{variant}** vs SFT: " + "; ".join(parts) + "."
 
 
-def readme(settings, summary, paired, versus_base, base_vs_truth, chosen, sweep, timing, horizons,
+def _excludes_zero(r: dict) -> int:
+    """-1 / +1 when the 95% interval of ``r`` lies below / above 0, else 0."""
+    return -1 if r["ci_high"] < 0 else 1 if r["ci_low"] > 0 else 0
+
+
+def _notes(paired, versus_base, alpha, variants, horizons, chosen, grid) -> list[str]:
+    """What the verdict lines imply, in words: whether the feature network's view (CFM) and the truth
+    (the oracle) agree, variants that trained identically, learning rates at the edge of their grid."""
+    notes = []
+    rows = {(r["variant"], r["metric"]): r for r in paired}
+    for v in variants:
+        cfm = _excludes_zero(rows[(v, "cfm")])
+        oracle = {_excludes_zero(rows[(v, f"oracle/{stat}/G{g}")]) for stat in STATS for g in horizons}
+        if cfm and oracle == {0}:
+            notes.append(f"- {v}: the feature network's view and the truth disagree: CFM is "
+                         f"{'lower' if cfm < 0 else 'higher'} than SFT's, but the oracle error is within noise "
+                         "of SFT's at every horizon.")
+        elif cfm == 0 and oracle - {0}:
+            notes.append(f"- {v}: the oracle error separates it from SFT at some horizon while CFM does not: the "
+                         "feature network does not see that difference.")
+    base = {(r["variant"], r["metric"]): r for r in versus_base}
+    if ("sft", "cfm") in base:
+        lower = [f"G={g}" for g in horizons if _excludes_zero(base[("sft", f"oracle/pairs/G{g}")]) < 0]
+        notes.append(f"- SFT against the base: CFM {base[('sft', 'cfm')]['mean']:+.4f} "
+                     f"({'higher' if _excludes_zero(base[('sft', 'cfm')]) > 0 else 'lower' if _excludes_zero(base[('sft', 'cfm')]) < 0 else 'within noise'}), "
+                     f"oracle error (pairs) lower at {', '.join(lower) or 'no horizon'}.")
+    for r in alpha:
+        if r["metric"] == "cfm" and r["se"] == 0 and r["mean"] == 0:
+            notes.append(f"- {r['variant']} and {r['reference']} produced identical test values: with the reference "
+                         "whitening the rollouts of a context become orthonormal, so the diversity term is 0 unless "
+                         "a rollout repeats exactly, and alpha changes nothing (`ebft/objectives/rewards.py`, whitening `reference`).")
+    for method, lr in chosen.items():
+        values = sorted(float(x) for x in grid[method])
+        if len(values) > 1 and lr in (values[0], values[-1]):
+            notes.append(f"- {method}'s learning rate {fmt_lr(lr)} is at the edge of its grid "
+                         f"({', '.join(map(fmt_lr, values))}): a wider grid could choose another.")
+    return ["What this says:", "", *notes] if notes else []
+
+
+def readme(settings, summary, paired, versus_base, alpha, base_vs_truth, chosen, sweep, timing, horizons,
            base_run) -> str:
     s, cfg = settings.s, settings.cfg
     p = cfg.data.process
@@ -186,18 +234,22 @@ def readme(settings, summary, paired, versus_base, base_vs_truth, chosen, sweep,
         if t["kind"] == "train" and t["seconds_per_step"]:
             per_step.setdefault(t["job"].split(" ")[0], []).append(t["seconds_per_step"])
     variants = [v for v in s.variants if v != "sft"]
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
     lines = [
         "# Synthetic testbed: does feature matching beat teacher forcing on held-out rollouts?",
         "",
         f"Generated by `python -m experiments.synthetic{' --quick' if settings.quick else ''}` "
         f"({(train_s + test_s) / 60:.1f} min wall over its jobs, {cpu / 60:.1f} min CPU; torch {torch.__version__}, {platform.machine()}, "
-        f"{torch.get_num_threads()} threads; 1-minute load average at the end {os.getloadavg()[0]:.1f}: the "
-        "2 cores were shared with other jobs, so wall times are several times the CPU times). "
-        "Settings: `conf/experiment/synthetic.yaml`.",
+        f"{torch.get_num_threads()} threads; 1-minute load average at the end {load:.1f}"
+        + (f": the {cores} cores were shared with other jobs, so wall times exceed the CPU times). "
+           if load > cores + 0.5 else "). ")
+        + "Settings: `conf/experiment/synthetic.yaml`.",
         "",
         "## Verdict",
         "",
         *[_verdict(paired, v, horizons) for v in variants],
+        "",
+        *_notes(paired, versus_base, alpha, variants, horizons, chosen, s.lr_grid),
         "",
         "Intervals: paired 95% (normal) over held-out units (test chunks for CE and CFM, oracle contexts for "
         "the oracle error), each unit's value averaged over the seeds first; EBFT minus SFT, so negative = "
@@ -263,7 +315,23 @@ def readme(settings, summary, paired, versus_base, base_vs_truth, chosen, sweep,
         seeds = ", ".join(f"{v * scale:+.3f}" for v in r["per_seed"])
         unit = " (x1e-4)" if scale != 1 else ""
         lines.append(f"| {r['variant']} | {r['metric']}{unit} | {_interval(scaled, 3 if scale != 1 else 4)} | {seeds} |")
-    lines += ["", "All of `paired_vs_base.csv` (unigram too, p-values).", "",
+    lines += ["", "All of `paired_vs_base.csv` (unigram too, p-values).", ""]
+    if alpha:
+        lines += ["## Does the diversity term matter? (alpha 1 minus alpha 0, same whitening)", "",
+                  "The diversity term of the reward (paper eqs. 7 and 67, weight alpha) against alignment only, paired "
+                  "as above (`paired_alpha.csv`):", "",
+                  "| variant | reference | metric | difference [95% CI] | p | per seed |", "|---|---|---|---|---|---|"]
+        for r in alpha:
+            if r["metric"] not in shown:
+                continue
+            scale = 1e4 if r["metric"].startswith("oracle") else 1
+            scaled = {k: r[k] * scale for k in ("mean", "ci_low", "ci_high")}
+            seeds = ", ".join(f"{v * scale:+.3f}" for v in r["per_seed"])
+            unit = " (x1e-4)" if scale != 1 else ""
+            lines.append(f"| {r['variant']} | {r['reference']} | {r['metric']}{unit} | "
+                         f"{_interval(scaled, 3 if scale != 1 else 4)} | {r['p_value']:.4f} | {seeds} |")
+        lines.append("")
+    lines += [
               "## Is the CE-trained base miscalibrated, and how does it grow with G?", "",
               "The base model's oracle error against the true process's own rollouts (paired over the oracle "
               "contexts; `base_vs_truth.csv`):", "",
