@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from ebft.config import ConfigError, DataConfigError
+from ebft.config import ConfigError, DataConfigError, check_renamed, evaluate_settings
 from ebft.eval.code import BenchmarkDataError
 from ebft.eval.runner import evaluate
 from ebft.eval.translation import MetricUnavailable
@@ -35,11 +35,15 @@ def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     try:
-        evaluate(cfg, report_dir=hc.sweep.dir if multirun else None, job=hc.job.num if multirun else 0)
+        evaluate(evaluate_settings(cfg), report_dir=hc.sweep.dir if multirun else None, job=hc.job.num if multirun else 0)
     except USER_ERRORS as err:
         sys.exit(f"evaluate.py: {err}")
 
 
 if __name__ == "__main__":
     sys.argv = comma_list_as_hydra_list(sys.argv)
+    try:
+        check_renamed(sys.argv[1:])
+    except ConfigError as err:
+        sys.exit(f"evaluate.py: {err}")
     main()

@@ -7,7 +7,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ebft.config import ConfigError, DataConfigError
+from ebft.config import ConfigError, DataConfigError, check_renamed
 from ebft.execution.sandbox import IsolationUnavailable
 from ebft.models.loading import ModelSourceError
 from ebft.run import Interrupted, train
@@ -33,4 +33,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    try:
+        check_renamed(sys.argv[1:])
+    except ConfigError as err:
+        sys.exit(f"train.py: {err}")
     main()

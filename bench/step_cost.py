@@ -52,13 +52,13 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.samplers import dense_strided_sdpa, sample_authors_style, sample_strided_nocache  # noqa: E402
 import ebft.methods.ebft as ebft_module  # noqa: E402
+from ebft.config import LoraSettings  # noqa: E402
 import ebft.objectives.losses as losses_module  # noqa: E402
 import ebft.rollout.sampler as sampler_module  # noqa: E402
 from ebft.methods.ebft import actor_loss, strided_hidden  # noqa: E402
@@ -187,7 +187,7 @@ class Bench:
         if args.arm == "lora":  # as model.lora: the base frozen in the model dtype, fp32 adapters
             from peft import get_peft_model
 
-            lora = OmegaConf.create({"rank": args.lora_rank, "alpha": None, "dropout": 0.0})
+            lora = LoraSettings(rank=args.lora_rank)
             targets = FAMILY_TARGETS[self.generator.config.model_type]
             self.adapters = get_peft_model(self.generator.to(fdtype), lora_config(lora, targets))
         self.generator.train()

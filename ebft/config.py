@@ -1,14 +1,40 @@
-"""Validation of the composed config: one clear error per mistake, before any
-model or dataset is loaded. Each message names the key, the bad value and the fix.
+"""Typed settings at the boundary: the composed Hydra config becomes small frozen dataclasses ONCE,
+at the entry points (``train.py`` / :mod:`ebft.run`, ``evaluate.py``), and every module below takes
+those objects, never the config itself.
+
+Each dataclass checks its values in ``__post_init__`` and raises :class:`ConfigError` with one clear
+message per mistake, naming the key, the bad value and the fix, before any model or dataset is
+loaded. :func:`train_settings` and :func:`evaluate_settings` do the conversion; the checks that
+need a model's files (paths, LoRA targets) run in :func:`ebft.run.validate`.
+
+The settings and who takes them:
+
+- :class:`TaskSettings` (``task``): the geometry T, C, s, G (paper §2) and the task's pooling and suite;
+- :class:`DataSettings` (``data``): the rows' source and the held-out split (``ebft.data``);
+- :class:`ModelSettings` (``model``, with :class:`LoraSettings`): the generator (``ebft.methods``,
+  ``ebft.models.lora``);
+- :class:`FeatureNetworkSpec` (``feature_network``): the frozen feature network phi of training (EBFT's
+  rewards) and of evaluation (CFM, ``val/cfm``): one spec, one factory
+  (:func:`ebft.models.features.build_feature_network`);
+- :class:`OptimSettings` (``method.lr``, ...): AdamW and its schedule;
+- :class:`SamplingSettings` (``method.num_samples``, ...): training rollouts; :class:`Sampling`:
+  evaluation's generation;
+- one per method, checked in ``__post_init__``: :class:`SFTSettings`, :class:`EBFTSettings`
+  (``alpha`` and ``gamma`` stay top-level keys), :class:`RLVRSettings`;
+- :class:`EvalSettings` (``eval``): calibration, downstream benchmarks, the verifiable reward;
+- :class:`TrainSettings` / :class:`EvaluateSettings`: what ``train.py`` / ``evaluate.py`` hand down.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -20,12 +46,18 @@ WHITENING = ("none", "reference", "paper")
 POOLING = ("last_token", "mean", "mean_raw")
 NORMALISATION = ("joint", "per_layer")
 REDUCTIONS = ("token_mean", "sequence_sum")
+SCALE_REWARDS = ("none", "group", "batch")
 LOGGERS = ("csv", "tensorboard", "wandb")
+
+RENAMED = {"model.feature_network": "feature_network.name", "method.features.": "feature_network.",
+           "eval.critic.": "feature_network."}
+"""Keys of earlier versions and where their settings live now: the one feature-network spec."""
 
 
 def compose_config(config_name: str, overrides) -> DictConfig:
     """``conf/<config_name>.yaml`` composed with ``overrides`` outside a Hydra app (scripts, drivers),
     with the Hydra node so that group choices can be read."""
+    check_renamed(overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
 
@@ -43,83 +75,432 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _choice(cfg: DictConfig, key: str, choices: tuple[str, ...]) -> None:
-    value = _get(cfg, key)
+def _choice(key: str, value, choices: tuple[str, ...]) -> None:
     _require(value in choices, f"{key}={value!r} is not one of {', '.join(choices)}")
 
 
-def _get(cfg: DictConfig, key: str):
+def check_renamed(overrides: Sequence[str]) -> None:
+    """Refuse a command-line override of a renamed key, naming the new one (Hydra would only say
+    that the key is not in the config)."""
+    for override in overrides:
+        key = str(override).lstrip("+~").split("=", 1)[0]
+        for old, new in RENAMED.items():
+            if key == old.rstrip(".") or key.startswith(old):
+                now = new + key[len(old):] if old.endswith(".") else new
+                raise ConfigError(f"{key} was renamed: the feature network of training and evaluation is one spec, "
+                                  f"`feature_network` (conf/feature_network/default.yaml); use {now}=...")
+
+
+# --------------------------------------------------------------------------- the pieces
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """``task``: chunks of T tokens; the first context has C tokens, contexts start every s tokens and
+    G tokens are generated per context (paper §2): NB = floor((T - G - C)/s) + 1 >= 1 blocks."""
+
+    name: str
+    seq_len: int
+    context_len: int
+    stride: int
+    gen_len: int
+    pooling: str = "last_token"
+    eval_suite: str = "none"
+    verifiable: bool = False
+
+    def __post_init__(self):
+        T, C, s, G = self.geometry
+        _require(C >= 1, f"task.context_len={C} must be >= 1 (every context needs a token)")
+        _require(s >= 1, f"task.stride={s} must be >= 1")
+        _require(G >= 1, f"task.gen_len={G} must be >= 1")
+        _require(T >= C + G, f"task.seq_len={T} is too small for context_len={C} + gen_len={G}: "
+                             f"raise task.seq_len to at least {C + G} or shorten the geometry")
+
+    @property
+    def geometry(self) -> tuple[int, int, int, int]:
+        """``(T, C, s, G)``, the first four arguments of :class:`ebft.rollout.layout.StridedLayout`."""
+        return self.seq_len, self.context_len, self.stride, self.gen_len
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """``data``: where the rows of ``task`` come from (``source``: the resolved ``data`` node, as
+    :func:`ebft.data.sources.load_rows` reads it) and the held-out split (``val_size`` rows, ``seed``)."""
+
+    task: str
+    source: Mapping[str, Any]
+    val_size: int = 1000
+    seed: int = 43
+    chat_template: bool = False
+
+    def __post_init__(self):
+        _require(self.val_size >= 0, f"data.val_size={self.val_size} must be >= 0")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """``model.lora`` with ``rank`` set (``ebft.models.lora``): ``alpha`` null = 2 x rank; ``target_modules``
+    null = the model family's attention and MLP projections."""
+
+    rank: int
+    alpha: float | None = None
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        rank = self.rank
+        _require(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1,
+                 f"model.lora.rank={rank!r} must be a whole number >= 1 (e.g. 16), or null for full fine-tuning")
+        _require(self.alpha is None or float(self.alpha) > 0,
+                 f"model.lora.alpha={self.alpha} must be > 0, or null for 2 x rank")
+        _require(0 <= float(self.dropout) < 1, f"model.lora.dropout={self.dropout} must be in [0, 1)")
+        targets = self.target_modules
+        _require(targets is None or (not isinstance(targets, str) and len(targets) >= 1),
+                 f"model.lora.target_modules={targets!r} must be a list of layer names, e.g. [q_proj,v_proj], "
+                 "or null for the model family's attention and MLP projections")
+
+    @property
+    def scale_alpha(self) -> float:
+        """The adapters' alpha (scale alpha / rank): ``alpha``, or 2 x rank when null."""
+        return float(self.alpha) if self.alpha is not None else 2.0 * self.rank
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """``model`` (+ ``init_from`` and ``method.gradient_checkpointing``): the base model ``name`` (the
+    tokenizer's and, by default, the feature network's), its dtype and attention backend, LoRA (None:
+    full fine-tuning) and the warm start."""
+
+    name: str
+    dtype: str = "auto"
+    attn_implementation: str = "auto"
+    lora: LoraSettings | None = None
+    init_from: str | None = None
+    gradient_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class FeatureNetworkSpec:
+    """``feature_network``: the frozen feature network phi (paper §2, eqs. 2-4) of EBFT's rewards and of
+    evaluation's CFM (``evaluate.py``, ``val/cfm`` during every method's training): ``name`` null = the base
+    model (``model.name``); taps at depth fractions ``layers`` in (0, 1], the ``pooling`` of the G-token
+    window and the ``normalisation`` of the taps (``ebft.models.features``)."""
+
+    name: str | None = None
+    layers: tuple[float, ...] = (0.25, 0.5, 0.75)
+    pooling: str = "last_token"
+    normalisation: str = "joint"
+
+    def __post_init__(self):
+        _choice("feature_network.pooling", self.pooling, POOLING)
+        _choice("feature_network.normalisation", self.normalisation, NORMALISATION)
+        layers = list(self.layers)
+        _require(len(layers) >= 1 and all(not isinstance(q, bool) and isinstance(q, (int, float)) and 0 < q <= 1
+                                           for q in layers),
+                 f"feature_network.layers={layers} must be depth fractions in (0, 1], e.g. [0.25,0.5,0.75]")
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """``method.lr``, ...: AdamW (``betas``, ``weight_decay``) with a linear warmup over ``warmup_ratio`` of
+    the steps, then ``constant`` or ``cosine`` down to ``min_lr_ratio`` x lr; ``batch_size`` per micro-batch."""
+
+    lr: float
+    batch_size: int
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self):
+        _require(self.lr > 0, f"method.lr={self.lr} must be > 0")
+        _require(self.batch_size >= 1, f"method.batch_size={self.batch_size} must be >= 1")
+        _require(0 <= self.warmup_ratio < 1, f"method.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                 f"method.betas={list(self.betas)} must be two numbers in [0, 1)")
+        _choice("method.schedule", self.schedule, SCHEDULES)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Training rollouts: ``num_samples`` per context (EBFT) or prompt (RLVR) from
+    ``softmax(logits / temperature)``.
+
+    Training samples with ``top_p = 1``: the update scores every sampled token under the full
+    distribution (the log-probs of paper eq. 7; the PPO ratio of RLVR), so tokens drawn from a top-p
+    nucleus would be scored under another distribution than the one they were drawn from
+    (off-policy). Refused rather than silently biased."""
+
+    num_samples: int
+    temperature: float
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        _require(self.temperature > 0, f"method.temperature={self.temperature} must be > 0")
+        _require(self.top_p == 1,
+                 f"method.top_p={self.top_p}: training scores each sampled token under the full distribution "
+                 "softmax(logits / temperature) (paper eq. 7), so nucleus sampling (top_p < 1) would make the update "
+                 "off-policy; use method.top_p=1.0 (the paper's setting). Evaluation's nucleus is eval.top_p")
+
+
+@dataclass(frozen=True)
+class SFTSettings:
+    """``method=sft``: cross-entropy on the ``answer`` tokens or on ``all`` tokens of a chunk."""
+
+    loss_on: str = "answer"
+    name: str = field(default="sft", init=False)
+
+    def __post_init__(self):
+        _choice("method.loss_on", self.loss_on, LOSS_ON)
+
+
+@dataclass(frozen=True)
+class EBFTSettings:
+    """``method=ebft`` (paper §2, Algorithm 1): rewards ``r = AT - alpha DT`` (eq. 7; ``alpha``, ``gamma``:
+    the top-level keys), whitening (eqs. 8-9), loss ``rl_coef * PG + gamma * CE``."""
+
+    sampling: SamplingSettings
+    alpha: float = 1.0
+    gamma: float = 0.0
+    whitening: str = "reference"
+    loss_reduction: str = "token_mean"
+    rl_coef: float = 1.0
+    ce_on: str = "all"
+    name: str = field(default="ebft", init=False)
+
+    def __post_init__(self):
+        alpha, n = self.alpha, self.sampling.num_samples
+        _require(0 <= alpha <= 1,
+                 f"alpha={alpha} must be in [0, 1] (paper App. C); use alpha=1 for the proper scoring rule")
+        _require(self.gamma >= 0, f"gamma={self.gamma} must be >= 0 (weight of the CE term)")
+        _require(n >= 1, f"method.num_samples={n} must be >= 1")
+        _require(not (n == 1 and alpha > 0),
+                 f"method.num_samples=1 with alpha={alpha}: the diversity term needs n >= 2 samples; "
+                 "set method.num_samples>=2 or alpha=0")
+        _choice("method.whitening", self.whitening, WHITENING)
+        _choice("method.loss_reduction", self.loss_reduction, REDUCTIONS)
+        _choice("method.ce_on", self.ce_on, LOSS_ON)
+        if alpha < 1:
+            log.warning("alpha=%s < 1: the feature-matching objective is then not a proper scoring rule "
+                        "(paper App. C); alpha=1 is the calibrated choice", alpha)
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """Which training rows become RLVR prompts (``ebft.data.prompts.select_prompts``)."""
+
+    max_prompt_tokens: int = 1024
+    check_references: bool = True
+
+    def __post_init__(self):
+        _require(self.max_prompt_tokens >= 1, f"method.max_prompt_tokens={self.max_prompt_tokens} must be >= 1")
+
+
+@dataclass(frozen=True)
+class RLVRSettings:
+    """``method=rlvr``: GRPO with a verifiable reward (``ebft.methods.rlvr``)."""
+
+    sampling: SamplingSettings
+    max_new_tokens: int = 128
+    prompts: PromptSettings = PromptSettings()
+    scale_rewards: str = "group"
+    ppo_epochs: int = 1
+    clip_eps: float = 0.2
+    kl_coef: float = 0.0
+    name: str = field(default="rlvr", init=False)
+
+    def __post_init__(self):
+        n = self.sampling.num_samples
+        _require(n >= 2, f"method.num_samples={n}: GRPO needs >= 2 samples per prompt")
+        _require(self.max_new_tokens >= 1, f"method.max_new_tokens={self.max_new_tokens} must be >= 1")
+        _choice("method.scale_rewards", self.scale_rewards, SCALE_REWARDS)
+        _require(self.ppo_epochs == 1,
+                 f"method.ppo_epochs={self.ppo_epochs}: only 1 update per rollout batch is supported (online GRPO, "
+                 "as in the paper; Lightning's automatic optimisation takes one step per batch); set method.ppo_epochs=1")
+        _require(0 < self.clip_eps < 1, f"method.clip_eps={self.clip_eps} must be in (0, 1); PPO's usual value is 0.2")
+        _require(self.kl_coef >= 0, f"method.kl_coef={self.kl_coef} must be >= 0 (0 = no KL penalty, the paper)")
+
+
+MethodSettings = SFTSettings | EBFTSettings | RLVRSettings
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How evaluation draws completions: ``n_samples`` at ``temperature`` / ``top_p`` besides the greedy one."""
+
+    n_samples: int = 16
+    temperature: float = 0.6
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    batch_size: int = 16
+    seed: int = 43
+
+    def __post_init__(self):
+        if self.n_samples < 0:
+            raise ValueError(f"n_samples={self.n_samples} must be >= 0 (0 = greedy only)")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0 (greedy decoding is always included)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]; 1.0 switches nucleus sampling off")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} and batch_size={self.batch_size} must be >= 1")
+
+    @property
+    def prompts_per_call(self) -> int:
+        """Prompts per ``generate`` call so that a call holds at most ``batch_size`` sampled sequences."""
+        return max(1, self.batch_size // max(1, self.n_samples))
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """``eval``'s calibration on held-out chunks: CE, CFM with its whitened proxy, the FM profile."""
+
+    seed: int = 43
+    cfm_chunks: int | None = None
+    cfm_skip: int = 0
+    cfm_samples: int = 4
+    cfm_temperature: float = 0.6
+    whitening: str = "reference"
+    profile_lengths: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    profile_chunks: int | None = None
+    chunk_batch_size: int = 8
+
+    def __post_init__(self):
+        for key in ("cfm_chunks", "profile_chunks"):
+            value = getattr(self, key)
+            _require(value is None or value >= 1, f"eval.{key}={value} must be >= 1, or null for all")
+        _require(self.cfm_skip >= 0, f"eval.cfm_skip={self.cfm_skip} must be >= 0")
+        _choice("eval.whitening", self.whitening, WHITENING)
+
+
+@dataclass(frozen=True)
+class BenchmarkSettings:
+    """``eval``'s downstream benchmarks: sandbox limits, the optional benchmarks' files and toolchains."""
+
+    seed: int = 43
+    timeout: float = 3.0
+    workers: int | None = None
+    require_isolation: bool = False
+    mbpp_path: str | None = None
+    multipl_e: tuple[str, ...] = ()
+    multipl_e_dir: str | None = None
+    comet_python: str | None = None
+
+
+@dataclass(frozen=True)
+class RewardSettings:
+    """``eval.reward``: how many prompts (None: all) and completions per prompt, how they are sampled
+    (as RLVR's ``method.temperature``, ``top_p``, ``max_new_tokens``) and which prompts are kept
+    (``max_prompt_tokens``, ``check_references``: RLVR's prompt filters)."""
+
+    prompts: int | None = 32
+    samples: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    max_prompt_tokens: int = 1024
+    check_references: bool = True
+    batch_size: int = 4
+
+    def __post_init__(self):
+        positive = {"samples": self.samples, "max_new_tokens": self.max_new_tokens,
+                    "max_prompt_tokens": self.max_prompt_tokens, "batch_size": self.batch_size}
+        if self.prompts is not None:
+            positive["prompts"] = self.prompts
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"eval.reward.{key}={value} must be >= 1" +
+                                  (" (or null for all held-out prompts)" if key == "prompts" else ""))
+        if self.temperature <= 0:
+            raise ConfigError(f"eval.reward.temperature={self.temperature} must be > 0 (RLVR samples)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"eval.reward.top_p={self.top_p} is outside (0, 1]; 1.0 keeps every token")
+
+    @property
+    def prompt_selection(self) -> PromptSettings:
+        return PromptSettings(self.max_prompt_tokens, self.check_references)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """``eval``: calibration, benchmarks and the verifiable reward, the reference model of paired
+    comparisons, the device."""
+
+    calibration: CalibrationSettings = CalibrationSettings()
+    benchmarks: BenchmarkSettings = BenchmarkSettings()
+    reward: RewardSettings = RewardSettings()
+    reference: str | None = None
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class InTrainingEval:
+    """``eval.every_n_steps`` (0 = off), ``eval.cfm_train_chunks`` (0 = no ``train/cfm_fixed``) and, with
+    ``eval.downstream_limit`` > 0, the task's benchmarks on that many problems drawn with ``sampling``."""
+
+    every_n_steps: int = 0
+    cfm_train_chunks: int = 0
+    downstream_limit: int = 0
+    sampling: Sampling | None = None
+
+    def __post_init__(self):
+        _require(self.cfm_train_chunks >= 0,
+                 f"eval.cfm_train_chunks={self.cfm_train_chunks} must be >= 0 (0 = no train/cfm_fixed)")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything ``train.py`` hands to the method's module, datamodule and callback. ``record`` is the
+    run's resolved config as plain data (:func:`ebft.run.validate` sets it), saved with every checkpoint
+    (``hyper_parameters["cfg"]``) and read back only to check that a resumed checkpoint is of the same
+    method and model."""
+
+    method: MethodSettings
+    optim: OptimSettings
+    model: ModelSettings
+    task: TaskSettings
+    data: DataSettings
+    feature_network: FeatureNetworkSpec
+    eval: EvalSettings
+    in_training: InTrainingEval
+    seed: int = 43
+    device: str = "cpu"
+    record: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """What ``evaluate.py`` hands to :func:`ebft.eval.runner.evaluate`: the models (``ckpt``), the metrics
+    asked for (None = the default plan), ``limit``, generation ``sampling``, and ``record``: the resolved
+    config without ``ckpt`` and ``output_dir`` (what a saved part must share to be taken over)."""
+
+    ckpt: tuple[str, ...]
+    metrics: tuple[str, ...] | None
+    limit: int | None
+    sampling: Sampling
+    model: ModelSettings
+    task: TaskSettings
+    data: DataSettings
+    feature_network: FeatureNetworkSpec
+    eval: EvalSettings
+    output_dir: str
+    seed: int = 43
+    record: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.limit is not None:
+            _require(self.limit >= 1, f"limit={self.limit} must be >= 1, or null for all")
+
+
+# --------------------------------------------------------------------------- the conversion
+
+
+def _get(cfg, key: str):
     node = cfg
     for part in key.split("."):
         node = node.get(part) if node is not None else None
     return node
-
-
-def validate_geometry(task: DictConfig) -> None:
-    """T, C, s, G must give at least one block: NB = floor((T - G - C)/s) + 1 >= 1."""
-    T, C, s, G = (int(task[k]) for k in ("seq_len", "context_len", "stride", "gen_len"))
-    _require(C >= 1, f"task.context_len={C} must be >= 1 (every context needs a token)")
-    _require(s >= 1, f"task.stride={s} must be >= 1")
-    _require(G >= 1, f"task.gen_len={G} must be >= 1")
-    _require(T >= C + G, f"task.seq_len={T} is too small for context_len={C} + gen_len={G}: "
-                         f"raise task.seq_len to at least {C + G} or shorten the geometry")
-
-
-def validate_optim(method: DictConfig) -> None:
-    _require(float(method.lr) > 0, f"method.lr={method.lr} must be > 0")
-    _require(int(method.batch_size) >= 1, f"method.batch_size={method.batch_size} must be >= 1")
-    _require(0 <= float(method.warmup_ratio) < 1, f"method.warmup_ratio={method.warmup_ratio} must be in [0, 1)")
-    _require(len(method.betas) == 2 and all(0 <= float(b) < 1 for b in method.betas),
-             f"method.betas={list(method.betas)} must be two numbers in [0, 1)")
-    _require(method.schedule in SCHEDULES,
-             f"method.schedule={method.schedule!r} is not one of {', '.join(SCHEDULES)}")
-
-
-def validate_top_p(method: DictConfig) -> None:
-    """Training samples with ``method.top_p = 1``: the update scores every sampled token under the
-    full ``softmax(logits / temperature)`` (the log-probs of paper eq. 7; the PPO ratio of RLVR), so
-    tokens drawn from a top-p nucleus would be scored under another distribution than the one they
-    were drawn from (off-policy). Refused rather than silently biased."""
-    _require(float(method.top_p) == 1,
-             f"method.top_p={method.top_p}: training scores each sampled token under the full distribution "
-             "softmax(logits / temperature) (paper eq. 7), so nucleus sampling (top_p < 1) would make the update "
-             "off-policy; use method.top_p=1.0 (the paper's setting). Evaluation's nucleus is eval.top_p")
-
-
-def validate_ebft(cfg: DictConfig) -> None:
-    m = cfg.method
-    alpha, n = float(cfg.alpha), int(m.num_samples)
-    _require(0 <= alpha <= 1, f"alpha={alpha} must be in [0, 1] (paper App. C); use alpha=1 for the proper scoring rule")
-    _require(float(cfg.gamma) >= 0, f"gamma={cfg.gamma} must be >= 0 (weight of the CE term)")
-    _require(n >= 1, f"method.num_samples={n} must be >= 1")
-    _require(not (n == 1 and alpha > 0),
-             f"method.num_samples=1 with alpha={alpha}: the diversity term needs n >= 2 samples; "
-             "set method.num_samples>=2 or alpha=0")
-    _require(float(m.temperature) > 0, f"method.temperature={m.temperature} must be > 0")
-    validate_top_p(m)
-    _choice(cfg, "method.whitening", WHITENING)
-    _choice(cfg, "method.loss_reduction", REDUCTIONS)
-    _choice(cfg, "method.ce_on", LOSS_ON)
-    _choice(cfg, "method.features.pooling", POOLING)
-    _choice(cfg, "method.features.normalisation", NORMALISATION)
-    layers = list(m.features.layers)
-    _require(len(layers) >= 1 and all(0 < float(q) <= 1 for q in layers),
-             f"method.features.layers={layers} must be depth fractions in (0, 1], e.g. [0.25,0.5,0.75]")
-    if alpha < 1:
-        log.warning("alpha=%s < 1: the feature-matching objective is then not a proper scoring rule "
-                    "(paper App. C); alpha=1 is the calibrated choice", alpha)
-
-
-def validate_rlvr(cfg: DictConfig) -> None:
-    _require(bool(cfg.task.get("verifiable", False)),
-             f"method=rlvr needs a verifiable reward, and task={cfg.task.name} has no verifier "
-             "(no unit tests or references to score against); use method=ebft for this task")
-    m = cfg.method
-    _require(int(m.num_samples) >= 2, f"method.num_samples={m.num_samples}: GRPO needs >= 2 samples per prompt")
-    _require(float(m.temperature) > 0, f"method.temperature={m.temperature} must be > 0")
-    validate_top_p(m)
-    _require(int(m.max_new_tokens) >= 1, f"method.max_new_tokens={m.max_new_tokens} must be >= 1")
-    _choice(cfg, "method.scale_rewards", ("none", "group", "batch"))
 
 
 NUMBERS = {"alpha": float, "gamma": float, "seed": int, "global_batch": int, "method.lr": float,
@@ -142,20 +523,153 @@ def validate_numbers(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} is not {'an integer' if kind is int else 'a number'}") from None
 
 
-def validate_values(cfg: DictConfig) -> None:
-    """Check the values of the training config that need no file or model (the paths and LoRA's
-    target modules are checked by ``ebft.run.validate``); raise :class:`ConfigError` on the first problem."""
-    validate_numbers(cfg)
-    validate_geometry(cfg.task)
-    validate_optim(cfg.method)
-    _choice(cfg, "logger.kind", LOGGERS)
-    name = str(cfg.method.name)
+def _plain(node) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+
+
+def _optional_int(value) -> int | None:
+    return None if value is None else int(value)
+
+
+def task_settings(task: DictConfig) -> TaskSettings:
+    return TaskSettings(str(task.name), int(task.seq_len), int(task.context_len), int(task.stride),
+                        int(task.gen_len), str(task.get("pooling", "last_token")), str(task.get("eval_suite", "none")),
+                        bool(task.get("verifiable", False)))
+
+
+def data_settings(cfg: DictConfig) -> DataSettings:
+    data = cfg.data
+    return DataSettings(str(cfg.task.name), _plain(data), int(data.get("val_size", 1000)), int(data.get("seed", 43)),
+                        bool(data.get("chat_template", False)))
+
+
+def feature_network_spec(node: DictConfig) -> FeatureNetworkSpec:
+    layers = node.layers
+    layers = tuple(layers) if isinstance(layers, (ListConfig, list, tuple)) else (layers,)
+    return FeatureNetworkSpec(None if node.get("name") is None else str(node.name), layers,
+                              str(node.pooling), str(node.normalisation))
+
+
+def model_settings(cfg: DictConfig) -> ModelSettings:
+    m, lora = cfg.model, cfg.model.get("lora")
+    if lora is not None and lora.get("rank") is not None:
+        targets = lora.get("target_modules")
+        targets = tuple(str(t) for t in targets) if isinstance(targets, (ListConfig, list, tuple)) else targets
+        lora = LoraSettings(lora.rank, lora.get("alpha"), float(lora.get("dropout", 0.0)), targets)
+    else:
+        lora = None
+    method = cfg.get("method") or {}
+    return ModelSettings(str(m.name), str(m.get("dtype", "auto")), str(m.get("attn_implementation", "auto")), lora,
+                         None if cfg.get("init_from") is None else str(cfg.init_from),
+                         bool(method.get("gradient_checkpointing", False)))
+
+
+def eval_settings(cfg: DictConfig) -> EvalSettings:
+    e, seed = cfg.eval, int(cfg.seed)
+    calibration = CalibrationSettings(
+        seed, _optional_int(e.get("cfm_chunks")), int(e.get("cfm_skip") or 0), int(e.cfm_samples),
+        float(e.cfm_temperature), str(e.whitening), tuple(int(g) for g in e.profile_lengths),
+        _optional_int(e.get("profile_chunks")), int(e.chunk_batch_size))
+    benchmarks = BenchmarkSettings(
+        seed, float(e.timeout), _optional_int(e.get("workers")), bool(e.get("require_isolation", False)),
+        None if e.get("mbpp_path") is None else str(e.mbpp_path), tuple(str(x) for x in e.get("multipl_e") or ()),
+        None if e.get("multipl_e_dir") is None else str(e.multipl_e_dir),
+        None if e.get("comet_python") is None else str(e.comet_python))
+    r = e.get("reward")
+    reward = RewardSettings() if r is None else RewardSettings(
+        _optional_int(r.prompts), int(r.samples), float(r.temperature), float(r.top_p), int(r.max_new_tokens),
+        int(r.max_prompt_tokens), bool(r.check_references), int(r.batch_size))
+    return EvalSettings(calibration, benchmarks, reward, None if e.get("reference") is None else str(e.reference),
+                        str(e.get("device", "auto")))
+
+
+def sampling_settings(node, cfg: DictConfig, prefix: str = "") -> Sampling:
+    """Generation settings from ``node`` (n_samples, temperature, max_new_tokens) and ``cfg.eval``."""
+    try:
+        return Sampling(n_samples=int(node.n_samples), temperature=float(node.temperature),
+                        top_p=float(cfg.eval.top_p), max_new_tokens=int(node.max_new_tokens),
+                        batch_size=int(cfg.eval.gen_batch_size), seed=int(cfg.seed))
+    except ValueError as err:
+        raise ConfigError(f"{prefix}{err}") from None
+
+
+def _rollout(m: DictConfig) -> SamplingSettings:
+    return SamplingSettings(int(m.num_samples), float(m.temperature), float(m.top_p))
+
+
+def method_settings(cfg: DictConfig) -> MethodSettings:
+    m, name = cfg.method, str(cfg.method.name)
     if name == "sft":
-        _choice(cfg, "method.loss_on", LOSS_ON)
-    elif name == "ebft":
-        validate_ebft(cfg)
-    elif name == "rlvr":
-        validate_rlvr(cfg)
+        return SFTSettings(str(m.get("loss_on", "answer")))
+    if name == "ebft":
+        _require(int(m.num_samples) >= 1, f"method.num_samples={m.num_samples} must be >= 1")
+        return EBFTSettings(_rollout(m), float(cfg.alpha), float(cfg.gamma), str(m.whitening), str(m.loss_reduction),
+                            float(m.rl_coef), str(m.ce_on))
+    if name == "rlvr":
+        _require(bool(cfg.task.get("verifiable", False)),
+                 f"method=rlvr needs a verifiable reward, and task={cfg.task.name} has no verifier "
+                 "(no unit tests or references to score against); use method=ebft for this task")
+        _require(int(m.num_samples) >= 2, f"method.num_samples={m.num_samples}: GRPO needs >= 2 samples per prompt")
+        return RLVRSettings(_rollout(m), int(m.max_new_tokens),
+                            PromptSettings(int(m.max_prompt_tokens), bool(m.check_references)),
+                            str(m.scale_rewards), int(m.ppo_epochs), float(m.clip_eps), float(m.kl_coef))
+    raise ConfigError(f"method.name={name!r} is not one of sft, ebft, rlvr")
+
+
+def optim_settings(m: DictConfig) -> OptimSettings:
+    return OptimSettings(float(m.lr), int(m.batch_size), tuple(float(b) for b in m.betas), float(m.weight_decay),
+                         float(m.warmup_ratio), str(m.schedule), float(m.get("min_lr_ratio", 0.1)))
+
+
+def device_kind(trainer: DictConfig) -> str:
+    """``cuda`` when the Trainer runs on GPUs (``trainer.accelerator`` gpu / cuda, or auto with CUDA), else ``cpu``."""
+    import torch
+
+    accel = str(trainer.get("accelerator", "auto"))
+    return "cuda" if accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def in_training_eval(cfg: DictConfig) -> InTrainingEval:
+    every = cfg.eval.get("every_n_steps") or 0
+    if isinstance(every, float) and not every.is_integer() or int(every) < 0:
+        raise ConfigError(f"eval.every_n_steps={every} must be a whole number of optimizer steps >= 0 (0 = off); "
+                          "set it explicitly when trainer.val_check_interval is a fraction of an epoch")
+    limit = int(cfg.eval.get("downstream_limit") or 0)
+    return InTrainingEval(int(every), int(cfg.eval.get("cfm_train_chunks") or 0), limit,
+                          sampling_settings(cfg.eval, cfg, prefix="eval.") if limit else None)
+
+
+def train_settings(cfg: DictConfig) -> TrainSettings:
+    """The training config as typed settings; raises :class:`ConfigError` on the first bad value
+    (checks that read a model's files: :func:`ebft.run.validate`)."""
+    validate_numbers(cfg)
+    task = task_settings(cfg.task)
+    optim = optim_settings(cfg.method)
+    _choice("logger.kind", _get(cfg, "logger.kind"), LOGGERS)
+    method = method_settings(cfg)
+    model = model_settings(cfg)
+    if model.lora is not None:
+        strategy = cfg.trainer.get("strategy")
+        strategy = strategy.get("_target_", "") if hasattr(strategy, "get") else strategy
+        _require("fsdp" not in str(strategy).lower(),
+                 "model.lora with trainer=fsdp is not supported (the merged export reads the live, sharded weights); "
+                 "use trainer=ddp: with adapters every device holds one frozen bf16 copy and small trainable state")
     if cfg.get("hub") and cfg.hub.get("push"):
         _require(str(cfg.hub.get("repo_id") or "").count("/") == 1,
                  f"hub.push=true needs hub.repo_id=<owner/name>, got {cfg.hub.get('repo_id')!r}")
+    return TrainSettings(method, optim, model, task, data_settings(cfg), feature_network_spec(cfg.feature_network),
+                         eval_settings(cfg), in_training_eval(cfg), int(cfg.seed), device_kind(cfg.trainer))
+
+
+def evaluate_settings(cfg: DictConfig) -> EvaluateSettings:
+    """The evaluation config as typed settings (the request's own checks: :func:`ebft.eval.runner.check_request`)."""
+    value = cfg.ckpt
+    names = list(value) if isinstance(value, (list, ListConfig)) else [c.strip() for c in str(value).split(",")]
+    requested = cfg.get("metrics")
+    if requested is not None:
+        requested = [m.strip() for m in requested.split(",")] if isinstance(requested, str) else list(requested)
+    record = {k: v for k, v in _plain(cfg).items() if k not in ("ckpt", "output_dir")}
+    return EvaluateSettings(tuple(str(n) for n in names if str(n)), None if requested is None else tuple(requested),
+                            _optional_int(cfg.get("limit")), sampling_settings(cfg, cfg), model_settings(cfg),
+                            task_settings(cfg.task), data_settings(cfg), feature_network_spec(cfg.feature_network),
+                            eval_settings(cfg), str(cfg.output_dir), int(cfg.seed), record)

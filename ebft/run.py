@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -36,12 +37,12 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from ebft.card import FINAL_METRICS, push, write_card
-from ebft.config import ConfigError, validate_values
+from ebft.config import ConfigError, TrainSettings, train_settings
 from ebft.data.sources import check_data_record
 from ebft.eval.callback import CalibrationCallback
 from ebft.execution.sandbox import require_isolation
+from ebft.models import lora as lora_module
 from ebft.models.loading import HF_SUBDIR, ModelSourceError, load_tokenizer, resolve_source
-from ebft.models.lora import validate_lora
 from ebft.strategies import MemoryEstimate, apply_global_batch, build_strategy, check_launch
 
 log = logging.getLogger(__name__)
@@ -53,32 +54,6 @@ warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the s
 # The CSV logger warns that a non-empty log folder will be cleared when fit starts after the initial
 # validation wrote to it; it appends instead (metrics.csv keeps the step-0 validation).
 warnings.filterwarnings("ignore", message=".*exists and is not empty. Previous log files.*")
-
-
-def validate_paths(cfg: DictConfig) -> None:
-    """The model names resolve (``ebft.models.loading.resolve_source``, nothing loaded) and the
-    ``init_from`` / ``ckpt_path`` paths exist."""
-    for key in ("model.name", "model.feature_network"):
-        value = OmegaConf.select(cfg, key)
-        if value:
-            try:
-                resolve_source(str(value))
-            except ModelSourceError as err:
-                raise ConfigError(f"{key}: {err}") from None
-    if cfg.get("init_from") and not Path(str(cfg.init_from)).exists():
-        raise ConfigError(f"init_from={cfg.init_from} does not exist; give an SFT run dir (with hf_model/) or an HF dir")
-    if cfg.get("ckpt_path") and str(cfg.ckpt_path) != "last" and not Path(str(cfg.ckpt_path)).exists():
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; give a .ckpt file, a run dir with "
-                          "checkpoints/last.ckpt, or 'last' (this run dir's, with hydra.run.dir=<run dir>)")
-
-
-def validate(cfg: DictConfig) -> None:
-    """Check the whole training config before anything is loaded: its values
-    (``ebft.config.validate_values``), the paths, then LoRA against the model's config
-    (``ebft.models.lora.validate_lora``); raise :class:`ConfigError` on the first problem."""
-    validate_values(cfg)
-    validate_paths(cfg)
-    validate_lora(cfg)
 
 
 def non_finite(state: dict) -> list[str]:
@@ -313,18 +288,43 @@ def remove_stale_tmp(output_dir: Path) -> None:
         shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
 
 
+def validate(cfg: DictConfig) -> TrainSettings:
+    """The training config as typed settings (:func:`ebft.config.train_settings`), then the checks that
+    read files: model sources, ``init_from`` and ``ckpt_path``, and LoRA's target modules against the
+    model's config (no weights loaded) and a LoRA warm start's adapter. Raises :class:`ConfigError`."""
+    settings = replace(train_settings(cfg), record=OmegaConf.to_container(cfg, resolve=True))
+    model = settings.model
+    for key, value in (("model.name", model.name), ("feature_network.name", settings.feature_network.name)):
+        if value:
+            try:
+                resolve_source(str(value))
+            except ModelSourceError as err:
+                raise ConfigError(f"{key}: {err}") from None
+    if model.init_from and not Path(model.init_from).exists():
+        raise ConfigError(f"init_from={model.init_from} does not exist; give an SFT run dir (with hf_model/) or an HF dir")
+    if cfg.get("ckpt_path") and str(cfg.ckpt_path) != "last" and not Path(str(cfg.ckpt_path)).exists():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; give a .ckpt file, a run dir with "
+                          "checkpoints/last.ckpt, or 'last' (this run dir's, with hydra.run.dir=<run dir>)")
+    if model.lora is not None:
+        targets = lora_module.target_modules(model.name, model.lora)
+        warm = lora_module.adapter_dir(model.init_from)
+        if warm is not None:
+            lora_module.check_warm_adapter(warm, model.lora, targets)
+    return settings
+
+
 def train(cfg: DictConfig) -> dict:
     """Validate, load data, build the method's module, fit, save the HF model, summarise."""
     output_dir, ours = Path(cfg.output_dir), False
     try:
-        validate(cfg)
-        if cfg.get("init_from"):
-            check_data_record(str(cfg.init_from), cfg, "init_from")
-        if str(cfg.task.eval_suite) == "code":  # RLVR rewards and in-training benchmarks run generated code
-            require_isolation(bool(cfg.eval.get("require_isolation", False)))
+        settings = validate(cfg)
+        if settings.model.init_from:
+            check_data_record(settings.model.init_from, settings.data, "init_from")
+        if settings.task.eval_suite == "code":  # RLVR rewards and in-training benchmarks run generated code
+            require_isolation(settings.eval.benchmarks.require_isolation)
         output_dir, ckpt_path = prepare_output_dir(cfg)
         ours = True
-        return _fit(cfg, output_dir, ckpt_path)
+        return _fit(cfg, settings, output_dir, ckpt_path)
     except BaseException:
         if ours:
             remove_stale_tmp(output_dir)
@@ -333,16 +333,16 @@ def train(cfg: DictConfig) -> dict:
         raise
 
 
-def _fit(cfg: DictConfig, output_dir: Path, ckpt_path: Path | None) -> dict:
-    L.seed_everything(int(cfg.seed), workers=True)
-    tokenizer = load_tokenizer(str(cfg.model.name))
+def _fit(cfg: DictConfig, settings: TrainSettings, output_dir: Path, ckpt_path: Path | None) -> dict:
+    L.seed_everything(settings.seed, workers=True)
+    tokenizer = load_tokenizer(settings.model.name)
     module_cls = get_class(str(cfg.method.module))
-    datamodule = module_cls.make_datamodule(cfg, tokenizer)
+    datamodule = module_cls.make_datamodule(settings, tokenizer)
     datamodule.setup("fit")
-    module = module_cls(cfg, tokenizer, datamodule=datamodule)
+    module = module_cls(settings, tokenizer)
     history, timer = ValidationHistory(), StepTimer()
     last, stop = output_dir / LAST, StopOnSignal()
-    trainer = build_trainer(cfg, output_dir, [history, timer, CalibrationCallback(cfg), stop])
+    trainer = build_trainer(cfg, output_dir, [history, timer, CalibrationCallback(settings), stop])
     start = time.time()
     if ckpt_path is None and int(cfg.trainer.get("limit_val_batches") or 0) != 0:
         trainer.validate(module, datamodule=datamodule, verbose=False)

@@ -1,5 +1,5 @@
 """The in-training calibration callback: leaves training untouched, logs the numbers evaluate.py
-computes, picks the right critic, and runs inside a real fit."""
+computes, picks the right feature network, and runs inside a real fit."""
 
 import csv
 import random
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from ebft.config import ConfigError
-from ebft.eval.callback import CalibrationCallback, preserved_state, schedule_of
+from ebft.config import ConfigError, train_settings
+from ebft.eval.callback import CalibrationCallback, preserved_state
 from ebft.eval.runner import calibrate, subset
 from ebft.methods.ebft import EBFTModule
 from ebft.methods.sft import SFTModule
@@ -29,11 +29,15 @@ def make_cfg(output_dir: Path, *overrides: str):
     return train_cfg(output_dir, *overrides, base=SMALL)
 
 
-def module_and_trainer(cfg, module_cls):
-    tokenizer = load_tokenizer(str(cfg.model.name))
-    datamodule = module_cls.make_datamodule(cfg, tokenizer)
+def make_settings(output_dir: Path, *overrides: str):
+    return train_settings(make_cfg(output_dir, *overrides))
+
+
+def module_and_trainer(settings, module_cls):
+    tokenizer = load_tokenizer(settings.model.name)
+    datamodule = module_cls.make_datamodule(settings, tokenizer)
     datamodule.setup("fit")
-    module = module_cls(cfg, tokenizer, datamodule=datamodule)
+    module = module_cls(settings, tokenizer)
     logged = []
     logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append((step, metrics)))
     trainer = SimpleNamespace(datamodule=datamodule, loggers=[logger], global_step=3, callback_metrics={})
@@ -59,23 +63,25 @@ def test_preserved_state_restores_every_rng_and_the_mode():
                                                                   "eval.max_new_tokens=4"]), (EBFTModule, [])])
 def test_callback_logs_what_evaluate_computes(tmp_path, module_cls, downstream):
     method = "sft" if module_cls is SFTModule else "ebft"
-    cfg = make_cfg(tmp_path, f"method={method}", "eval.every_n_steps=3", *downstream)
-    module, trainer, logged = module_and_trainer(cfg, module_cls)
-    callback = CalibrationCallback(cfg)
+    settings = make_settings(tmp_path, f"method={method}", "eval.every_n_steps=3", *downstream)
+    module, trainer, logged = module_and_trainer(settings, module_cls)
+    callback = CalibrationCallback(settings)
     module.generator.train()
     state = torch.random.get_rng_state()
     metrics = callback.run(trainer, module)
     assert torch.equal(state, torch.random.get_rng_state()) and module.generator.training
     if module_cls is EBFTModule:
-        assert callback.critic is module.features
+        assert callback.feature_network is module.features
     else:
-        assert isinstance(callback.critic, FeatureNetwork) and not hasattr(module, "features")
-    chunks = subset(trainer.datamodule.val_chunks, 3, int(cfg.seed))
-    expected, _, _ = calibrate(module.generator, callback.critic, chunks, cfg, ("cfm",), progress=False)
+        assert isinstance(callback.feature_network, FeatureNetwork) and not hasattr(module, "features")
+    chunks = subset(trainer.datamodule.val_chunks, 3, settings.seed)
+    task, calibration = settings.task, settings.eval.calibration
+    expected, _, _ = calibrate(module.generator, callback.feature_network, chunks, task, calibration, ("cfm",),
+                               progress=False)
     assert metrics["val/cfm"] == pytest.approx(expected["cfm"], abs=1e-6)
     assert metrics["val/cfm_whitened"] == pytest.approx(expected["cfm_whitened"], abs=1e-6)
-    in_sample, _, _ = calibrate(module.generator, callback.critic, trainer.datamodule.first_trained(2), cfg, ("cfm",),
-                                progress=False)
+    in_sample, _, _ = calibrate(module.generator, callback.feature_network, trainer.datamodule.first_trained(2), task,
+                                calibration, ("cfm",), progress=False)
     assert metrics["train/cfm_fixed"] == pytest.approx(in_sample["cfm"], abs=1e-6)
     assert "val/cfm_change" not in metrics                       # the first evaluation is the reference
     assert logged == [(3, metrics)]
@@ -87,8 +93,8 @@ def test_callback_logs_what_evaluate_computes(tmp_path, module_cls, downstream):
 
 
 def test_first_trained_chunks_are_the_first_batches_of_the_run(tmp_path):
-    cfg = make_cfg(tmp_path, "method=sft")
-    datamodule = SFTModule.make_datamodule(cfg, load_tokenizer(str(cfg.model.name)))
+    settings = make_settings(tmp_path, "method=sft")
+    datamodule = SFTModule.make_datamodule(settings, load_tokenizer(settings.model.name))
     datamodule.setup("fit")
     batches = iter(datamodule.train_dataloader())
     first = torch.cat([next(batches)["input_ids"] for _ in range(3)])
@@ -99,9 +105,9 @@ def test_first_trained_chunks_are_the_first_batches_of_the_run(tmp_path):
 def test_change_since_the_first_evaluation_is_paired(tmp_path):
     """After a weight change the callback reports the paired change of each set's CFM, equal to the
     difference of per-context values on the same contexts and random numbers."""
-    cfg = make_cfg(tmp_path, "method=sft", "eval.every_n_steps=1")
-    module, trainer, _ = module_and_trainer(cfg, SFTModule)
-    callback = CalibrationCallback(cfg)
+    settings = make_settings(tmp_path, "method=sft", "eval.every_n_steps=1")
+    module, trainer, _ = module_and_trainer(settings, SFTModule)
+    callback = CalibrationCallback(settings)
     before = callback.run(trainer, module)
     with torch.no_grad():
         for p in module.generator.parameters():
@@ -110,15 +116,15 @@ def test_change_since_the_first_evaluation_is_paired(tmp_path):
     for name in ("val/cfm", "train/cfm_fixed"):
         assert after[f"{name}_change"] == pytest.approx(after[name] - before[name], abs=1e-6)
         assert 0 < after[f"{name}_change_se"] < 1
-    restored = CalibrationCallback(cfg)
+    restored = CalibrationCallback(settings)
     restored.load_state_dict(callback.state_dict())          # a resumed run keeps the same reference
     assert restored.initial.keys() == {"val/cfm", "train/cfm_fixed"}
 
 
 def test_schedule_must_be_whole_steps(tmp_path):
-    assert schedule_of(make_cfg(tmp_path, "eval.every_n_steps=0")) == 0
+    assert make_settings(tmp_path, "eval.every_n_steps=0").in_training.every_n_steps == 0
     with pytest.raises(ConfigError, match="eval.every_n_steps=0.5"):
-        schedule_of(make_cfg(tmp_path, "eval.every_n_steps=0.5"))
+        make_settings(tmp_path, "eval.every_n_steps=0.5")
 
 
 def test_cfm_is_logged_during_sft_training(tmp_path):
@@ -136,7 +142,7 @@ def test_cfm_is_logged_during_sft_training(tmp_path):
 def test_callback_switches_itself_off_under_fsdp(tmp_path, caplog):
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
-    callback = CalibrationCallback(make_cfg(tmp_path, "eval.every_n_steps=2"))
+    callback = CalibrationCallback(make_settings(tmp_path, "eval.every_n_steps=2"))
     calls = []
     callback.run = lambda trainer, module: calls.append(trainer.global_step)
     callback.on_train_start(SimpleNamespace(strategy=DDPStrategy(), global_step=0), None)

@@ -9,8 +9,8 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from omegaconf import OmegaConf
 
+from ebft.config import DataSettings
 from ebft.data.datamodule import ChunkDataModule, ResumableBatchSampler
 from ebft.data.packing import PackedChunks
 
@@ -78,8 +78,7 @@ class CrashAfter(Callback):
 
 
 def _datamodule() -> ChunkDataModule:
-    cfg = OmegaConf.create({"method": {"batch_size": BATCH}, "seed": 3, "data": {}})
-    dm = ChunkDataModule(cfg, tokenizer=None)
+    dm = ChunkDataModule(DataSettings("qa_code", {}), tokenizer=None, seq_len=1, batch_size=BATCH, seed=3)
     ids = torch.arange(SIZE).unsqueeze(1)  # chunk i holds token i, so a batch names its chunks
     dm.train_chunks = PackedChunks(ids, torch.ones_like(ids, dtype=torch.bool), torch.zeros_like(ids))
     return dm

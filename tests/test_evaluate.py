@@ -13,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from ebft.config import ConfigError
+from ebft.config import ConfigError, EvaluateSettings, evaluate_settings
 from ebft.eval import downstream, report
 from ebft.eval.code import load_humaneval
 from ebft.eval.downstream import TranslationPair, code_done, first_line, run_code, run_translation
@@ -28,12 +28,17 @@ SMALL = ["model=tiny", "data.limit=300", "data.val_size=40", "task.seq_len=32", 
          "eval.chunk_batch_size=4", "limit=2", "n_samples=4", "max_new_tokens=8"]
 
 
-def make_cfg(output_dir: Path, *overrides: str):
+def make_settings(output_dir: Path, *overrides: str) -> EvaluateSettings:
+    """What ``python evaluate.py SMALL... overrides...`` hands to the runner, writing to ``output_dir``."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="evaluate", overrides=[*SMALL, *overrides])
     with open_dict(cfg):
         cfg.output_dir = str(output_dir)
-    return cfg
+    return evaluate_settings(cfg)
+
+
+def planned(settings: EvaluateSettings) -> list[str]:
+    return plan_metrics(settings.task, settings.eval.benchmarks, settings.metrics)
 
 
 @pytest.fixture(scope="module")
@@ -182,29 +187,29 @@ def test_translation_best_of_k_never_below_best_of_one(lm, tokenizer):
 ])
 def test_requests_the_task_cannot_serve(tmp_path, overrides, fragment):
     with pytest.raises(ConfigError, match=fragment):
-        plan_metrics(make_cfg(tmp_path, *overrides))
+        planned(make_settings(tmp_path, *overrides))
 
 
 def test_missing_toolchain_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(ConfigError, match="MultiPL-E rs needs rustc on PATH"):
-        plan_metrics(make_cfg(tmp_path, "metrics=[multipl_e]", "eval.multipl_e=[rs]"))
+        planned(make_settings(tmp_path, "metrics=[multipl_e]", "eval.multipl_e=[rs]"))
 
 
 def test_default_metrics_follow_what_is_set_up(tmp_path):
-    assert plan_metrics(make_cfg(tmp_path, "eval.mbpp_path=null")) == ["ce", "cfm", "profile", "humaneval"]
-    assert plan_metrics(make_cfg(tmp_path, f"eval.mbpp_path={MBPP}"))[-1] == "mbpp"
-    assert plan_metrics(make_cfg(tmp_path, "task=translation")) == ["ce", "cfm", "profile", "bleu"]
+    assert planned(make_settings(tmp_path, "eval.mbpp_path=null")) == ["ce", "cfm", "profile", "humaneval"]
+    assert planned(make_settings(tmp_path, f"eval.mbpp_path={MBPP}"))[-1] == "mbpp"
+    assert planned(make_settings(tmp_path, "task=translation")) == ["ce", "cfm", "profile", "bleu"]
 
 
 def test_checkpoint_lists_and_missing_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert checkpoints(make_cfg(tmp_path, "ckpt=[tiny,tiny]")) == ["tiny", "tiny"]
+    assert checkpoints(make_settings(tmp_path, "ckpt=[tiny,tiny]").ckpt) == ["tiny", "tiny"]
     with pytest.raises(ConfigError, match="ckpt=.*nothing/here: .*existing local path"):
-        checkpoints(make_cfg(tmp_path, f"ckpt={tmp_path}/nothing/here"))
+        checkpoints(make_settings(tmp_path, f"ckpt={tmp_path}/nothing/here").ckpt)
     (tmp_path / "outputs").mkdir()
     with pytest.raises(ConfigError, match="ckpt=outputs/run does not exist"):
-        checkpoints(make_cfg(tmp_path, "ckpt=outputs/run"))
+        checkpoints(make_settings(tmp_path, "ckpt=outputs/run").ckpt)
 
 
 def test_required_isolation_refuses_before_any_model_loads(tmp_path, monkeypatch):
@@ -213,7 +218,7 @@ def test_required_isolation_refuses_before_any_model_loads(tmp_path, monkeypatch
     monkeypatch.setattr(sandbox, "_required", False)
     monkeypatch.setattr(sandbox, "_level", "process")
     with pytest.raises(sandbox.IsolationUnavailable, match="eval.require_isolation=true"):
-        evaluate(make_cfg(tmp_path, "metrics=[humaneval]", "eval.require_isolation=true"))
+        evaluate(make_settings(tmp_path, "metrics=[humaneval]", "eval.require_isolation=true"))
     assert not any(tmp_path.iterdir())
 
 
@@ -235,7 +240,7 @@ def test_two_models_one_table(tmp_path, tokenizer):
     build_tiny_model(vocab_size=len(tokenizer), seed=0).save_pretrained(run_dir / "hf_model")
     tokenizer.save_pretrained(run_dir / "hf_model")
     out = tmp_path / "eval"
-    text = evaluate(make_cfg(out, f"ckpt=[tiny,{run_dir}]", f"eval.mbpp_path={MBPP}", "eval.profile_chunks=1"))
+    text = evaluate(make_settings(out, f"ckpt=[tiny,{run_dir}]", f"eval.mbpp_path={MBPP}", "eval.profile_chunks=1"))
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["model"] for r in rows] == ["tiny (base)", str(run_dir)]
@@ -275,7 +280,7 @@ def test_evaluate_greedy_ignores_a_sampling_generation_config(tmp_path, tokenize
     greedy = {}
     for seed in (1, 2):
         out = tmp_path / f"eval{seed}"
-        evaluate(make_cfg(out, f"ckpt=[{tmp_path / 'plain'},{tmp_path / 'shipped'}]", "metrics=[humaneval]",
+        evaluate(make_settings(out, f"ckpt=[{tmp_path / 'plain'},{tmp_path / 'shipped'}]", "metrics=[humaneval]",
                           "n_samples=0", f"seed={seed}"))
         for model_dir in sorted(out.glob("0*")):
             records = (model_dir / "HumanEval_samples.jsonl").read_text().splitlines()
@@ -285,7 +290,7 @@ def test_evaluate_greedy_ignores_a_sampling_generation_config(tmp_path, tokenize
 
 def test_translation_suite_end_to_end(tmp_path):
     out = tmp_path / "eval"
-    evaluate(make_cfg(out, "task=translation", "metrics=[ce,bleu]"))
+    evaluate(make_settings(out, "task=translation", "metrics=[ce,bleu]"))
     (result,) = report.collect(out)
     assert set(result["downstream"]) == {"BLEU", "chrF"} and "cfm" not in result["calibration"]
     mean = result["details"]["translation"]["sentence_mean"]["BLEU"]

@@ -53,11 +53,11 @@ def test_experiment_sets_the_paper_recipe_for_ebft(experiment):
     assert (cfg.task.name, cfg.data.kind, cfg.data.name, cfg.model.name) == (task, "hub", dataset, model)
     t = cfg.task
     assert (t.seq_len, t.context_len, t.stride, t.gen_len) == geometry
-    assert t.pooling == pooling and cfg.method.features.pooling == pooling
+    assert t.pooling == pooling and cfg.feature_network.pooling == pooling
     m = cfg.method
     assert m.name == "ebft" and m.num_samples == 4 and m.temperature == 0.6 and m.top_p == 1.0
     assert (m.lr, m.schedule, m.warmup_ratio, list(m.betas), m.weight_decay) == (1e-6, "constant", 0.03, [0.9, 0.95], 0)
-    assert m.whitening == "reference" and list(m.features.layers) == [0.25, 0.5, 0.75]
+    assert m.whitening == "reference" and list(cfg.feature_network.layers) == [0.25, 0.5, 0.75]
     assert m.gradient_checkpointing is True
     # rollout batch 16 chunks x 4 samples = 64 rollouts per optimizer step; 2 epochs from the base model
     assert cfg.global_batch == 16 and cfg.trainer.max_epochs == 2 and cfg.trainer.max_steps == -1

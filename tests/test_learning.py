@@ -13,6 +13,7 @@ import lightning as L
 import pytest
 import torch
 
+from ebft.config import train_settings
 from ebft.methods.ebft import EBFTModule
 from ebft.models.features import FeatureNetwork
 from ebft.models.loading import build_tiny_model, load_tokenizer
@@ -27,10 +28,10 @@ def fresh_reward_and_cfm(module: EBFTModule, ids: torch.Tensor, seeds=range(1000
     training never uses (the same seeds before and after)."""
     layout, rewards, cfm = module.layout, [], []
     for seed in seeds:
-        tokens = sample_strided(module.generator, ids, layout, temperature=float(module.cfg.method.temperature),
+        tokens = sample_strided(module.generator, ids, layout, temperature=module.method.sampling.temperature,
                                 generator=torch.Generator().manual_seed(seed))
         gen, gt = module.features.strided_features(layout.scatter_generated(ids, tokens), layout)
-        rewards.append(feature_matching_rewards(gen, gt, module.alpha, str(module.cfg.method.whitening)).reward.mean())
+        rewards.append(feature_matching_rewards(gen, gt, module.method.alpha, module.method.whitening).reward.mean())
         cfm.append(cfm_estimate(gen, gt).mean())
     return torch.stack(rewards).mean().item(), torch.stack(cfm).mean().item()
 
@@ -53,7 +54,7 @@ def train_steps(cfg, ids: torch.Tensor, steps: int) -> tuple[tuple[float, float]
     """``steps`` optimizer steps of the real EBFT module under a Lightning Trainer on one fixed
     micro-batch; fresh-sample (reward, CFM) before and after."""
     torch.manual_seed(0)
-    module = EBFTModule(cfg, load_tokenizer(str(cfg.model.name)))
+    module = EBFTModule(train_settings(cfg), load_tokenizer(str(cfg.model.name)))
     # a small vocabulary, so that a few steps can find the text's tokens: the generator and its frozen
     # copy as the feature network, exactly as the module builds them from the base model
     module.generator = build_tiny_model(vocab_size=VOCAB, num_layers=2, hidden=32, seed=0)
@@ -115,11 +116,12 @@ def test_ebft_lowers_in_sample_cfm_of_the_embedded_model(tmp_path):
     within 10 steps and the mean reward rises."""
     cfg = make_cfg(tmp_path, "model=smollm2", "method=ebft", "method.lr=1e-4", "method.warmup_ratio=0",
                    "task.seq_len=128", "method.batch_size=2", "trainer.max_steps=100", base=[])
-    datamodule = EBFTModule.make_datamodule(cfg, load_tokenizer(str(cfg.model.name)))
+    settings = train_settings(cfg)
+    datamodule = EBFTModule.make_datamodule(settings, load_tokenizer(settings.model.name))
     datamodule.setup("fit")
     ids = datamodule.first_trained(2).input_ids
     torch.manual_seed(0)
-    module = EBFTModule(cfg, datamodule.tokenizer)
+    module = EBFTModule(settings, datamodule.tokenizer)
     before = fresh_reward_and_cfm(module, ids, seeds=range(1000, 1004))
     loader = torch.utils.data.DataLoader(FixedBatch(ids, 10), batch_size=None)
     L.Trainer(max_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -33,24 +33,24 @@ def strided_row(layout, seed=0):
     return layout.scatter_generated(ids, tokens)
 
 
-def frozen_copy(cfg) -> FeatureNetwork:
+def frozen_copy(spec) -> FeatureNetwork:
     """A feature network from a separate load of the base model, as without LoRA."""
-    f = cfg.method.features
-    return FeatureNetwork.from_name("tiny", dtype=torch.float32, layers=tuple(f.layers), pooling=str(f.pooling),
-                                    normalisation=str(f.normalisation))
+    return FeatureNetwork.from_name("tiny", dtype=torch.float32, layers=spec.layers, pooling=spec.pooling,
+                                    normalisation=spec.normalisation)
 
 
 def test_adapter_disabled_features_equal_a_frozen_copy_and_only_adapters_train(tmp_path, tokenizer):
     cfg = make_cfg(tmp_path, "method=ebft", "trainer.max_steps=2", "method.gradient_checkpointing=true", *LORA)
-    datamodule = EBFTModule.make_datamodule(cfg, tokenizer)
+    settings = validate(cfg)
+    datamodule = EBFTModule.make_datamodule(settings, tokenizer)
     datamodule.setup("fit")
-    module = EBFTModule(cfg, tokenizer, datamodule=datamodule)
+    module = EBFTModule(settings, tokenizer)
     # no second copy: the feature network has no weights of its own and runs the generator's layers
     assert list(module.features.parameters()) == []
     assert decoder_layers(module.features.backbone)[0] is decoder_layers(module.generator)[0]
     assert len(decoder_layers(module.features.backbone)) == max(module.features.taps) == 3
 
-    copy, row = frozen_copy(cfg), strided_row(module.layout)
+    copy, row = frozen_copy(settings.feature_network), strided_row(module.layout)
     base = {k: v.clone() for k, v in module.generator.state_dict().items() if ".lora_" not in k}
     for got, want in zip(module.features.strided_features(row, module.layout), copy.strided_features(row, module.layout)):
         assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)
@@ -72,7 +72,7 @@ def test_adapter_disabled_features_equal_a_frozen_copy_and_only_adapters_train(t
     for got, want in zip(module.features.strided_features(row, module.layout), copy.strided_features(row, module.layout)):
         assert torch.equal(got, want)
     # ... while the generator itself (adapters on) now gives other features
-    trained = FeatureNetwork(module.generator, layers=tuple(cfg.method.features.layers))
+    trained = FeatureNetwork(module.generator, layers=settings.feature_network.layers)
     assert not torch.allclose(trained.strided_features(row, module.layout)[1],
                               copy.strided_features(row, module.layout)[1], atol=1e-4)
     assert module.generator.training                        # the feature pass restored the train mode
@@ -125,9 +125,7 @@ def test_lora_run_writes_a_peft_adapter_and_the_merged_model(lora_runs, tokenize
 def test_init_from_a_lora_run_continues_its_adapter_over_the_base(lora_runs, tmp_path, tokenizer):
     run = lora_runs / "full"
     saved = load_file(run / "adapter" / "adapter_model.safetensors")
-    cfg = make_cfg(tmp_path, "method=ebft", f"init_from={run}", *LORA)
-    validate(cfg)
-    module = EBFTModule(cfg, tokenizer)
+    module = EBFTModule(validate(make_cfg(tmp_path, "method=ebft", f"init_from={run}", *LORA)), tokenizer)
     own = {k: v for k, v in module.generator.state_dict().items() if ".lora_" in k}
     assert len(own) == len(saved)
     for k, v in own.items():   # peft names the saved weights without the adapter name
@@ -135,20 +133,20 @@ def test_init_from_a_lora_run_continues_its_adapter_over_the_base(lora_runs, tmp
     base = build_tiny_model(vocab_size=len(tokenizer)).state_dict()
     assert all(torch.equal(v, base[k.replace(".base_layer", "")]) for k, v in module.generator.state_dict().items()
                if ".lora_" not in k)
-    assert list(module.features.parameters()) == []      # the critic is still the base, with no copy
+    assert list(module.features.parameters()) == []      # the feature network is still the base, with no copy
 
     with pytest.raises(ConfigError, match=r"model.lora.rank=8 but the adapter has 4"):
         validate(make_cfg(tmp_path, "method=ebft", f"init_from={run}", *LORA, "model.lora.rank=8"))
     # a warm-started RLVR's KL reference is its initial policy: the run's merged model, loaded
-    rlvr = RLVRModule(make_cfg(tmp_path, "method=rlvr", "task=translation", f"init_from={run}",
-                               "method.kl_coef=0.05", *LORA), tokenizer)
+    rlvr = RLVRModule(validate(make_cfg(tmp_path, "method=rlvr", "task=translation", f"init_from={run}",
+                                        "method.kl_coef=0.05", *LORA)), tokenizer)
     merged = load_file(run / "hf_model" / "model.safetensors")
     assert all(torch.equal(v, merged[k]) for k, v in rlvr.reference.state_dict().items() if k in merged)
 
 
 def test_rlvr_kl_reference_is_the_base_with_adapters_disabled(tmp_path, tokenizer):
-    cfg = make_cfg(tmp_path, "method=rlvr", "task=translation", "method.kl_coef=0.05", *LORA)
-    module = RLVRModule(cfg, tokenizer)
+    module = RLVRModule(validate(make_cfg(tmp_path, "method=rlvr", "task=translation", "method.kl_coef=0.05", *LORA)),
+                        tokenizer)
     assert module.reference is None                       # no second copy
     with torch.no_grad():
         for name, p in module.generator.named_parameters():

@@ -238,7 +238,7 @@ class Counter:
 def test_an_interrupted_evaluation_resumes_without_recomputing(tmp_path, monkeypatch, tokenizer):
     from ebft.eval import runner
     from ebft.eval.runner import CodeBenchmark, evaluate
-    from tests.test_evaluate import make_cfg as eval_cfg
+    from tests.test_evaluate import make_settings as eval_cfg
 
     run = _hf_dir(tmp_path / "run", tokenizer, seed=1)
     request = [f"ckpt=[tiny,{run}]", "metrics=[ce,humaneval]", "n_samples=2", "limit=1"]
@@ -262,7 +262,7 @@ def test_an_interrupted_evaluation_resumes_without_recomputing(tmp_path, monkeyp
 def test_a_corrupt_model_is_reported_failed_and_the_others_evaluated(tmp_path, monkeypatch, tokenizer, caplog):
     from ebft.eval import runner
     from ebft.eval.runner import evaluate
-    from tests.test_evaluate import make_cfg as eval_cfg
+    from tests.test_evaluate import make_settings as eval_cfg
 
     broken, good = _hf_dir(tmp_path / "broken", tokenizer, seed=1), _hf_dir(tmp_path / "good", tokenizer, seed=2)
     weights = broken / "hf_model" / "model.safetensors"

@@ -12,10 +12,10 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import open_dict
 
 from ebft import run as run_module
-from ebft.config import ConfigError
+from ebft.config import ConfigError, train_settings
 from ebft.data.prompts import left_pad_collate, select_prompts, with_module_namespace
 from ebft.methods import rlvr
-from ebft.methods.rlvr import RLVRModule, check_config, completion_logprobs, zero_signal_fraction
+from ebft.methods.rlvr import RLVRModule, completion_logprobs, zero_signal_fraction
 from ebft.models.loading import build_tiny_model
 from ebft.objectives.baselines import group_normalized_advantages
 from ebft.objectives.losses import grpo_loss, k3_kl
@@ -29,12 +29,13 @@ MBPP_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mbpp" / "
 EOS, PAD = 2, 0
 
 
-def rlvr_cfg(*overrides: str):
+def rlvr_settings(*overrides: str):
+    """The typed settings of ``python train.py model=tiny method=rlvr overrides...``."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["model=tiny", "method=rlvr", *overrides])
     with open_dict(cfg):
         cfg.output_dir = "unused"
-    return cfg
+    return train_settings(cfg)
 
 
 def padded_prompts(*prompts: list[int]):
@@ -136,12 +137,12 @@ def test_zero_signal_fraction():
 ])
 def test_bad_rlvr_settings_are_refused(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
-        check_config(rlvr_cfg("task=translation", override))
+        rlvr_settings("task=translation", override)
 
 
 def test_kl_reference_is_loaded_only_when_needed_and_frozen(tokenizer):
-    assert RLVRModule(rlvr_cfg("task=translation"), tokenizer).reference is None
-    module = RLVRModule(rlvr_cfg("task=translation", "method.kl_coef=0.1", "method.max_new_tokens=4",
+    assert RLVRModule(rlvr_settings("task=translation"), tokenizer).reference is None
+    module = RLVRModule(rlvr_settings("task=translation", "method.kl_coef=0.1", "method.max_new_tokens=4",
                                  "method.num_samples=2"), tokenizer)
     assert not any(p.requires_grad for p in module.reference.parameters())
     batch = padded_prompts([11, 12, 13], [21, 22])
@@ -158,7 +159,7 @@ def test_kl_reference_is_loaded_only_when_needed_and_frozen(tokenizer):
 
 
 def test_update_scores_only_completions_with_a_signal_and_gives_the_full_gradient(tokenizer):
-    module = RLVRModule(rlvr_cfg("task=translation", "method.max_new_tokens=5", "method.num_samples=4"), tokenizer)
+    module = RLVRModule(rlvr_settings("task=translation", "method.max_new_tokens=5", "method.num_samples=4"), tokenizer)
     batch = padded_prompts([11, 12, 13], [21, 22])
     rollout = module.rollout(batch, 0)
     rewards = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.5]])  # the first group has no signal
@@ -184,7 +185,7 @@ def test_update_scores_only_completions_with_a_signal_and_gives_the_full_gradien
 
 def test_rlvr_raises_the_reward_it_is_given(tokenizer):
     """A real learning test: reward = fraction of completion tokens equal to token 7 (1/256 by chance)."""
-    module = RLVRModule(rlvr_cfg("task=translation", "method.max_new_tokens=8", "method.num_samples=8"), tokenizer)
+    module = RLVRModule(rlvr_settings("task=translation", "method.max_new_tokens=8", "method.num_samples=8"), tokenizer)
     module.generator = build_tiny_model(vocab_size=256, seed=0)
     torch.manual_seed(0)
     prompts = torch.randint(3, 256, (4, 6))

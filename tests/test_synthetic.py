@@ -148,8 +148,8 @@ def test_model_rollouts_are_seeded_and_shaped():
 
 
 def test_synthetic_task_evaluates_calibration_only():
-    from ebft.config import compose_config
+    from ebft.config import compose_config, eval_settings, task_settings
     from ebft.eval.runner import plan_metrics
 
     cfg = compose_config("evaluate", ["task=synthetic", "data=synthetic", "model=synthetic_tiny"])
-    assert plan_metrics(cfg) == ["ce", "cfm", "profile"]
+    assert plan_metrics(task_settings(cfg.task), eval_settings(cfg).benchmarks) == ["ce", "cfm", "profile"]

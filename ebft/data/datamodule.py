@@ -1,4 +1,5 @@
-"""LightningDataModule serving packed chunks (SFT, EBFT) with a held-out split.
+"""LightningDataModules: packed chunks (SFT, EBFT) or prompts (RLVR) for training, the packed held-out
+chunks for validation, both sides from the one held-out pipeline (``ebft.data.heldout``).
 
 Training order is a seeded permutation per epoch (a new one every epoch), sharded by rank, and it
 is resumable: each epoch's iteration starts at the batch the optimizer steps taken so far have
@@ -17,8 +18,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ebft.data.packing import PackedChunks, pack_rows
-from ebft.data.sources import load_rows, train_val_split
+from ebft.config import DataSettings, PromptSettings
+from ebft.data.heldout import CHUNKS, PROMPTS, split_data
+from ebft.data.packing import PackedChunks
+from ebft.data.prompts import PromptDataset, left_pad_collate
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +82,13 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
 
 class ChunkDataModule(L.LightningDataModule):
-    """Rows -> held-out split -> packed chunks of ``task.seq_len`` tokens."""
+    """Rows -> held-out split -> packed chunks of ``seq_len`` tokens (T), in training batches of
+    ``batch_size`` chunks per device, in the order of ``seed``."""
 
-    def __init__(self, cfg, tokenizer):
+    def __init__(self, data: DataSettings, tokenizer, seq_len: int, batch_size: int, seed: int):
         super().__init__()
-        self.cfg, self.tokenizer = cfg, tokenizer
-        self.batch_size = int(cfg.method.batch_size)
+        self.data, self.tokenizer, self.seq_len = data, tokenizer, seq_len
+        self.batch_size, self.seed = batch_size, seed
         self.train_chunks: PackedChunks | None = None
         self.val_chunks: PackedChunks | None = None
         self.val_rows: list[dict] = []
@@ -92,14 +96,11 @@ class ChunkDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_chunks is not None:
             return
-        rows = load_rows(self.cfg.data, self.cfg.task.name)
-        train_rows, self.val_rows = train_val_split(rows, int(self.cfg.data.val_size), int(self.cfg.data.seed))
-        seq_len, template = int(self.cfg.task.seq_len), bool(self.cfg.data.get("chat_template", False))
-        self.train_chunks = pack_rows(train_rows, self.tokenizer, seq_len, chat_template=template)
-        self.val_chunks = pack_rows(self.val_rows, self.tokenizer, seq_len, chat_template=template)
+        split = split_data(self.data, self.tokenizer, self.seq_len, train=CHUNKS, val=CHUNKS)
+        self.train_chunks, self.val_chunks, self.val_rows = split.train, split.val, split.val_rows
         log.info("data: %d train rows -> %d chunks, %d held-out rows -> %d chunks of %d tokens",
-                 len(train_rows), len(self.train_chunks.input_ids), len(self.val_rows),
-                 len(self.val_chunks.input_ids), seq_len)
+                 len(split.train_rows), len(self.train_chunks.input_ids), len(self.val_rows),
+                 len(self.val_chunks.input_ids), self.seq_len)
 
     def first_trained(self, count: int) -> PackedChunks:
         """The first ``count`` training chunks in the order the run trains on them (all ranks' shares of
@@ -107,7 +108,7 @@ class ChunkDataModule(L.LightningDataModule):
         trainer = self.trainer
         world = trainer.world_size if trainer is not None else 1
         size = len(self.train_chunks.input_ids)
-        order = ResumableBatchSampler(size, self.batch_size * world, int(self.cfg.seed))
+        order = ResumableBatchSampler(size, self.batch_size * world, self.seed)
         picked = [i for batch in itertools.islice(iter(order), -(-min(count, size) // (self.batch_size * world)))
                   for i in batch][:count]
         idx = torch.tensor(picked)
@@ -132,10 +133,36 @@ class ChunkDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        sampler = ResumableBatchSampler(len(self.train_chunks.input_ids), self.batch_size,
-                                        int(self.cfg.seed), rank, world, self.position if trainer else None)
-        return DataLoader(ChunkDataset(self.train_chunks), batch_sampler=sampler,
-                          num_workers=int(self.cfg.data.get("num_workers", 0)))
+        sampler = ResumableBatchSampler(len(self.train_chunks.input_ids), self.batch_size, self.seed, rank, world,
+                                        self.position if trainer else None)
+        return DataLoader(ChunkDataset(self.train_chunks), batch_sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(ChunkDataset(self.val_chunks), batch_size=self.batch_size, shuffle=False)
+
+
+class PromptDataModule(ChunkDataModule):
+    """Training: batches of ``batch_size`` prompts (resumable, sharded by rank, as the chunk data), the
+    training rows that ``prompts`` selects (``ebft.data.prompts``); validation: the packed held-out
+    chunks of :class:`ChunkDataModule`."""
+
+    def __init__(self, data: DataSettings, tokenizer, seq_len: int, batch_size: int, seed: int,
+                 prompts: PromptSettings):
+        super().__init__(data, tokenizer, seq_len, batch_size, seed)
+        self.prompt_settings = prompts
+        self.prompts: PromptDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.prompts is not None:
+            return
+        split = split_data(self.data, self.tokenizer, self.seq_len, train=PROMPTS, val=CHUNKS,
+                           prompts=self.prompt_settings)
+        self.val_chunks, self.val_rows = split.val, split.val_rows
+        self.prompts = PromptDataset(split.train.rows, split.train.ids)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = ResumableBatchSampler(len(self.prompts), self.batch_size, self.seed, rank, world,
+                                        self.position if trainer else None)
+        return DataLoader(self.prompts, batch_sampler=sampler, collate_fn=left_pad_collate(self.tokenizer.pad_token_id))

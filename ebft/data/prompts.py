@@ -1,9 +1,9 @@
 """Prompt data for RLVR: each training row's ``question`` is a prompt, served with the row its
 verifier needs.
 
-Split and validation: the rows are split with ``train_val_split`` exactly as the chunk data
-(``data.val_size``, ``data.seed``), and validation CE runs on the same packed held-out chunks, so
-the validation curves of SFT, EBFT and RLVR are comparable.
+Split and validation (``ebft.data.datamodule.PromptDataModule``): the rows are split by the one
+held-out pipeline (``ebft.data.heldout``) exactly as the chunk data, and validation CE runs on the
+same packed held-out chunks, so the validation curves of SFT, EBFT and RLVR are comparable.
 
 Prompt format: the question tokenised without special tokens, nothing added (the packed chunks
 join question and answer the same way), so the completion plays the answer's part; with
@@ -32,13 +32,11 @@ import logging
 from collections.abc import Callable, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ebft.config import DataConfigError
-from ebft.data.datamodule import ChunkDataModule, ResumableBatchSampler
 from ebft.data.formats import prompt_text
-from ebft.data.packing import leading_special_ids, pack_rows
-from ebft.data.sources import load_rows, train_val_split
+from ebft.data.packing import leading_special_ids
 from ebft.objectives.verifiable import RewardFn, code_problem, reward_fn_for
 
 log = logging.getLogger(__name__)
@@ -131,32 +129,3 @@ def left_pad_collate(pad_id: int) -> Callable[[list[dict]], dict]:
         return {"prompt_ids": ids, "prompt_mask": mask, "rows": [it["row"] for it in items]}
 
     return collate
-
-
-class PromptDataModule(ChunkDataModule):
-    """Training: batches of ``method.batch_size`` prompts (resumable, sharded by rank, as the chunk
-    data); validation: the packed held-out chunks of ``ChunkDataModule``."""
-
-    def __init__(self, cfg, tokenizer):
-        super().__init__(cfg, tokenizer)
-        self.prompts: PromptDataset | None = None
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.prompts is not None:
-            return
-        cfg = self.cfg
-        rows = load_rows(cfg.data, cfg.task.name)
-        train_rows, self.val_rows = train_val_split(rows, int(cfg.data.val_size), int(cfg.data.seed))
-        template = bool(cfg.data.get("chat_template", False))
-        self.val_chunks = pack_rows(self.val_rows, self.tokenizer, int(cfg.task.seq_len), chat_template=template)
-        self.prompts = PromptDataset(*select_prompts(
-            train_rows, str(cfg.task.name), self.tokenizer, int(cfg.method.max_prompt_tokens),
-            bool(cfg.method.check_references), template))
-
-    def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        sampler = ResumableBatchSampler(len(self.prompts), self.batch_size, int(self.cfg.seed), rank, world,
-                                        self.position if trainer else None)
-        return DataLoader(self.prompts, batch_sampler=sampler, collate_fn=left_pad_collate(self.tokenizer.pad_token_id),
-                          num_workers=int(self.cfg.data.get("num_workers", 0)))

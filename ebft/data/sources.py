@@ -46,9 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from omegaconf import DictConfig, OmegaConf
-
-from ebft.config import DataConfigError
+from ebft.config import DataConfigError, DataSettings
 from ebft.data.embedded import LANGUAGE_NAMES, embedded_rows, translation_prompt, translation_source
 from ebft.data.formats import detect_format, format_row
 from ebft.data.synthetic import synthetic_rows
@@ -121,8 +119,6 @@ PRESETS = {
 # ---------------------------------------------------------------- config
 
 def _as_dict(cfg_data) -> dict:
-    if isinstance(cfg_data, DictConfig):
-        cfg_data = OmegaConf.to_container(cfg_data, resolve=True)
     if not isinstance(cfg_data, Mapping):
         raise DataConfigError(f"the data config must be a mapping, got {type(cfg_data).__name__}")
     unknown = sorted(set(cfg_data) - CONFIG_KEYS)
@@ -432,21 +428,20 @@ DATA_RECORD = "training_data.json"
 """Written beside a saved model: the task and data settings its training rows and held-out split came from."""
 
 
-def data_record(cfg) -> dict:
+def data_record(data: DataSettings) -> dict:
     """The settings that decide the rows and the held-out split: ``task.name`` and ``data`` (resolved,
     so an MBPP path taken from ``$EBFT_MBPP`` is recorded as the path)."""
-    data = OmegaConf.to_container(cfg.data, resolve=True) if isinstance(cfg.data, DictConfig) else dict(cfg.data)
-    return {"task": str(cfg.task.name), "data": {k: v for k, v in data.items() if k in CONFIG_KEYS}}
+    return {"task": data.task, "data": {k: v for k, v in data.source.items() if k in CONFIG_KEYS}}
 
 
-def write_data_record(cfg, directory: str | os.PathLike) -> None:
-    (Path(directory) / DATA_RECORD).write_text(json.dumps(data_record(cfg), indent=1, sort_keys=True) + "\n")
+def write_data_record(data: DataSettings, directory: str | os.PathLike) -> None:
+    (Path(directory) / DATA_RECORD).write_text(json.dumps(data_record(data), indent=1, sort_keys=True) + "\n")
 
 
-def check_data_record(model: str, cfg, key: str) -> list[str]:
-    """Warn when the model ``key=model`` names was trained on other data settings than ``cfg``'s.
+def check_data_record(model: str, data: DataSettings, key: str) -> list[str]:
+    """Warn when the model ``key=model`` names was trained on other data settings than ``data``.
 
-    Held-out rows are those of ``cfg.data``; with other settings they can include rows the model
+    Held-out rows are those of ``data``; with other settings they can include rows the model
     was trained on. Returns the differing settings (empty when they agree or nothing was recorded:
     a hub model, or a model saved before records were written).
     """
@@ -457,7 +452,7 @@ def check_data_record(model: str, cfg, key: str) -> list[str]:
     path = Path(source.path) / DATA_RECORD
     if source.kind != "local" or not path.is_file():
         return []
-    saved, here = json.loads(path.read_text()), data_record(cfg)
+    saved, here = json.loads(path.read_text()), data_record(data)
     differ = [f"task.name: {saved['task']!r} there, {here['task']!r} here"] if saved["task"] != here["task"] else []
     for name in sorted(set(saved["data"]) | set(here["data"])):
         there, now = saved["data"].get(name), here["data"].get(name)

@@ -15,8 +15,9 @@ Every ``eval.every_n_steps`` optimizer steps (and once before the first step) th
   (``val/HumanEval/greedy``, ``val/HumanEval/pass@1``, ``val/BLEU/best-of-4``, ...).
 
 It runs the functions ``evaluate.py`` runs (:func:`ebft.eval.runner.calibrate`,
-:func:`ebft.eval.runner.run_downstream`). The critic is the EBFT module's own feature network when
-it has one (``pl_module.features``), else the base model's, built once. Training is left exactly as
+:func:`ebft.eval.runner.run_downstream`). The feature network is the EBFT module's own when it has one
+(``pl_module.features``), else the one ``evaluate.py`` builds from the same spec (``feature_network``,
+:func:`ebft.models.features.build_feature_network`), built once. Training is left exactly as
 it was: every RNG (torch CPU and CUDA, Python ``random``, NumPy) is restored afterwards, and so is
 the generator's train/eval mode. Validation CE is logged by the module itself (``val/ce``).
 
@@ -34,13 +35,12 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import FSDPStrategy
-from omegaconf import DictConfig
 
-from ebft.config import ConfigError
+from ebft.config import TrainSettings
 from ebft.eval.paired import paired_difference
-from ebft.eval.runner import (CALIBRATION, build_critic, calibrate, held_out, load_benchmarks, plan_metrics,
-                              run_downstream, sampling_from, subset)
-from ebft.models.features import FeatureNetwork
+from ebft.eval.runner import CALIBRATION, calibrate, held_out, load_benchmarks, plan_metrics, run_downstream, subset
+from ebft.models.features import FeatureNetwork, build_feature_network
+from ebft.models.loading import resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -62,52 +62,44 @@ def preserved_state(model: torch.nn.Module):
         model.train(was_training)
 
 
-def schedule_of(cfg: DictConfig) -> int:
-    """``eval.every_n_steps`` as a step count (0 = off)."""
-    every = cfg.eval.get("every_n_steps") or 0
-    if isinstance(every, float) and not every.is_integer() or int(every) < 0:
-        raise ConfigError(f"eval.every_n_steps={every} must be a whole number of optimizer steps >= 0 (0 = off); "
-                          "set it explicitly when trainer.val_check_interval is a fraction of an epoch")
-    return int(every)
-
-
 class CalibrationCallback(Callback):
     """Logs held-out CFM (and optionally downstream scores) every ``eval.every_n_steps`` steps."""
 
-    def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
-        self.every = schedule_of(cfg)
-        self.limit = int(cfg.eval.get("downstream_limit") or 0)
-        self.sampling = sampling_from(cfg.eval, cfg, prefix="eval.") if self.limit else None
-        self.downstream_metrics = [m for m in plan_metrics(cfg) if m not in CALIBRATION] if self.limit else []
-        self.train_chunks = int(cfg.eval.get("cfm_train_chunks") or 0)
-        if self.train_chunks < 0:
-            raise ConfigError(f"eval.cfm_train_chunks={self.train_chunks} must be >= 0 (0 = no train/cfm_fixed)")
-        self.critic = None
+    def __init__(self, settings: TrainSettings):
+        self.settings = settings
+        schedule = settings.in_training
+        self.every, self.limit, self.sampling = schedule.every_n_steps, schedule.downstream_limit, schedule.sampling
+        self.downstream_metrics = ([m for m in plan_metrics(settings.task, settings.eval.benchmarks)
+                                    if m not in CALIBRATION] if self.limit else [])
+        self.train_chunks = schedule.cfm_train_chunks
+        self.feature_network = None
         self.sets = {}
         self.initial: dict[str, list] = {}
         self.benchmarks = []
         self._last_step = -1
 
     def _setup(self, trainer, pl_module) -> None:
-        """Critic, fixed chunk subset and benchmarks, once, on the module's device."""
-        cfg = self.cfg
+        """Feature network, fixed chunk subset and benchmarks, once, on the module's device."""
+        s = self.settings
         features = getattr(pl_module, "features", None)
-        critic = features if isinstance(features, FeatureNetwork) else build_critic(cfg, pl_module.device.type)
-        self.critic = critic.to(pl_module.device)
+        if not isinstance(features, FeatureNetwork):
+            device, model = pl_module.device.type, s.model
+            features = build_feature_network(s.feature_network, model.name, resolve_dtype(model.dtype, device), device,
+                                             model.attn_implementation)
+        self.feature_network = features.to(pl_module.device)
         chunks, rows = (getattr(trainer.datamodule, key, None) for key in ("val_chunks", "val_rows"))
         if chunks is None:
-            data = held_out(cfg, pl_module.tokenizer)
+            data = held_out(s.data, pl_module.tokenizer, s.task.seq_len)
             chunks, rows = data.chunks, data.rows
-        self.sets = {"val/cfm": subset(chunks, cfg.eval.get("cfm_chunks"), int(cfg.seed))}
+        self.sets = {"val/cfm": subset(chunks, s.eval.calibration.cfm_chunks, s.seed)}
         first_trained = getattr(trainer.datamodule, "first_trained", None)
         if self.train_chunks and first_trained is not None:       # chunk data (SFT, EBFT); RLVR trains on prompts
             self.sets["train/cfm_fixed"] = first_trained(self.train_chunks)
-        self.benchmarks = load_benchmarks(cfg, self.downstream_metrics, self.limit, rows)
+        self.benchmarks = load_benchmarks(s.eval, s.data, self.downstream_metrics, self.limit, rows)
 
     def run(self, trainer, pl_module) -> dict[str, float]:
         """Compute and log the metrics at the current step; returns them."""
-        if self.critic is None:
+        if self.feature_network is None:
             self._setup(trainer, pl_module)
         model = pl_module.generator
         metrics = {}
@@ -125,7 +117,8 @@ class CalibrationCallback(Callback):
 
     def _calibration(self, name: str, model, chunks) -> dict[str, float]:
         """CFM on one fixed set of chunks, and its paired change since the run's first evaluation."""
-        scalars, _, units = calibrate(model, self.critic, chunks, self.cfg, ("cfm",), progress=False)
+        scalars, _, units = calibrate(model, self.feature_network, chunks, self.settings.task,
+                                      self.settings.eval.calibration, ("cfm",), progress=False)
         out = {name: scalars["cfm"], f"{name}_se": scalars["cfm_se"]}
         if name == "val/cfm":
             out.update({"val/cfm_whitened": scalars["cfm_whitened"], "val/cfm_whitened_se": scalars["cfm_whitened_se"]})

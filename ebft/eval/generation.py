@@ -28,37 +28,11 @@ from typing import Callable, Sequence
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
+from ebft.config import Sampling
 from ebft.data.packing import leading_special_ids
 
 Done = Callable[[str], bool]
 """Whether a completion is finished, judged on its decoded text so far."""
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How completions are drawn: ``n_samples`` at ``temperature`` / ``top_p`` besides the greedy one."""
-
-    n_samples: int = 16
-    temperature: float = 0.6
-    top_p: float = 1.0
-    max_new_tokens: int = 512
-    batch_size: int = 16
-    seed: int = 43
-
-    def __post_init__(self):
-        if self.n_samples < 0:
-            raise ValueError(f"n_samples={self.n_samples} must be >= 0 (0 = greedy only)")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature={self.temperature} must be > 0 (greedy decoding is always included)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]; 1.0 switches nucleus sampling off")
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens} and batch_size={self.batch_size} must be >= 1")
-
-    @property
-    def prompts_per_call(self) -> int:
-        """Prompts per ``generate`` call so that a call holds at most ``batch_size`` sampled sequences."""
-        return max(1, self.batch_size // max(1, self.n_samples))
 
 
 @dataclass(frozen=True)

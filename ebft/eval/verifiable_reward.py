@@ -24,51 +24,13 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ebft.config import ConfigError
-from ebft.data.prompts import left_pad_collate, select_prompts
+from ebft.config import ConfigError, DataSettings, RewardSettings, Sampling
+from ebft.data.heldout import Prompts, prompts_of
+from ebft.data.prompts import left_pad_collate
 from ebft.eval.downstream import Outcome
-from ebft.eval.generation import Sampling
 from ebft.rollout.completions import sample_completions, score_completions
 
 RewardFn = Callable[[list[str], list[dict]], list[float]]
-
-
-@dataclass(frozen=True)
-class RewardSettings:
-    """``eval.reward``: how many prompts (None: all) and completions per prompt, how they are sampled
-    (as RLVR's ``method.temperature``, ``top_p``, ``max_new_tokens``) and which prompts are kept
-    (``max_prompt_tokens``, ``check_references``: RLVR's prompt filters)."""
-
-    prompts: int | None = 32
-    samples: int = 4
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 128
-    max_prompt_tokens: int = 1024
-    check_references: bool = True
-    batch_size: int = 4
-
-    def __post_init__(self):
-        positive = {"samples": self.samples, "max_new_tokens": self.max_new_tokens,
-                    "max_prompt_tokens": self.max_prompt_tokens, "batch_size": self.batch_size}
-        if self.prompts is not None:
-            positive["prompts"] = self.prompts
-        for key, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"eval.reward.{key}={value} must be >= 1" +
-                                  (" (or null for all held-out prompts)" if key == "prompts" else ""))
-        if self.temperature <= 0:
-            raise ConfigError(f"eval.reward.temperature={self.temperature} must be > 0 (RLVR samples)")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"eval.reward.top_p={self.top_p} is outside (0, 1]; 1.0 keeps every token")
-
-
-@dataclass(frozen=True)
-class Prompts:
-    """Prompt rows (with what their verifier needs) and their token ids."""
-
-    rows: list[dict]
-    ids: list[list[int]]
 
 
 @dataclass(frozen=True)
@@ -79,12 +41,13 @@ class RewardEstimate:
     per_prompt: list[list[float]]
 
 
-def fixed_prompts(rows: Sequence[dict], task: str, tokenizer, settings: RewardSettings, seed: int,
-                  chat_template: bool = False) -> Prompts:
-    """The RLVR prompts of the held-out ``rows`` (filtered as for training), a fixed random subset of
-    ``settings.prompts`` of them (all when None) in the order of a ``seed``-ed permutation."""
-    kept, ids = select_prompts(list(rows), task, tokenizer, settings.max_prompt_tokens, settings.check_references,
-                               chat_template)
+def fixed_prompts(rows: Sequence[dict], data: DataSettings, tokenizer, settings: RewardSettings,
+                  seed: int) -> Prompts:
+    """The RLVR prompts of the held-out ``rows`` (of ``ebft.data.heldout``'s split, filtered as for
+    training), a fixed random subset of ``settings.prompts`` of them (all when None) in the order of a
+    ``seed``-ed permutation."""
+    selected = prompts_of(list(rows), data, tokenizer, settings.prompt_selection)
+    kept, ids = selected.rows, selected.ids
     order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(seed)).tolist()[:settings.prompts]
     return Prompts([kept[i] for i in order], [ids[i] for i in order])
 

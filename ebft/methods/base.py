@@ -17,14 +17,14 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
 
+from ebft.config import ModelSettings, TrainSettings
 from ebft.data.datamodule import ChunkDataModule
 from ebft.data.sources import write_data_record
 from ebft.models.compat import lm_head
 from ebft.models.loading import load_model, resolve_attn, resolve_dtype
-from ebft.models.lora import (ADAPTER_SUBDIR, add_adapters, adapter_dir, complete_state, lora_settings,
-                              merged_state_dict, target_modules, trainable_state)
+from ebft.models.lora import (ADAPTER_SUBDIR, add_adapters, adapter_dir, complete_state, merged_state_dict,
+                              target_modules, trainable_state)
 from ebft.objectives.losses import cross_entropy_term
 
 
@@ -43,13 +43,13 @@ def lr_lambda(warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: 
     return f
 
 
-def generator_source(cfg: DictConfig) -> str:
+def generator_source(model: ModelSettings) -> str:
     """The generator's weights (under its adapters with LoRA): the warm start when given, else the base
     model; a LoRA warm start from a LoRA run keeps the base model and continues the run's adapter."""
-    init = cfg.get("init_from")
-    if init and not (lora_settings(cfg) is not None and adapter_dir(init) is not None):
-        return str(init)
-    return str(cfg.model.name)
+    init = model.init_from
+    if init and not (model.lora is not None and adapter_dir(init) is not None):
+        return init
+    return model.name
 
 
 class FineTuneModule(L.LightningModule):
@@ -57,45 +57,39 @@ class FineTuneModule(L.LightningModule):
 
     strided_rows = False  # True: the generator runs strided rows (model.attn_implementation=auto picks flex on CUDA)
 
-    def __init__(self, cfg: DictConfig, tokenizer, datamodule=None):
+    def __init__(self, settings: TrainSettings, tokenizer):
         super().__init__()
-        self.cfg = cfg
+        self.settings = settings
         self.tokenizer = tokenizer
-        self.save_hyperparameters({"cfg": OmegaConf.to_container(cfg, resolve=True)})
+        self.save_hyperparameters({"cfg": dict(settings.record)})  # the run's resolved config, for the record
         self.generator = self.load_generator()
         self.train_dtype = next(self.generator.parameters()).dtype
         self._step_losses: list[torch.Tensor] = []
 
     @classmethod
-    def make_datamodule(cls, cfg: DictConfig, tokenizer):
+    def make_datamodule(cls, settings: TrainSettings, tokenizer):
         """The data this method trains on; packed chunks unless a method says otherwise."""
-        return ChunkDataModule(cfg, tokenizer)
+        return ChunkDataModule(settings.data, tokenizer, settings.task.seq_len, settings.optim.batch_size,
+                               settings.seed)
 
     # ----------------------------------------------------------------- model
-    def device_kind(self) -> str:
-        accel = str(self.cfg.trainer.get("accelerator", "auto"))
-        if accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available()):
-            return "cuda"
-        return "cpu"
-
     def load_generator(self):
         """The trainable model, in fp32 weights (Lightning's bf16-mixed autocasts on GPU). With
         ``model.lora`` the weights stay frozen in ``model.dtype`` and ``self.adapters`` is the ``peft``
         model around the generator with its fp32 adapters (``ebft.models.lora``); else it is None."""
-        device = self.device_kind()
-        dtype = resolve_dtype(str(self.cfg.model.dtype), device)
-        lora = lora_settings(self.cfg)
-        targets = target_modules(str(self.cfg.model.name), lora) if lora is not None else None  # before the weights
-        train_dtype = torch.float32 if dtype == torch.bfloat16 and lora is None else dtype
-        model = load_model(generator_source(self.cfg), dtype=train_dtype,
-                           attn_implementation=resolve_attn(str(self.cfg.model.attn_implementation), device,
-                                                              strided=self.strided_rows),
+        m, device = self.settings.model, self.settings.device
+        dtype = resolve_dtype(m.dtype, device)
+        targets = target_modules(m.name, m.lora) if m.lora is not None else None  # before the weights
+        train_dtype = torch.float32 if dtype == torch.bfloat16 and m.lora is None else dtype
+        model = load_model(generator_source(m), dtype=train_dtype,
+                           attn_implementation=resolve_attn(m.attn_implementation, device, strided=self.strided_rows),
                            vocab_size=len(self.tokenizer))
-        if self.cfg.method.get("gradient_checkpointing", False):
+        if m.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         # Not a submodule: its weights are the generator's, which owns (and checkpoints) them.
-        object.__setattr__(self, "adapters", add_adapters(model, self.cfg, targets) if lora is not None else None)
+        object.__setattr__(self, "adapters",
+                           add_adapters(model, m.lora, targets, m.init_from) if m.lora is not None else None)
         return model
 
     def on_train_start(self) -> None:
@@ -107,11 +101,10 @@ class FineTuneModule(L.LightningModule):
         """Last hidden states of a plain causal forward (batch, T, H)."""
         return self.generator.get_decoder()(input_ids=input_ids).last_hidden_state
 
-
     def sampling_generator(self, batch_idx: int) -> torch.Generator:
         """A per-step RNG for rollouts: the same (seed, step, micro-batch, rank) always draws the same
         samples, so a resumed run samples exactly what an uninterrupted one would."""
-        seed = hash((int(self.cfg.seed), self.global_step, batch_idx, self.global_rank)) % (2 ** 62)
+        seed = hash((self.settings.seed, self.global_step, batch_idx, self.global_rank)) % (2 ** 62)
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def chunk_ce(self, input_ids: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
@@ -139,19 +132,17 @@ class FineTuneModule(L.LightningModule):
             norm = f", gradient norm {float(values[-1]):.4g}" if len(values) > len(losses) else ""
             raise FloatingPointError(
                 f"non-finite training loss or gradient at step {self.global_step} (loss {shown}{norm}) of "
-                f"method={self.cfg.method.name}: stopped before the optimizer step, no weight changed; lower "
+                f"method={self.settings.method.name}: stopped before the optimizer step, no weight changed; lower "
                 "method.lr, check the data, or use model.dtype=float32")
 
     # ------------------------------------------------------------ optimizer
     def configure_optimizers(self):
-        m = self.cfg.method
+        o = self.settings.optim
         params = [p for p in self.generator.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=float(m.lr), betas=tuple(float(b) for b in m.betas),
-                                weight_decay=float(m.weight_decay))
+        opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
         total = int(self.trainer.estimated_stepping_batches) if self.trainer is not None else 1
-        warmup = max(1, math.ceil(float(m.warmup_ratio) * total)) if float(m.warmup_ratio) > 0 else 0
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(warmup, total, str(m.schedule), float(m.get("min_lr_ratio", 0.1))))
+        warmup = max(1, math.ceil(o.warmup_ratio * total)) if o.warmup_ratio > 0 else 0
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, total, o.schedule, o.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -193,7 +184,7 @@ class FineTuneModule(L.LightningModule):
         def write(tmp: Path) -> None:
             self.generator.save_pretrained(tmp, state_dict=state)
             self.tokenizer.save_pretrained(tmp)
-            write_data_record(self.cfg, tmp)
+            write_data_record(self.settings.data, tmp)
 
         return _replace_dir(Path(directory), write)
 

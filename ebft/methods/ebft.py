@@ -20,12 +20,12 @@ import logging
 import time
 
 import torch
-from omegaconf import DictConfig
 
+from ebft.config import TrainSettings
 from ebft.methods.base import FineTuneModule, generator_source
 from ebft.models.compat import attn_implementation, backbone_forward, check_strided, lm_head, param_dtype
-from ebft.models.features import FeatureNetwork
-from ebft.models.loading import resolve_attn, resolve_dtype
+from ebft.models.features import build_feature_network
+from ebft.models.loading import resolve_dtype
 from ebft.objectives.baselines import rloo_advantages
 from ebft.objectives.losses import cross_entropy_term, policy_gradient_loss, token_logprobs
 from ebft.objectives.rewards import cfm_estimate, feature_matching_rewards
@@ -34,31 +34,6 @@ from ebft.rollout.masks import strided_mask
 from ebft.rollout.sampler import sample_strided
 
 log = logging.getLogger(__name__)
-
-
-def layout_from_config(cfg: DictConfig) -> StridedLayout:
-    t = cfg.task
-    return StridedLayout(int(t.seq_len), int(t.context_len), int(t.stride), int(t.gen_len),
-                         int(cfg.method.num_samples))
-
-
-def build_feature_network(cfg: DictConfig, generator, device: str, adapters=None) -> FeatureNetwork:
-    """The frozen critic: ``model.feature_network`` when set, else the BASE model (``model.name``):
-    a copy of the generator when it is the base model, a fresh load for warm starts (as the authors).
-    With LoRA (``adapters``: the ``peft`` model around ``generator``) over the base model, the
-    generator's own layers with the adapters disabled: no copy."""
-    f = cfg.method.features
-    kwargs = {"layers": tuple(float(q) for q in f.layers), "pooling": str(f.pooling),
-              "normalisation": str(f.normalisation)}
-    base = str(cfg.model.name)
-    name = cfg.model.get("feature_network") or (base if generator_source(cfg) != base else None)
-    if name is None:
-        network = FeatureNetwork(generator, adapters=adapters, **kwargs)
-    else:
-        network = FeatureNetwork.from_name(str(name), dtype=torch.float32,
-                                           attn_implementation=resolve_attn("auto", device, strided=True),
-                                           **kwargs)
-    return network.to(resolve_dtype(str(cfg.model.dtype), device))  # shared layers (LoRA) are not moved
 
 
 def strided_hidden(model, row: torch.Tensor, layout: StridedLayout) -> torch.Tensor:
@@ -103,31 +78,25 @@ def duplicate_fraction(tokens: torch.Tensor) -> torch.Tensor:
 class EBFTModule(FineTuneModule):
     strided_rows = True
 
-    def __init__(self, cfg: DictConfig, tokenizer, datamodule=None):
-        super().__init__(cfg, tokenizer, datamodule)
-        self.layout = layout_from_config(cfg)
-        self.features = build_feature_network(cfg, self.generator, self.device_kind(), self.adapters)
-        self.alpha, self.gamma = float(cfg.alpha), float(cfg.gamma)
-        self._step_start = 0.0
-
-    def sampling_generator(self, batch_idx: int) -> torch.Generator:
-        """A per-step RNG: the same (seed, step, micro-batch, rank) always draws the same rollouts,
-        so a resumed run samples exactly what an uninterrupted one would."""
-        seed = hash((int(self.cfg.seed), self.global_step, batch_idx, self.global_rank)) % (2 ** 62)
-        return torch.Generator(device=self.device).manual_seed(seed)
+    def __init__(self, settings: TrainSettings, tokenizer):
+        super().__init__(settings, tokenizer)
+        self.method = m = settings.method
+        self.layout = StridedLayout(*settings.task.geometry, m.sampling.num_samples)
+        model, device = settings.model, settings.device
+        base_weights = generator_source(model) == model.name   # phi is the BASE model (paper §2), also for warm starts
+        self.features = build_feature_network(settings.feature_network, model.name, resolve_dtype(model.dtype, device),
+                                              device, model.attn_implementation,
+                                              generator=self.generator if base_weights else None,
+                                              adapters=self.adapters if base_weights else None)
 
     def rollout(self, ids: torch.Tensor, batch_idx: int) -> torch.Tensor:
         """Sampled tokens (batch, n, NB, G) from the current policy."""
-        m = self.cfg.method
-        return sample_strided(self.generator, ids, self.layout, temperature=float(m.temperature),
-                              top_p=float(m.top_p), generator=self.sampling_generator(batch_idx))
-
-    def strided_hidden(self, row: torch.Tensor) -> torch.Tensor:
-        """Final hidden states (batch, length, H) of the generator over the strided row (with grad)."""
-        return strided_hidden(self.generator, row, self.layout)
+        s = self.method.sampling
+        return sample_strided(self.generator, ids, self.layout, temperature=s.temperature, top_p=s.top_p,
+                              generator=self.sampling_generator(batch_idx))
 
     def training_step(self, batch, batch_idx):
-        m = self.cfg.method
+        m = self.method
         ids = batch["input_ids"]
         layout = self.layout.to(ids.device)
         t0 = time.perf_counter()
@@ -135,14 +104,13 @@ class EBFTModule(FineTuneModule):
         row = layout.scatter_generated(ids, tokens)
         t1 = time.perf_counter()
         gen_f, gt_f = self.features.strided_features(row, layout)           # (B, NB, n, D), (B, NB, D)
-        rewards = feature_matching_rewards(gen_f, gt_f, self.alpha, str(m.whitening))
-        advantages = rloo_advantages(rewards, self.alpha).transpose(-1, -2)  # (B, n, NB)
+        rewards = feature_matching_rewards(gen_f, gt_f, m.alpha, m.whitening)
+        advantages = rloo_advantages(rewards, m.alpha).transpose(-1, -2)  # (B, n, NB)
         t2 = time.perf_counter()
 
         ce_mask = batch["answer_mask"] if m.ce_on == "answer" else None
-        loss, pg, ce = actor_loss(self.generator, layout, row, advantages, temperature=float(m.temperature),
-                                  gamma=self.gamma, rl_coef=float(m.rl_coef), reduction=str(m.loss_reduction),
-                                  ce_mask=ce_mask)
+        loss, pg, ce = actor_loss(self.generator, layout, row, advantages, temperature=m.sampling.temperature,
+                                  gamma=m.gamma, rl_coef=m.rl_coef, reduction=m.loss_reduction, ce_mask=ce_mask)
         bs = ids.shape[0]
         self.log_dict({
             "train/loss": loss.detach(), "train/pg": pg.detach(), "train/ce": ce.detach(),

@@ -45,10 +45,9 @@ from __future__ import annotations
 import time
 
 import torch
-from omegaconf import DictConfig
 
-from ebft.config import ConfigError
-from ebft.data.prompts import PromptDataModule
+from ebft.config import TrainSettings
+from ebft.data.datamodule import PromptDataModule
 from ebft.methods.base import FineTuneModule
 from ebft.models.compat import backbone_forward, lm_head
 from ebft.models.loading import load_model, resolve_attn
@@ -57,23 +56,6 @@ from ebft.objectives.baselines import group_normalized_advantages
 from ebft.objectives.losses import grpo_loss, token_logprobs
 from ebft.objectives.verifiable import reward_fn_for
 from ebft.rollout.completions import Rollout, positions, sample_completions, score_completions
-
-
-def check_config(cfg: DictConfig) -> None:
-    """RLVR settings beyond ``ebft.config.validate_rlvr``; raise :class:`ConfigError` on a bad one."""
-    m = cfg.method
-    if int(m.ppo_epochs) != 1:
-        raise ConfigError(
-            f"method.ppo_epochs={m.ppo_epochs}: only 1 update per rollout batch is supported (online GRPO, as "
-            "in the paper; Lightning's automatic optimisation takes one step per batch); set method.ppo_epochs=1")
-    if not 0 < float(m.clip_eps) < 1:
-        raise ConfigError(f"method.clip_eps={m.clip_eps} must be in (0, 1); PPO's usual value is 0.2")
-    if float(m.kl_coef) < 0:
-        raise ConfigError(f"method.kl_coef={m.kl_coef} must be >= 0 (0 = no KL penalty, the paper)")
-    if not 0 < float(m.top_p) <= 1:
-        raise ConfigError(f"method.top_p={m.top_p} must be in (0, 1]")
-    if int(m.max_prompt_tokens) < 1:
-        raise ConfigError(f"method.max_prompt_tokens={m.max_prompt_tokens} must be >= 1")
 
 
 # ------------------------------------------------------------------------------------- update
@@ -120,36 +102,36 @@ class RLVRModule(FineTuneModule):
     """GRPO on prompts with a verifiable reward (module docstring)."""
 
     @classmethod
-    def make_datamodule(cls, cfg: DictConfig, tokenizer):
-        check_config(cfg)
-        return PromptDataModule(cfg, tokenizer)
+    def make_datamodule(cls, settings: TrainSettings, tokenizer):
+        return PromptDataModule(settings.data, tokenizer, settings.task.seq_len, settings.optim.batch_size,
+                                settings.seed, settings.method.prompts)
 
-    def __init__(self, cfg: DictConfig, tokenizer, datamodule=None):
-        check_config(cfg)
-        super().__init__(cfg, tokenizer, datamodule)
-        self.reward_fn = reward_fn_for(str(cfg.task.name))
-        self.kl_coef = float(cfg.method.kl_coef)
+    def __init__(self, settings: TrainSettings, tokenizer):
+        super().__init__(settings, tokenizer)
+        self.method = settings.method
+        self.reward_fn = reward_fn_for(settings.task.name)
+        self.kl_coef = self.method.kl_coef
         self.reference = self.load_reference() if self.kl_coef > 0 and not self.reference_is_base() else None
 
     def reference_is_base(self) -> bool:
         """Whether the KL reference (the initial policy) is the generator with its adapters disabled:
         LoRA on new adapters (a LoRA warm start's initial policy includes its adapter)."""
-        return self.adapters is not None and adapter_dir(self.cfg.get("init_from")) is None
+        return self.adapters is not None and adapter_dir(self.settings.model.init_from) is None
 
     def load_reference(self):
         """A frozen copy of the initial generator (the warm start when given) for the KL penalty."""
-        model = load_model(str(self.cfg.get("init_from") or self.cfg.model.name), dtype=self.train_dtype,
-                           attn_implementation=resolve_attn(str(self.cfg.model.attn_implementation),
-                                                            self.device_kind()),
+        m = self.settings.model
+        model = load_model(m.init_from or m.name, dtype=self.train_dtype,
+                           attn_implementation=resolve_attn(m.attn_implementation, self.settings.device),
                            vocab_size=len(self.tokenizer))
         model.eval().requires_grad_(False)
         return model
 
     def rollout(self, batch: dict, batch_idx: int) -> Rollout:
-        m = self.cfg.method
-        return sample_completions(self.generator, batch["prompt_ids"], batch["prompt_mask"], int(m.num_samples),
-                                  int(m.max_new_tokens), self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
-                                  float(m.temperature), float(m.top_p), self.sampling_generator(batch_idx))
+        m = self.method
+        return sample_completions(self.generator, batch["prompt_ids"], batch["prompt_mask"], m.sampling.num_samples,
+                                  m.max_new_tokens, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
+                                  m.sampling.temperature, m.sampling.top_p, self.sampling_generator(batch_idx))
 
     def score(self, rollout: Rollout, rows: list[dict]) -> torch.Tensor:
         """Rewards (B, n) of the decoded completions against their rows."""
@@ -159,11 +141,11 @@ class RLVRModule(FineTuneModule):
     def policy_loss(self, batch: dict, rollout: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The loss of one update on a scored rollout and its detached parts: ``pg``, ``kl``,
         ``advantage_std`` and ``scored_fraction`` (of the completions the forward had to score)."""
-        m = self.cfg.method
-        temperature = float(m.temperature)
-        advantages = group_normalized_advantages(rewards, str(m.scale_rewards)).reshape(-1)
+        m = self.method
+        temperature = m.sampling.temperature
+        advantages = group_normalized_advantages(rewards, m.scale_rewards).reshape(-1)
         rows = rows_to_score(advantages, all_rows=self.kl_coef > 0)
-        prompt_of = rows // int(m.num_samples)
+        prompt_of = rows // m.sampling.num_samples
         prompt_ids, prompt_mask = batch["prompt_ids"][prompt_of], batch["prompt_mask"][prompt_of]
         mask = rollout.mask[rows]
         width = max(int(mask.sum(-1).max()), 1)
@@ -176,7 +158,7 @@ class RLVRModule(FineTuneModule):
         elif self.kl_coef > 0:
             with adapters_disabled(self.adapters):
                 ref_logprobs = completion_logprobs(self.generator, prompt_ids, prompt_mask, tokens, temperature)
-        loss, pg, kl = grpo_loss(logprobs, logprobs.detach(), advantages[rows], mask, float(m.clip_eps),
+        loss, pg, kl = grpo_loss(logprobs, logprobs.detach(), advantages[rows], mask, m.clip_eps,
                                  self.kl_coef, ref_logprobs, num_tokens=int(rollout.mask.sum()))
         parts = {"pg": pg.detach(), "kl": kl.detach(), "advantage_std": advantages.std(),
                  "scored_fraction": torch.tensor(len(rows) / len(advantages))}

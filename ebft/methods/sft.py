@@ -12,7 +12,7 @@ from ebft.methods.base import FineTuneModule
 class SFTModule(FineTuneModule):
     def training_step(self, batch, batch_idx):
         ids = batch["input_ids"]
-        mask = batch["answer_mask"] if self.cfg.method.loss_on == "answer" else None
+        mask = batch["answer_mask"] if self.settings.method.loss_on == "answer" else None
         loss = self.chunk_ce(ids, mask)
         self.log("train/ce", loss, prog_bar=True, batch_size=ids.shape[0])
         return loss

@@ -33,8 +33,10 @@ import math
 import torch
 from torch import nn
 
+from ebft.config import FeatureNetworkSpec
 from ebft.models.compat import (attn_implementation, backbone_forward, check_strided, decoder_layers, get_backbone,
                                 param_dtype)
+from ebft.models.loading import load_model, resolve_attn
 from ebft.models.lora import adapters_disabled
 from ebft.rollout.layout import POOLINGS, StridedLayout
 from ebft.rollout.masks import strided_mask
@@ -80,8 +82,6 @@ class FeatureNetwork(nn.Module):
     @classmethod
     def from_name(cls, name: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", **kwargs):
         """Feature network from a model name (hub id, local dir, .gguf, embedded, tiny)."""
-        from ebft.models.loading import load_model
-
         return cls(load_model(name, dtype=dtype, attn_implementation=attn_implementation), **kwargs)
 
     def train(self, mode: bool = True) -> FeatureNetwork:
@@ -165,6 +165,26 @@ class FeatureNetwork(nn.Module):
             pooled = [nn.functional.normalize(h, dim=-1) / math.sqrt(len(pooled)) for h in pooled]
             return torch.cat(pooled, dim=-1)
         return nn.functional.normalize(torch.cat(pooled, dim=-1), dim=-1)
+
+
+def build_feature_network(spec: FeatureNetworkSpec, base: str, dtype: torch.dtype, device: str,
+                          attn: str = "auto", generator: nn.Module | None = None,
+                          adapters: nn.Module | None = None) -> FeatureNetwork:
+    """THE feature network of training and evaluation, from the one spec (``feature_network``).
+
+    ``spec.name`` when set, else the base model ``base`` (paper §2: phi is a frozen copy of the base
+    model, for warm starts too, as the authors): built from ``generator`` when the caller's generator
+    holds the base weights (a deep copy of its backbone; with LoRA, ``adapters`` = the ``peft`` model
+    around it, the generator's own layers with the adapters disabled, no copy), else loaded. In
+    ``dtype``, with the attention backend ``attn`` resolved for strided rows on ``device``; the caller
+    moves it to its device (shared LoRA layers are not moved)."""
+    kwargs = {"layers": spec.layers, "pooling": spec.pooling, "normalisation": spec.normalisation}
+    if spec.name is None and generator is not None:
+        network = FeatureNetwork(generator, adapters=adapters, **kwargs)
+    else:
+        network = FeatureNetwork.from_name(spec.name or base, dtype=dtype,
+                                           attn_implementation=resolve_attn(attn, device, strided=True), **kwargs)
+    return network.to(dtype)
 
 
 def _capture(store: dict[int, torch.Tensor], index: int):

@@ -27,53 +27,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
-from ebft.config import ConfigError
+from ebft.config import ConfigError, LoraSettings
 from ebft.models.loading import load_config
 
 ADAPTER_SUBDIR = "adapter"
 _PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # The attention and MLP projections of each model family (``config.model_type``).
 FAMILY_TARGETS = {family: _PROJECTIONS for family in ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2")}
-
-
-def lora_settings(cfg: DictConfig) -> DictConfig | None:
-    """``cfg.model.lora`` when LoRA is on (``rank`` set), else None (full fine-tuning)."""
-    lora = cfg.model.get("lora")
-    return lora if lora is not None and lora.get("rank") is not None else None
-
-
-def validate_lora(cfg: DictConfig) -> None:
-    """``model.lora`` (LoRA on when ``rank`` is set): values first, then the target modules against the
-    model's config (no weights loaded) and a LoRA warm start's adapter; raise ``ConfigError`` on the
-    first problem."""
-    lora = lora_settings(cfg)
-    if lora is None:
-        return
-    rank = lora.rank
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ConfigError(f"model.lora.rank={rank!r} must be a whole number >= 1 (e.g. 16), or null for full "
-                          "fine-tuning")
-    if lora.get("alpha") is not None and float(lora.alpha) <= 0:
-        raise ConfigError(f"model.lora.alpha={lora.alpha} must be > 0, or null for 2 x rank")
-    if not 0 <= float(lora.dropout) < 1:
-        raise ConfigError(f"model.lora.dropout={lora.dropout} must be in [0, 1)")
-    targets = lora.get("target_modules")
-    if targets is not None and (isinstance(targets, str) or len(targets) < 1):
-        raise ConfigError(f"model.lora.target_modules={targets!r} must be a list of layer names, e.g. "
-                          "[q_proj,v_proj], or null for the model family's attention and MLP projections")
-    strategy = cfg.trainer.get("strategy")
-    strategy = strategy.get("_target_", "") if hasattr(strategy, "get") else strategy
-    if "fsdp" in str(strategy).lower():
-        raise ConfigError("model.lora with trainer=fsdp is not supported (the merged export reads the live, sharded "
-                          "weights); use trainer=ddp: with adapters every device holds one frozen bf16 copy and "
-                          "small trainable state")
-    resolved = target_modules(str(cfg.model.name), lora)
-    warm = adapter_dir(cfg.get("init_from"))
-    if warm is not None:
-        check_warm_adapter(warm, lora, resolved)
 
 
 def adapter_dir(path) -> Path | None:
@@ -86,17 +48,12 @@ def adapter_dir(path) -> Path | None:
     return None
 
 
-def alpha_of(lora: DictConfig) -> float:
-    """``model.lora.alpha``; null = 2 x rank."""
-    return float(lora.alpha) if lora.get("alpha") is not None else 2.0 * int(lora.rank)
-
-
 def linear_names(model: nn.Module) -> list[str]:
     """The distinct names of the model's linear layers (what ``target_modules`` can name)."""
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
 
 
-def target_modules(name: str, lora: DictConfig) -> list[str]:
+def target_modules(name: str, lora: LoraSettings) -> list[str]:
     """The layers that get adapters: ``model.lora.target_modules`` or the family's attention and MLP
     projections. Read from ``name``'s config on the meta device (no weights are loaded); a name that
     matches no module raises :class:`ConfigError` listing the model's linear layers."""
@@ -106,7 +63,7 @@ def target_modules(name: str, lora: DictConfig) -> list[str]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     linear = ", ".join(linear_names(model))
-    targets = lora.get("target_modules")
+    targets = lora.target_modules
     if targets is None:
         if config.model_type not in FAMILY_TARGETS:
             raise ConfigError(f"model.lora.target_modules=null has no default for model type {config.model_type!r}; "
@@ -121,19 +78,19 @@ def target_modules(name: str, lora: DictConfig) -> list[str]:
     return targets
 
 
-def lora_config(lora: DictConfig, targets: list[str]):
+def lora_config(lora: LoraSettings, targets: list[str]):
     from peft import LoraConfig
 
-    return LoraConfig(r=int(lora.rank), lora_alpha=alpha_of(lora), lora_dropout=float(lora.dropout),
+    return LoraConfig(r=lora.rank, lora_alpha=lora.scale_alpha, lora_dropout=float(lora.dropout),
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
 
 
-def check_warm_adapter(directory: Path, lora: DictConfig, targets: list[str]) -> None:
+def check_warm_adapter(directory: Path, lora: LoraSettings, targets: list[str]) -> None:
     """A LoRA warm start continues the run's adapter: its rank, alpha and targets must be ``model.lora``'s."""
     from peft import LoraConfig
 
     saved = LoraConfig.from_pretrained(str(directory))
-    want = {"rank": int(lora.rank), "alpha": alpha_of(lora), "target_modules": sorted(targets)}
+    want = {"rank": lora.rank, "alpha": lora.scale_alpha, "target_modules": sorted(targets)}
     have = {"rank": int(saved.r), "alpha": float(saved.lora_alpha), "target_modules": sorted(saved.target_modules)}
     if want != have:
         diff = ", ".join(f"model.lora.{k}={want[k]} but the adapter has {have[k]}" for k in want if want[k] != have[k])
@@ -141,14 +98,13 @@ def check_warm_adapter(directory: Path, lora: DictConfig, targets: list[str]) ->
                           "to continue it")
 
 
-def add_adapters(model: nn.Module, cfg: DictConfig, targets: list[str]):
+def add_adapters(model: nn.Module, lora: LoraSettings, targets: list[str], init_from: str | None = None):
     """Wrap ``model`` (its layers are changed in place) in a ``peft`` model with trainable adapters on
     ``targets`` (:func:`target_modules`): the warm start's adapter when ``init_from`` is a LoRA run,
     else new ones (B = 0). Every other weight is frozen."""
     from peft import PeftModel, get_peft_model
 
-    lora = lora_settings(cfg)
-    warm = adapter_dir(cfg.get("init_from"))
+    warm = adapter_dir(init_from)
     if warm is not None:
         check_warm_adapter(warm, lora, targets)
         return PeftModel.from_pretrained(model, str(warm), is_trainable=True)

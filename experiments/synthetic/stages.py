@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ebft.config import compose_config
+from ebft.config import compose_config, evaluate_settings
 from ebft.data.synthetic import process_from_config, save_symbol_tokenizer
 from ebft.eval import report as eval_report
 from ebft.eval.oracle import model_rollouts, oracle_errors
@@ -207,9 +207,9 @@ def curves(directory: Path) -> dict[str, list[tuple[int, float]]]:
 
 def eval_overrides(settings: Settings, base: Path, ckpt: Path, directory: Path) -> list[str]:
     """``evaluate.py`` overrides: the experiment's task, data, model and calibration settings, the test
-    rows (a fresh ``data.seed``) and the base model as ``model.name`` (critic and tokenizer)."""
+    rows (a fresh ``data.seed``) and the base model as ``model.name`` (feature network and tokenizer)."""
     cfg, test = settings.cfg, settings.s.test
-    e = cfg.eval
+    e, phi = cfg.eval, cfg.feature_network
     process = ",".join(f"{k}:{v}" for k, v in OmegaConf.to_container(cfg.data.process).items())
     return ["task=synthetic", "data=synthetic", "model=synthetic_tiny", f"model.name={relative(base)}",
             f"ckpt={relative(ckpt)}", "metrics=[ce,cfm,profile]", f"seed={int(cfg.seed)}",
@@ -217,8 +217,8 @@ def eval_overrides(settings: Settings, base: Path, ckpt: Path, directory: Path) 
             f"data.row_len={int(cfg.data.row_len)}", f"data.val_size={int(test.val_size)}",
             f"eval.cfm_chunks={int(test.chunks)}", f"eval.profile_chunks={int(test.profile_chunks)}",
             f"eval.cfm_samples={int(e.cfm_samples)}", f"eval.cfm_temperature={float(e.cfm_temperature)}",
-            f"eval.whitening={e.whitening}", f"eval.critic.layers=[{','.join(str(float(q)) for q in e.critic.layers)}]",
-            f"eval.critic.pooling={e.critic.pooling}",
+            f"eval.whitening={e.whitening}", f"feature_network.layers=[{','.join(str(float(q)) for q in phi.layers)}]",
+            f"feature_network.pooling={phi.pooling}",
             f"eval.profile_lengths=[{','.join(str(int(g)) for g in e.profile_lengths)}]",
             f"hydra.run.dir={relative(directory)}"]
 
@@ -241,7 +241,7 @@ def test_model(name: str, ckpt: Path, base: Path, settings: Settings) -> dict:
     start, cpu = time.time(), time.process_time()
     cfg = composed("evaluate", [o for o in overrides if not o.startswith("hydra.")] + [f"output_dir={directory}"])
     with _logged(directory / "stdout.log"):
-        evaluate(cfg)
+        evaluate(evaluate_settings(cfg))
     units = json.loads(next(directory.glob(f"*/{eval_report.UNITS_FILE}")).read_text())
     result = json.loads(next(directory.glob(f"*/{eval_report.RESULTS_FILE}")).read_text())
     calibration_seconds = time.time() - start
