@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
@@ -85,3 +86,21 @@ def test_train_py_refuses_a_renamed_key_with_one_line(tmp_path):
                            f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("train.py: method.features.layers was renamed")
+
+
+def test_one_held_out_split_for_training_evaluation_and_rlvr(tmp_path, tokenizer):
+    """The chunk data, RLVR's prompt data and evaluate.py's held-out data come from one split."""
+    from ebft.data.datamodule import ChunkDataModule, PromptDataModule
+    from ebft.data.sources import split_key
+    from ebft.eval.runner import held_out
+
+    settings = train_settings(make_cfg(tmp_path, "method=rlvr", "task=translation", "method.check_references=false"))
+    chunks = ChunkDataModule(settings.data, tokenizer, 32, 2, settings.seed)
+    prompts = PromptDataModule(settings.data, tokenizer, 32, 2, settings.seed, settings.method.prompts)
+    chunks.setup(), prompts.setup()
+    held = held_out(settings.data, tokenizer, 32)
+    assert chunks.val_rows == prompts.val_rows == held.rows and len(held.rows) >= 40
+    assert torch.equal(chunks.val_chunks.input_ids, held.chunks.input_ids)
+    assert torch.equal(prompts.val_chunks.input_ids, held.chunks.input_ids)
+    assert not {split_key(r) for r in held.rows} & {split_key(r) for r in prompts.prompts.rows}
+    assert len(prompts.prompts) > 100
