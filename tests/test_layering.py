@@ -13,7 +13,8 @@ LAYERS = (
     ("ebft", "ebft.config", "ebft.reporting"),
     ("ebft.rollout.layout", "ebft.rollout.masks", "ebft.models.compat", "ebft.execution"),
     ("ebft.models", "ebft.data"),
-    ("ebft.rollout", "ebft.objectives", "ebft.data.prompts"),  # RLVR's prompts are kept by their verifier
+    ("ebft.rollout", "ebft.objectives", "ebft.data.prompts",   # RLVR's prompts are kept by their verifier,
+     "ebft.data.heldout", "ebft.data.datamodule"),             # and the held-out pipeline selects them
     ("ebft.methods", "ebft.eval"),
     ("ebft.run", "ebft.card", "ebft.strategies"),
 )
