@@ -164,6 +164,15 @@ def _interval(r: dict, digits: int = 4) -> str:
     return f"{r['mean']:+.{digits}f} [{r['ci_low']:+.{digits}f}, {r['ci_high']:+.{digits}f}]"
 
 
+def _cells(r: dict) -> tuple[str, str, str]:
+    """A paired row's metric label, interval and per-seed differences as table cells (oracle errors in 1e-4)."""
+    scale = 1e4 if r["metric"].startswith("oracle") else 1
+    scaled = {k: r[k] * scale for k in ("mean", "ci_low", "ci_high")}
+    seeds = ", ".join(f"{v * scale:+.3f}" for v in r["per_seed"])
+    unit = " (x1e-4)" if scale != 1 else ""
+    return f"{r['metric']}{unit}", _interval(scaled, 3 if scale != 1 else 4), seeds
+
+
 def _verdict(paired: list[dict], variant: str, horizons) -> str:
     rows = {r["metric"]: r for r in paired if r["variant"] == variant}
     cfm, ce = rows["cfm"], rows["ce"]
@@ -298,23 +307,16 @@ def readme(settings, summary, paired, versus_base, alpha, base_vs_truth, chosen,
               "## Paired differences against SFT (95% interval, sign-flip p)", "",
               "| variant | metric | difference [95% CI] | p | per seed |", "|---|---|---|---|---|"]
     for r in paired:
-        scale = 1e4 if r["metric"].startswith("oracle") else 1
-        unit = " (x1e-4)" if scale != 1 else ""
-        scaled = {k: r[k] * scale for k in ("mean", "ci_low", "ci_high")}
-        seeds = ", ".join(f"{v * scale:+.3f}" for v in r["per_seed"])
-        lines.append(f"| {r['variant']} | {r['metric']}{unit} | {_interval(scaled, 3 if scale != 1 else 4)} | "
-                     f"{r['p_value']:.4f} | {seeds} |")
+        metric, ci, seeds = _cells(r)
+        lines.append(f"| {r['variant']} | {metric} | {ci} | {r['p_value']:.4f} | {seeds} |")
     shown = {"ce", "cfm", *(f"oracle/pairs/G{g}" for g in horizons)}
     lines += ["", "## Paired differences against the base (each fine-tuned model minus the base it started from)",
               "", "| variant | metric | difference [95% CI] | per seed |", "|---|---|---|---|"]
     for r in versus_base:
         if r["metric"] not in shown:
             continue
-        scale = 1e4 if r["metric"].startswith("oracle") else 1
-        scaled = {k: r[k] * scale for k in ("mean", "ci_low", "ci_high")}
-        seeds = ", ".join(f"{v * scale:+.3f}" for v in r["per_seed"])
-        unit = " (x1e-4)" if scale != 1 else ""
-        lines.append(f"| {r['variant']} | {r['metric']}{unit} | {_interval(scaled, 3 if scale != 1 else 4)} | {seeds} |")
+        metric, ci, seeds = _cells(r)
+        lines.append(f"| {r['variant']} | {metric} | {ci} | {seeds} |")
     lines += ["", "All of `paired_vs_base.csv` (unigram too, p-values).", ""]
     if alpha:
         lines += ["## Does the diversity term matter? (alpha 1 minus alpha 0, same whitening)", "",
@@ -324,12 +326,8 @@ def readme(settings, summary, paired, versus_base, alpha, base_vs_truth, chosen,
         for r in alpha:
             if r["metric"] not in shown:
                 continue
-            scale = 1e4 if r["metric"].startswith("oracle") else 1
-            scaled = {k: r[k] * scale for k in ("mean", "ci_low", "ci_high")}
-            seeds = ", ".join(f"{v * scale:+.3f}" for v in r["per_seed"])
-            unit = " (x1e-4)" if scale != 1 else ""
-            lines.append(f"| {r['variant']} | {r['reference']} | {r['metric']}{unit} | "
-                         f"{_interval(scaled, 3 if scale != 1 else 4)} | {r['p_value']:.4f} | {seeds} |")
+            metric, ci, seeds = _cells(r)
+            lines.append(f"| {r['variant']} | {r['reference']} | {metric} | {ci} | {r['p_value']:.4f} | {seeds} |")
         lines.append("")
     lines += [
               "## Is the CE-trained base miscalibrated, and how does it grow with G?", "",
