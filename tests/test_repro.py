@@ -18,13 +18,13 @@ from experiments.repro.__main__ import main
 from experiments.repro.comparison import compare, curve
 from experiments.repro.jobs import Job, finished, run_job
 from experiments.repro.plan import PLAN, matches, models, pending, sweep_jobs, training_jobs, write_plan
-from experiments.repro.readme import write_report
+from experiments.repro.readme import trained_lrs, write_report
 from experiments.repro.settings import ROOT as REPO, ReproError, format_lr, load_settings, merge_overrides, val_interval
 from experiments.repro.sweep import SweepPoint, choose
 from experiments.repro.tables import Stat
 
 ROOT = Path(__file__).resolve().parents[1]
-MBPP = Path("/work/shared/data/mbpp/mbpp.jsonl")
+MBPP = Path(os.environ.get("EBFT_MBPP", "/nonexistent"))   # MBPP rows, when the machine has them
 
 
 # ------------------------------------------------------------------------------- settings, plan
@@ -33,6 +33,8 @@ def test_helpers():
     assert format_lr(1e-4) == "1e-4" and format_lr(3e-5) == "3e-5" and format_lr(2.5e-5) == "2.5e-5"
     assert merge_overrides(["a=1", "b=2"], ["a=3"]) == ["b=2", "a=3"]
     assert val_interval(40, 10) == 10 and val_interval(25, 10) == 5 and val_interval(3, 10) == 3
+    plan = {"variants": {"sft": {"method": "sft"}, "ebft": {"method": "ebft"}}, "lr": {"sft": 1e-4, "rlvr": 1e-5}}
+    assert trained_lrs(plan) == {"sft": 1e-4}    # the config's lr of a method left out is not reported
 
 
 def test_every_method_gets_the_same_budget(tmp_path):
@@ -201,7 +203,7 @@ VARIANTS = {
 }
 
 
-def write_run(directory: Path, method: str, seed: int, steps: int = 8) -> None:
+def write_run(directory: Path, method: str, seed: int, steps: int = 8, val_change: float = -0.01) -> None:
     directory.mkdir(parents=True)
     rows = [{"step": 0, "val/ce": 3.0, "val/cfm": 0.50, "val/cfm_se": 0.01}]
     for s in range(steps):
@@ -214,7 +216,7 @@ def write_run(directory: Path, method: str, seed: int, steps: int = 8) -> None:
             row = {"step": s, "train/reward": 0.0, "train/zero_signal_fraction": 1.0, "train/advantage_std": 0.0}
         rows.append(row)
     rows.append({"step": steps, "val/ce": 2.8 if method == "sft" else 2.95, "val/cfm": 0.49, "val/cfm_se": 0.01,
-                 "val/cfm_change": -0.01, "val/cfm_change_se": 0.004,
+                 "val/cfm_change": val_change, "val/cfm_change_se": 0.004,
                  "train/cfm_fixed": 0.3, "train/cfm_fixed_change": -0.2 if method == "sft" else -0.1,
                  "train/cfm_fixed_change_se": 0.01})
     keys = sorted({k for r in rows for k in r})
@@ -251,16 +253,19 @@ def write_result(call: Path, index: int, ckpt: str, part: str, shift: float) -> 
     (directory / "results.json").write_text(json.dumps(result))
 
 
-def synthetic_output(out: Path) -> dict:
-    """An output folder as the driver leaves it: plan.json, 3 variants x 2 seeds, both evaluation parts."""
+SHIFTS = {"base": 0.0, "sft": -0.02, "ebft": -0.03, "rlvr": 0.03}   # per-unit offsets: EBFT below SFT
+
+
+def synthetic_output(out: Path, shifts: dict = SHIFTS, val_change: dict | None = None) -> dict:
+    """An output folder as the driver leaves it: plan.json, 3 variants x 2 seeds, both evaluation parts;
+    each model's per-unit values are offset by ``shifts`` and its runs' held-out CFM changed by ``val_change``."""
     planned = [{"key": "base", "variant": "base", "label": "Base", "ckpt": "embedded:smollm2-135m-instruct"}]
     for name, v in VARIANTS.items():
         for seed in (43, 44):
             key = f"runs/{name}/lr1e-4-seed{seed}"
             planned.append({"key": key, "variant": name, "label": v["label"], "method": v["method"], "seed": seed,
                             "lr": 1e-4, "dir": key, "ckpt": str(out / key)})
-            write_run(out / key, v["method"], seed)
-    shifts = {"base": 0.0, "sft": -0.02, "ebft": -0.03, "rlvr": 0.03}
+            write_run(out / key, v["method"], seed, val_change=(val_change or {}).get(name, -0.01))
     for part in ("calibration", "profile", "downstream"):
         call = out / "eval" / part / "call00"
         for i, m in enumerate(planned):
@@ -316,6 +321,23 @@ def test_report_from_synthetic_runs(tmp_path):
         assert f"]({png})" in text and (tmp_path / png).stat().st_size > 1000
     with (tmp_path / "runs.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 7
+
+
+def test_diagnosis_when_ebft_loses_states_the_curves_and_the_budget(tmp_path):
+    # EBFT 0.01 above SFT on every unit; both runs' held-out CFM fell 0.01 (se 0.004 per run) over 16 chunks
+    synthetic_output(tmp_path, shifts={**SHIFTS, "ebft": -0.01})
+    text = write_report(tmp_path).read_text()
+    assert "## Diagnosis" in text
+    assert ("SFT in-sample -0.2000 ± 0.0071 (lower), held-out -0.0100 ± 0.0028 (lower); "
+            "EBFT in-sample -0.1000 ± 0.0071 (lower), held-out -0.0100 ± 0.0028 (lower)") in text
+    # rate 0 per 100 chunks, se 100 * hypot(0.0028, 0.0028) / 16 = 0.025; gap 0.01: 100 * 0.01 / 0.05 = 20 chunks
+    assert "+0.0000 ± 0.0250 per 100 chunks" in text and "EBFT is +0.0100 above SFT" in text
+    assert "two standard errors: -0.0500 to +0.0500 per 100 chunks" in text and "after about 20 more chunks" in text
+    # EBFT's held-out CFM falls 0.05: rate -0.25 +- 0.025 per 100 chunks, beyond noise: 0.01 / 0.0025 = 4 chunks
+    shutil.rmtree(tmp_path)
+    synthetic_output(tmp_path, shifts={**SHIFTS, "ebft": -0.01}, val_change={"ebft": -0.05})
+    text = write_report(tmp_path).read_text()
+    assert "-0.2500 ± 0.0250 per 100 chunks" in text and "pass SFT after about 4 more chunks (3 to 5 within" in text
 
 
 def test_report_before_any_evaluation(tmp_path):

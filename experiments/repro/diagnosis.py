@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ebft.reporting import cell
 from experiments.collect import Run, load_run
+from experiments.repro import comparison
 from experiments.repro.jobs import read_record
 
 PAPER_ROLLOUTS_PER_STEP = 16 * 127 * 4   # docs/authors_code.md: 16 chunks x 127 blocks (T=1024, C=s=G=8) x n=4
@@ -127,6 +128,7 @@ def _profile_gap(models: list[dict], a: str, b: str) -> list[tuple[int, float]]:
 class Evidence:
     """What the findings read: the runs of the EBFT variant, of SFT and of RLVR, and the plan."""
 
+    out: Path
     plan: dict
     models: list[dict]
     ebft: str
@@ -225,6 +227,73 @@ def budget_finding(ev: Evidence) -> str:
             f"{PAPER_ROLLOUTS_PER_STEP / max(per_step, 1):.0f}× more per step and thousands of steps.")
 
 
+def _change(ev: Evidence, variant: str, which: str) -> tuple[float, float, int] | None:
+    """(change, se, chunks seen) of the in-training CFM since the start, mean over the variant's runs:
+    ``which`` is "val" (held-out chunks) or "train" (the run's first training chunks)."""
+    batch = int(ev.sizes["batch_size"])
+    curves = [c for m in ev.models if m["variant"] == variant and m.get("dir")
+              if (c := comparison.curve(ev.out / m["dir"], batch)) is not None]
+    return comparison.final_changes(curves).get(which) if curves else None
+
+
+def _moved(change: tuple[float, float, int]) -> str:
+    """A change with its standard error and whether it is beyond two of them."""
+    value, se, _ = change
+    word = "lower" if value < -2 * se else "higher" if value > 2 * se else "within noise"
+    return f"{value:+.4f} ± {se:.4f} ({word})"
+
+
+def curves_finding(ev: Evidence) -> str | None:
+    """How each method moved in-sample and held-out CFM, against two standard errors."""
+    parts = []
+    for label, variant in (("SFT", "sft"), ("EBFT", ev.ebft)):
+        val, train = _change(ev, variant, "val"), _change(ev, variant, "train")
+        if val is None or train is None:
+            return None
+        parts.append(f"{label} in-sample {_moved(train)}, held-out {_moved(val)}")
+    return (f"**In-sample vs held-out.** CFM change after one pass over the run's chunks (two standard errors "
+            f"decide the word): {parts[0]}; {parts[1]}. Lowering the first without the second is memorising.")
+
+
+def trend_finding(ev: Evidence) -> str | None:
+    """What the held-out curves say about the budget EBFT would need to pass SFT.
+
+    The rate is EBFT's held-out CFM change minus SFT's, per 100 training chunks, with the standard error
+    of the two (independent) changes; the gap is the paired EBFT - SFT FM of the final comparison. A
+    linear extrapolation is the most the curves allow: it says whether more chunks at this lr point
+    toward EBFT passing SFT, and roughly how many, not that they would.
+    """
+    e, s = _change(ev, ev.ebft, "val"), _change(ev, "sft", "val")
+    if e is None or s is None:
+        return None
+    (de, se_e, chunks), (ds, se_s, _) = e, s
+    rate, se = 100 * (de - ds) / chunks, 100 * math.hypot(se_e, se_s) / chunks
+    best, worst = rate - 2 * se, rate + 2 * se
+    text = (f"**Trend and budget.** Over {chunks} training chunks EBFT's held-out CFM changed {de - ds:+.4f} "
+            f"relative to SFT's: {rate:+.4f} ± {se:.4f} per 100 chunks.")
+    rose = [label for label, (d, sd) in (("SFT", (ds, se_s)), ("EBFT", (de, se_e))) if d > 2 * sd]
+    if rose:
+        text += (f" {' and '.join(rose)} raised held-out CFM beyond noise: more steps at this lr move "
+                 f"{'both' if len(rose) == 2 else 'it'} the wrong way.")
+    fm = comparison.compare(ev.models, ev.ebft, "sft", "FM", "calibration", "cfm")
+    if fm is None:
+        return text
+    gap = fm.diff.mean
+    if gap <= 0:
+        return text + f" On the comparison's held-out contexts EBFT is already {gap:+.4f} below SFT."
+    text += f" On the comparison's held-out contexts EBFT is {gap:+.4f} above SFT."
+    if worst < 0:
+        return text + (f" At that rate EBFT would pass SFT after about {100 * gap / -rate:,.0f} more chunks "
+                       f"({100 * gap / -best:,.0f} to {100 * gap / -worst:,.0f} within two standard errors).")
+    if best >= 0:
+        return text + (f" Even the most favourable rate within two standard errors ({best:+.4f} per 100 chunks) "
+                       "does not fall: the curves point to no budget at this lr and batch in which EBFT passes SFT.")
+    return text + (f" The rate is within noise of zero (two standard errors: {best:+.4f} to {worst:+.4f} per 100 "
+                   f"chunks), so these curves cannot say whether EBFT gains on SFT with more chunks: at the most "
+                   f"favourable rate it would pass SFT after about {100 * gap / -best:,.0f} more chunks, at a rate "
+                   "of zero or above never.")
+
+
 def rlvr_finding(ev: Evidence) -> str | None:
     zero = mean_of(ev.r_runs, "train/zero_signal_fraction")
     if not math.isfinite(zero):
@@ -245,7 +314,7 @@ def profile_finding(ev: Evidence) -> str | None:
 
 
 FINDINGS = (cfm_finding, reward_finding, advantage_finding, diversity_finding, duplicate_finding, ce_finding,
-            budget_finding, rlvr_finding, profile_finding)
+            budget_finding, curves_finding, trend_finding, rlvr_finding, profile_finding)
 
 
 def diagnose(out: Path, plan: dict, models: list[dict], ebft: str) -> list[str]:
@@ -254,6 +323,6 @@ def diagnose(out: Path, plan: dict, models: list[dict], ebft: str) -> list[str]:
     if not e_runs:
         return [f"No metrics.csv of {ebft} runs: nothing to diagnose."]
     rlvr = next((n for n, v in plan["variants"].items() if v["method"] == "rlvr"), None)
-    ev = Evidence(plan, models, ebft, e_runs, variant_runs(out, models, "sft"),
+    ev = Evidence(out, plan, models, ebft, e_runs, variant_runs(out, models, "sft"),
                   variant_runs(out, models, rlvr) if rlvr else [])
     return [text for finding in FINDINGS if (text := finding(ev))]

@@ -122,10 +122,16 @@ def curves_section(out: Path, models: list[dict], plan: dict) -> list[str]:
             "![in-sample vs held-out CFM](cfm_curves.png)", ""]
 
 
+def trained_lrs(plan: dict) -> dict[str, float]:
+    """The learning rate of every method the plan trains (the config also names methods left out)."""
+    methods = {v["method"] for v in plan["variants"].values()}
+    return {m: lr for m, lr in plan["lr"].items() if m in methods}
+
+
 def sweep_section(out: Path, plan: dict) -> list[str]:
     if not plan["lr_source"].startswith("lr sweep") or not plan.get("sweep"):
         return [f"Learning rates from the config (`repro.lr` in conf/experiment/repro_small.yaml): "
-                + ", ".join(f"{k} {format_lr(v)}" for k, v in plan["lr"].items())
+                + ", ".join(f"{k} {format_lr(v)}" for k, v in trained_lrs(plan).items())
                 + ". Run the driver with `--lr-sweep` to choose them on the validation split.", ""]
     s = plan["sweep"]
     rows = [[plan["variants"][p.variant]["label"], format_lr(p.lr), cell(p.start_ce), cell(p.val_ce), cell(p.start_cfm),
@@ -140,7 +146,7 @@ def sweep_section(out: Path, plan: dict) -> list[str]:
                             if reused else ""), "",
             markdown_table(["method", "lr", "val CE start", "val CE end", "val CFM start", "val CFM end ± se",
                             "status", "", "run dir"], rows), "",
-            ("Chosen: " + ", ".join(f"{m} {format_lr(plan['lr'][m])}" for m in plan["lr"]) + "."
+            ("Chosen: " + ", ".join(f"{m} {format_lr(lr)}" for m, lr in trained_lrs(plan).items()) + "."
              if plan["lr_source"] == "lr sweep" else "The sweep is still running: no lr chosen yet."), ""]
 
 
@@ -203,9 +209,11 @@ def runs_section(out: Path, models: list[dict], cols: list[str], parts: list[str
 
 
 def _records(out: Path, plan: dict) -> list[tuple[str, dict]]:
-    """(stage, job.json) of every job under the output folder, in running order."""
+    """(stage, job.json) of every job under the output folder, in running order (a sweep run that is also a
+    headline run counts once, as the sweep's)."""
     dirs = [("lr sweep", out / r["dir"]) for r in (plan.get("sweep") or {}).get("runs", [])]
-    dirs += [("training", out / m["dir"]) for m in plan["models"] if m.get("dir")]
+    swept = {d for _, d in dirs}
+    dirs += [("training", out / m["dir"]) for m in plan["models"] if m.get("dir") and out / m["dir"] not in swept]
     dirs += [(f"evaluation ({p})", call) for p in plan["eval"].get("parts", PARTS) for call in eval_calls(out, p)]
     return [(stage, rec) for stage, d in dirs if (rec := read_record(d)) is not None]
 
@@ -296,7 +304,7 @@ def write_report(out: str | Path) -> Path:
               f"Mean ± sample s.d. over seeds (base model: one evaluation). CE: held-out cross-entropy over all "
               f"tokens; FM: held-out conditional feature-matching loss (lower is better for both); "
               f"greedy / pass@k: fraction of problems solved (unbiased pass@k). Learning rates: "
-              + ", ".join(f"{k} {format_lr(v)}" for k, v in plan["lr"].items()) + f" ({plan['lr_source']}).", "",
+              + ", ".join(f"{k} {format_lr(v)}" for k, v in trained_lrs(plan).items()) + f" ({plan['lr_source']}).", "",
               "## Did EBFT beat SFT? (paired differences, lower is better)", "", *verdicts,
               "## In-sample vs held-out CFM during training", "", *curves_section(out, models, plan)]
     if not ebft_won and main_ebft:
