@@ -288,11 +288,22 @@ def remove_stale_tmp(output_dir: Path) -> None:
         shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
 
 
+def recorded_config(cfg: DictConfig) -> dict:
+    """The resolved config as a run records it (``hparams.yaml``, checkpoints, ``hf_model/config.yaml``):
+    the run directory relative to the working directory when it lies inside it, so that a run's
+    record names no path of the machine it ran on."""
+    record = OmegaConf.to_container(cfg, resolve=True)
+    out, cwd = Path(str(record.get("output_dir", ""))), Path.cwd()
+    if out.is_absolute() and out.is_relative_to(cwd):
+        record["output_dir"] = str(out.relative_to(cwd))
+    return record
+
+
 def validate(cfg: DictConfig) -> TrainSettings:
     """The training config as typed settings (:func:`ebft.config.train_settings`), then the checks that
     read files: model sources, ``init_from`` and ``ckpt_path``, and LoRA's target modules against the
     model's config (no weights loaded) and a LoRA warm start's adapter. Raises :class:`ConfigError`."""
-    settings = replace(train_settings(cfg), record=OmegaConf.to_container(cfg, resolve=True))
+    settings = replace(train_settings(cfg), record=recorded_config(cfg))
     model = settings.model
     for key, value in (("model.name", model.name), ("feature_network.name", settings.feature_network.name)):
         if value:

@@ -65,3 +65,12 @@ def test_bad_values_are_refused_with_the_key(overrides, fragment):
     with pytest.raises(ConfigError, match=None) as err:
         validate(make("model=tiny", *overrides))
     assert fragment in str(err.value)
+
+
+def test_the_recorded_config_names_the_run_directory_relative_to_the_working_directory(tmp_path, monkeypatch):
+    cfg = make("model=tiny")
+    monkeypatch.chdir(tmp_path)
+    cfg.output_dir = str(tmp_path / "results" / "run")
+    assert validate(cfg).record["output_dir"] == "results/run"       # inside: relative, machine-free
+    cfg.output_dir = "/elsewhere/run"
+    assert validate(cfg).record["output_dir"] == "/elsewhere/run"    # outside: as given
