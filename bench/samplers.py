@@ -20,7 +20,7 @@ from torch import nn
 from ebft.models.compat import attn_implementation, backbone_forward, check_strided, lm_head, param_dtype
 from ebft.rollout import masks
 from ebft.rollout.layout import StridedLayout
-from ebft.rollout.sampler import _check, _logits_at, _sampling_mode, sample_from_logits
+from ebft.rollout.sampler import check_sampling_args, logits_at, sample_from_logits, sampling_mode
 
 
 @contextlib.contextmanager
@@ -41,11 +41,11 @@ def _sample_full_rows(model: nn.Module, chunk_ids: torch.Tensor, layout: Strided
     batch, n, NB, G = chunk_ids.shape[0], layout.num_samples, layout.num_blocks, layout.gen_len
     mask, head = masks.strided_mask(layout, attn_implementation(model), param_dtype(model)), lm_head(model)
     tokens = torch.zeros(batch, n, NB, G, dtype=torch.long, device=chunk_ids.device)
-    with _sampling_mode(model):
+    with sampling_mode(model):
         for g in range(G):
             row = layout.scatter_generated(chunk_ids, tokens)
             hidden, _ = backbone_forward(model, row, layout.position_ids, mask)
-            logits = _logits_at(head, hidden, layout.score_index[..., g])
+            logits = logits_at(head, hidden, layout.score_index[..., g])
             tokens[..., g] = sample_from_logits(logits, temperature, top_p, generator)
     return tokens
 
@@ -54,7 +54,7 @@ def sample_strided_nocache(model: nn.Module, input_ids: torch.Tensor, layout: St
                            temperature: float = 0.6, top_p: float = 1.0,
                            generator: torch.Generator | None = None) -> torch.Tensor:
     """Exact oracle of ``sample_strided`` without a cache (same draws for the same generator)."""
-    _check(input_ids, layout, temperature, top_p)
+    check_sampling_args(input_ids, layout, temperature, top_p)
     return _sample_full_rows(model, input_ids, layout.to(input_ids.device), temperature, top_p, generator)
 
 
@@ -64,7 +64,7 @@ def sample_authors_style(model: nn.Module, input_ids: torch.Tensor, layout: Stri
     """Baseline: each of the ``n`` samples gets its own copy of the chunk (a strided row with n = 1)
     and ``G`` uncached forwards of that row with the dense mask, as the released code. Same
     distribution as ``sample_strided``, other draws."""
-    _check(input_ids, layout, temperature, top_p)
+    check_sampling_args(input_ids, layout, temperature, top_p)
     n = layout.num_samples
     single = StridedLayout(layout.seq_len, layout.context_len, layout.stride, layout.gen_len, 1).to(input_ids.device)
     copies = input_ids.repeat_interleave(n, dim=0)

@@ -30,7 +30,7 @@ from ebft.rollout.masks import step_mask, strided_mask
 
 
 @contextmanager
-def _sampling_mode(model: nn.Module):
+def sampling_mode(model: nn.Module):
     """Eval mode (no dropout) and no autograd while sampling; the previous mode is restored after."""
     was_training = model.training
     model.eval()
@@ -41,7 +41,9 @@ def _sampling_mode(model: nn.Module):
         model.train(was_training)
 
 
-def _check(input_ids: torch.Tensor, layout: StridedLayout, temperature: float, top_p: float) -> None:
+def check_sampling_args(input_ids: torch.Tensor, layout: StridedLayout, temperature: float, top_p: float) -> None:
+    """Raise ValueError, naming the fix, when ``input_ids`` does not fit ``layout`` or a sampling knob is
+    out of range."""
     if input_ids.dim() != 2 or input_ids.shape[1] != layout.seq_len:
         raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}; expected (batch, T={layout.seq_len}) "
                          f"for {layout}")
@@ -81,7 +83,7 @@ def sample_from_logits(logits: torch.Tensor, temperature: float, top_p: float,
     return index.view(logits.shape[:-1])
 
 
-def _logits_at(head: LMHead, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def logits_at(head: LMHead, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """LM-head logits of ``hidden`` (batch, L, H) at ``rows`` (any shape) -> (batch, *rows.shape, V)."""
     picked = hidden[:, rows.reshape(-1)]
     return head.logits(picked).view(hidden.shape[0], *rows.shape, -1)
@@ -90,19 +92,19 @@ def _logits_at(head: LMHead, hidden: torch.Tensor, rows: torch.Tensor) -> torch.
 def sample_strided(model: nn.Module, input_ids: torch.Tensor, layout: StridedLayout, temperature: float = 0.6,
                    top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """Strided sampling with a KV cache: ``input_ids`` (batch, T) -> tokens (batch, n, NB, G)."""
-    _check(input_ids, layout, temperature, top_p)
+    check_sampling_args(input_ids, layout, temperature, top_p)
     check_strided(model, layout.seq_len)
     layout = layout.to(input_ids.device)
     batch, n, NB, G, T = input_ids.shape[0], layout.num_samples, layout.num_blocks, layout.gen_len, layout.seq_len
     impl, dtype, head = attn_implementation(model), param_dtype(model), lm_head(model)
     tokens = torch.empty(batch, n, NB, G, dtype=torch.long, device=input_ids.device)
-    with _sampling_mode(model):
+    with sampling_mode(model):
         cache = new_cache(model)
         # the chunk's causal mask: the model builds it for sdpa (fused causal kernels); under flex the
         # layout's cached BlockMask of the chunk rows saves building one per call
         prefill = strided_mask(layout, impl, dtype, slice(0, T), T) if impl == "flex_attention" else None
         hidden, cache = backbone_forward(model, input_ids, layout.position_ids[:T], prefill, cache)
-        logits = _logits_at(head, hidden, layout.context_end - 1)
+        logits = logits_at(head, hidden, layout.context_end - 1)
         tokens[..., 0] = sample_from_logits(logits.unsqueeze(1).expand(batch, n, NB, -1), temperature, top_p, generator)
         for g in range(G - 1):
             rows = layout.step_rows(g)
