@@ -40,10 +40,12 @@ def test_helpers():
 def test_every_method_gets_the_same_budget(tmp_path):
     s = load_settings(tmp_path, steps=18, seeds=[1, 2])
     planned = models(s, s.lr)
-    assert [m["variant"] for m in planned] == ["base", "sft", "sft", "ebft", "ebft", "ebft_no_whitening"]
-    assert [m.get("seed") for m in planned] == [None, 1, 2, 1, 2, 1]      # the ablation at the first seed only
+    assert [m["variant"] for m in planned] == ["base", "sft", "sft", "ebft", "ebft", *["ebft_no_whitening"] * 2]
+    assert [m.get("seed") for m in planned] == [None, 1, 2, 1, 2, 1, 2]
+    one_seed = load_settings(tmp_path, steps=18, seeds=[1, 2], overrides=["repro.first_seed_only=[ebft_no_whitening]"])
+    assert [m.get("seed") for m in models(one_seed, s.lr)] == [None, 1, 2, 1, 2, 1]   # the ablation at seed 1 only
     jobs = training_jobs(s, planned)
-    assert len(jobs) == 5
+    assert len(jobs) == 6
     for job in jobs:
         assert "trainer.max_steps=18" in job.argv and "trainer.val_check_interval=18" in job.argv
         assert "experiment=repro_small" in job.argv and "data.mbpp_path=null" in job.argv
@@ -367,7 +369,7 @@ def test_dry_run_prints_every_command(tmp_path, capsys):
     assert main(["--quick", "--lr-sweep", "--dry-run", "--out", str(tmp_path)]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("python ")]
     assert sum("lr_sweep" in line for line in lines) == 0       # full-length sweep runs are the seed-43 runs
-    assert sum(line.startswith("python train.py") and "/runs/" in line for line in lines) == 4 + 5
+    assert sum(line.startswith("python train.py") and "/runs/" in line for line in lines) == 4 + 6
     assert sum(line.startswith("python evaluate.py") for line in lines) == 2
     assert not (tmp_path / PLAN).exists()
 
@@ -384,7 +386,7 @@ def test_quick_pipeline_end_to_end_and_resume(tmp_path):
     text = (tmp_path / "README.md").read_text()
     assert "| method | seeds | CE | FM |" in text and "### EBFT (α=1, γ=0.03, whitened) vs SFT" in text
     assert all(label in text for label in ("| Base |", "| SFT | 2 |", "| EBFT (α=1, γ=0.03, whitened) | 2 |",
-                                           "| EBFT (α=1, γ=0.03) | 1 |"))
+                                           "| EBFT (α=1, γ=0.03) | 2 |"))
     assert "| FM |" in text and "## In-sample vs held-out" in text
     for png in ("fm_profile.png", "training_curves.png", "cfm_curves.png"):
         assert (tmp_path / png).stat().st_size > 1000
