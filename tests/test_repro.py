@@ -340,6 +340,11 @@ def test_diagnosis_when_ebft_loses_states_the_curves_and_the_budget(tmp_path):
     synthetic_output(tmp_path, shifts={**SHIFTS, "ebft": -0.01}, val_change={"ebft": -0.05})
     text = write_report(tmp_path).read_text()
     assert "-0.2500 ± 0.0250 per 100 chunks" in text and "pass SFT after about 4 more chunks (3 to 5 within" in text
+    # EBFT's held-out CFM rises 0.05: rate +0.375, even the favourable end (+0.325) does not fall
+    shutil.rmtree(tmp_path)
+    synthetic_output(tmp_path, shifts={**SHIFTS, "ebft": -0.01}, val_change={"ebft": 0.05})
+    text = write_report(tmp_path).read_text()
+    assert "EBFT raised held-out CFM beyond noise" in text and "(+0.3250 per 100 chunks) does not fall" in text
 
 
 def test_report_before_any_evaluation(tmp_path):

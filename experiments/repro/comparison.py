@@ -135,6 +135,12 @@ def curve(directory: Path, batch_size: int) -> Curve | None:
     return Curve([s * batch_size for s in steps], [val.get(s, nan) for s in steps], [train.get(s, nan) for s in steps])
 
 
+def variant_curves(out: Path, models: list[dict], variant: str, batch_size: int) -> list[Curve]:
+    """The curves of ``variant``'s runs that have logged a change (one per seed)."""
+    return [c for m in models if m["variant"] == variant and m.get("dir")
+            if (c := curve(out / m["dir"], batch_size)) is not None]
+
+
 def final_changes(curves: list[Curve]) -> dict[str, tuple[float, float, int]]:
     """Mean over runs of the last (change, se) of each set, and the chunks seen."""
     out = {}

@@ -230,9 +230,7 @@ def budget_finding(ev: Evidence) -> str:
 def _change(ev: Evidence, variant: str, which: str) -> tuple[float, float, int] | None:
     """(change, se, chunks seen) of the in-training CFM since the start, mean over the variant's runs:
     ``which`` is "val" (held-out chunks) or "train" (the run's first training chunks)."""
-    batch = int(ev.sizes["batch_size"])
-    curves = [c for m in ev.models if m["variant"] == variant and m.get("dir")
-              if (c := comparison.curve(ev.out / m["dir"], batch)) is not None]
+    curves = comparison.variant_curves(ev.out, ev.models, variant, int(ev.sizes["batch_size"]))
     return comparison.final_changes(curves).get(which) if curves else None
 
 

@@ -100,8 +100,7 @@ def curves_section(out: Path, models: list[dict], plan: dict) -> list[str]:
     batch = int(plan["sizes"]["batch_size"])
     rows = []
     for name, variant in plan["variants"].items():
-        curves = [c for m in models if m["variant"] == name and m.get("dir")
-                  if (c := comparison.curve(out / m["dir"], batch)) is not None]
+        curves = comparison.variant_curves(out, models, name, batch)
         final = comparison.final_changes(curves) if curves else {}
         if not final:
             continue
