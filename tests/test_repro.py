@@ -16,12 +16,14 @@ import pytest
 from ebft.eval.report import UNITS_FILE
 from experiments.repro.__main__ import main
 from experiments.repro.comparison import compare, curve
+from experiments.repro.diagnosis import diagnose
 from experiments.repro.jobs import Job, finished, run_job
-from experiments.repro.plan import PLAN, matches, models, pending, sweep_jobs, training_jobs, write_plan
+from experiments.repro.plan import (PARTS, PLAN, matches, models, pending, read_results, sweep_jobs, training_jobs,
+                                    write_plan)
 from experiments.repro.readme import trained_lrs, write_report
 from experiments.repro.settings import ROOT as REPO, ReproError, format_lr, load_settings, merge_overrides, val_interval
 from experiments.repro.sweep import SweepPoint, choose
-from experiments.repro.tables import Stat
+from experiments.repro.tables import Stat, attach_results
 
 ROOT = Path(__file__).resolve().parents[1]
 MBPP = Path(os.environ.get("EBFT_MBPP", "/nonexistent"))   # MBPP rows, when the machine has them
@@ -345,6 +347,12 @@ def test_diagnosis_when_ebft_loses_states_the_curves_and_the_budget(tmp_path):
     synthetic_output(tmp_path, shifts={**SHIFTS, "ebft": -0.01}, val_change={"ebft": 0.05})
     text = write_report(tmp_path).read_text()
     assert "EBFT raised held-out CFM beyond noise" in text and "(+0.3250 per 100 chunks) does not fall" in text
+    # EBFT already below SFT (the default output, where the report shows no diagnosis): the finding says so
+    shutil.rmtree(tmp_path)
+    plan = synthetic_output(tmp_path)
+    found = diagnose(tmp_path, plan, attach_results(plan["models"], {p: read_results(tmp_path, p) for p in PARTS}),
+                     "ebft")
+    assert any("EBFT is already -0.0100 below SFT" in f for f in found)
 
 
 def test_report_before_any_evaluation(tmp_path):
