@@ -81,17 +81,51 @@ class ResumableBatchSampler(Sampler[list[int]]):
             yield ids[self.rank::self.world_size].tolist()
 
 
-class ChunkDataModule(L.LightningDataModule):
-    """Rows -> held-out split -> packed chunks of ``seq_len`` tokens (T), in training batches of
-    ``batch_size`` chunks per device, in the order of ``seed``."""
+class HeldOutDataModule(L.LightningDataModule):
+    """What both kinds of training data share: the packed held-out chunks for validation, and the
+    resumable, rank-sharded training order of ``batch_size`` items per device (seed ``seed``).
+    Subclasses say what a training item is (a chunk or a prompt)."""
 
     def __init__(self, data: DataSettings, tokenizer, seq_len: int, batch_size: int, seed: int):
         super().__init__()
         self.data, self.tokenizer, self.seq_len = data, tokenizer, seq_len
         self.batch_size, self.seed = batch_size, seed
-        self.train_chunks: PackedChunks | None = None
         self.val_chunks: PackedChunks | None = None
         self.val_rows: list[dict] = []
+
+    def position(self, per_epoch: int) -> tuple[int, int]:
+        """``(epoch, first batch)`` where training stands: the optimizer steps taken, in batches.
+
+        An epoch of ``per_epoch`` batches takes ``ceil(per_epoch / accumulate)`` optimizer steps
+        (Lightning also steps on an epoch's last batch when its accumulation window is not full), so
+        after ``s`` steps training is at batch ``(s mod steps_per_epoch) * accumulate`` of epoch
+        ``s // steps_per_epoch``. The sampler asks when an epoch's first batch is drawn, after a resumed
+        run's step counter is restored (Lightning may build the loader before that, to count the
+        steps of an epoch-bounded run).
+        """
+        trainer = self.trainer
+        accumulate = int(trainer.accumulate_grad_batches)
+        epoch, step = divmod(int(trainer.global_step), math.ceil(per_epoch / accumulate))
+        return epoch, step * accumulate
+
+    def training_order(self, size: int) -> ResumableBatchSampler:
+        """This rank's batches of ``size`` training items, resuming where the optimizer steps stand."""
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return ResumableBatchSampler(size, self.batch_size, self.seed, rank, world,
+                                     self.position if trainer else None)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(ChunkDataset(self.val_chunks), batch_size=self.batch_size, shuffle=False)
+
+
+class ChunkDataModule(HeldOutDataModule):
+    """Rows -> held-out split -> packed chunks of ``seq_len`` tokens (T), in training batches of
+    ``batch_size`` chunks per device, in the order of ``seed``."""
+
+    def __init__(self, data: DataSettings, tokenizer, seq_len: int, batch_size: int, seed: int):
+        super().__init__(data, tokenizer, seq_len, batch_size, seed)
+        self.train_chunks: PackedChunks | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_chunks is not None:
@@ -115,36 +149,15 @@ class ChunkDataModule(L.LightningDataModule):
         return PackedChunks(self.train_chunks.input_ids[idx], self.train_chunks.answer_mask[idx],
                             self.train_chunks.doc_ids[idx])
 
-    def position(self, per_epoch: int) -> tuple[int, int]:
-        """``(epoch, first batch)`` where training stands: the optimizer steps taken, in batches.
-
-        An epoch of ``per_epoch`` batches takes ``ceil(per_epoch / accumulate)`` optimizer steps
-        (Lightning also steps on an epoch's last batch when its accumulation window is not full), so
-        after ``s`` steps training is at batch ``(s mod steps_per_epoch) * accumulate`` of epoch
-        ``s // steps_per_epoch``. The sampler asks when an epoch's first batch is drawn, after a resumed
-        run's step counter is restored (Lightning may build the loader before that, to count the
-        steps of an epoch-bounded run).
-        """
-        trainer = self.trainer
-        accumulate = int(trainer.accumulate_grad_batches)
-        epoch, step = divmod(int(trainer.global_step), math.ceil(per_epoch / accumulate))
-        return epoch, step * accumulate
-
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        sampler = ResumableBatchSampler(len(self.train_chunks.input_ids), self.batch_size, self.seed, rank, world,
-                                        self.position if trainer else None)
-        return DataLoader(ChunkDataset(self.train_chunks), batch_sampler=sampler)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(ChunkDataset(self.val_chunks), batch_size=self.batch_size, shuffle=False)
+        return DataLoader(ChunkDataset(self.train_chunks),
+                          batch_sampler=self.training_order(len(self.train_chunks.input_ids)))
 
 
-class PromptDataModule(ChunkDataModule):
+class PromptDataModule(HeldOutDataModule):
     """Training: batches of ``batch_size`` prompts (resumable, sharded by rank, as the chunk data), the
     training rows that ``prompts`` selects (``ebft.data.prompts``); validation: the packed held-out
-    chunks of :class:`ChunkDataModule`."""
+    chunks. It has no training chunks, so no in-sample CFM set (``first_trained``)."""
 
     def __init__(self, data: DataSettings, tokenizer, seq_len: int, batch_size: int, seed: int,
                  prompts: PromptSettings):
@@ -161,8 +174,5 @@ class PromptDataModule(ChunkDataModule):
         self.prompts = PromptDataset(split.train.rows, split.train.ids)
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        sampler = ResumableBatchSampler(len(self.prompts), self.batch_size, self.seed, rank, world,
-                                        self.position if trainer else None)
-        return DataLoader(self.prompts, batch_sampler=sampler, collate_fn=left_pad_collate(self.tokenizer.pad_token_id))
+        return DataLoader(self.prompts, batch_sampler=self.training_order(len(self.prompts)),
+                          collate_fn=left_pad_collate(self.tokenizer.pad_token_id))
