@@ -18,9 +18,10 @@ from ebft.eval.translation import MetricUnavailable
 from ebft.execution.programs import ToolchainMissing
 from ebft.execution.sandbox import IsolationUnavailable
 from ebft.models.loading import ModelSourceError
+from ebft.reporting import DirectoryBusy, DiskFull
 
 USER_ERRORS = (ConfigError, DataConfigError, ModelSourceError, BenchmarkDataError, ToolchainMissing, MetricUnavailable,
-               IsolationUnavailable)
+               IsolationUnavailable, DirectoryBusy, DiskFull)
 
 
 def comma_list_as_hydra_list(argv: list[str]) -> list[str]:

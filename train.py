@@ -10,9 +10,11 @@ from omegaconf import DictConfig
 from ebft.config import ConfigError, DataConfigError, check_renamed
 from ebft.execution.sandbox import IsolationUnavailable
 from ebft.models.loading import ModelSourceError
+from ebft.reporting import DirectoryBusy, DiskFull
 from ebft.run import Interrupted, train
 
-USER_ERRORS = (ConfigError, DataConfigError, ModelSourceError, IsolationUnavailable, FloatingPointError)
+USER_ERRORS = (ConfigError, DataConfigError, ModelSourceError, IsolationUnavailable, FloatingPointError,
+               DirectoryBusy, DiskFull)
 
 
 def resume_command(output_dir: str) -> str:

@@ -16,6 +16,7 @@ no directory when it had written nothing).
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import shutil
@@ -24,6 +25,7 @@ import sys
 import threading
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from ebft.card import FINAL_METRICS, push, write_card
@@ -43,6 +46,7 @@ from ebft.eval.callback import CalibrationCallback
 from ebft.execution.sandbox import require_isolation
 from ebft.models import lora as lora_module
 from ebft.models.loading import HF_SUBDIR, ModelSourceError, load_tokenizer, resolve_source
+from ebft.reporting import LOCK_FILE, DirectoryBusy, directory_lock, disk_full_names, write_csv
 from ebft.strategies import MemoryEstimate, apply_global_batch, build_strategy, check_launch
 
 log = logging.getLogger(__name__)
@@ -77,8 +81,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
+        with disk_full_names(path, tensor_bytes(checkpoint)):
+            super().save_checkpoint(checkpoint, tmp, storage_options)
         os.replace(tmp, path)
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a nest of dicts, lists and tuples: what saving it writes, roughly."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 class ValidationHistory(Callback):
@@ -125,6 +141,29 @@ class _AppendingWriter(ExperimentWriter):
         if self._fs.isfile(self.metrics_file_path):
             with self._fs.open(self.metrics_file_path, "r") as f:
                 self.metrics_keys = sorted(f.readline().strip().split(","))
+
+
+METRICS_FILE = "metrics.csv"
+
+
+def forget_rows_after(metrics_file: Path, step: int) -> None:
+    """Drop the rows of ``step`` and later from a run's ``metrics.csv`` (atomically): a run resumed in place
+    from the checkpoint of ``step`` trains those steps again, so a crash after that checkpoint would
+    otherwise leave them twice."""
+    if not metrics_file.is_file():
+        return
+    with open(metrics_file, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        rows = list(reader)
+    if header is None or "step" not in header:
+        return
+    at = header.index("step")
+    kept = [r for r in rows if not r[at] or int(float(r[at])) < step]
+    if len(kept) < len(rows):
+        log.info("resuming at step %d: %d metric rows of steps the crashed run did not checkpoint are dropped",
+                 step, len(rows) - len(kept))
+        write_csv(metrics_file, header, kept)
 
 
 class AppendingCSVLogger(CSVLogger):
@@ -218,6 +257,9 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> Path | None:
     if not ckpt_path:
         return None
     if str(ckpt_path) == "last":
+        earlier = previous_run(output_dir)
+        if earlier and not (output_dir / LAST).is_file():
+            raise ConfigError(without_checkpoint(output_dir, earlier))
         if not (output_dir / LAST).is_file():
             raise ConfigError(f"ckpt_path=last: {output_dir / LAST} does not exist; to resume a run in place set "
                               "hydra.run.dir=<its directory> too, or give ckpt_path=<run dir or .ckpt file>")
@@ -230,10 +272,10 @@ def previous_results(output_dir: Path) -> list[str]:
     """What is in ``output_dir`` besides Hydra's ``.hydra/`` and ``*.log``: kept when a run fails."""
     if not output_dir.is_dir():
         return []
-    return sorted(p.name for p in output_dir.iterdir() if p.name != ".hydra" and p.suffix != ".log")
+    return sorted(p.name for p in output_dir.iterdir() if p.name not in (".hydra", LOCK_FILE) and p.suffix != ".log")
 
 
-RUN_OUTPUTS = ("metrics.csv", "checkpoints", HF_SUBDIR, "adapter")
+RUN_OUTPUTS = (METRICS_FILE, "checkpoints", HF_SUBDIR, "adapter")
 """What a training run writes into its directory; a directory holding one of them holds a run."""
 
 
@@ -241,6 +283,18 @@ def previous_run(output_dir: Path) -> list[str]:
     """The outputs of an earlier training run in ``output_dir`` (metrics, checkpoints, model). Files of
     other tools (e.g. a driver's job record beside the run) do not make it a run."""
     return [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+
+
+def without_checkpoint(output_dir: Path, earlier: list[str]) -> str:
+    """The message for a directory holding a run that stopped before its first checkpoint."""
+    return (f"output_dir {output_dir} holds a run that stopped before its first checkpoint ({', '.join(earlier)}; "
+            f"no {LAST}), so it cannot be resumed: delete it (rm -r {output_dir}) to start again there, or give "
+            "a new directory (leave hydra.run.dir at its default)")
+
+
+def checkpoint_step(path: Path) -> int:
+    """The optimizer steps a checkpoint was saved after (read without loading the weights)."""
+    return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("global_step", 0))
 
 
 def check_checkpoint(path: Path, cfg: DictConfig) -> None:
@@ -273,6 +327,8 @@ def prepare_output_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
         check_checkpoint(ckpt_path, cfg)
     in_place = ckpt_path is not None and ckpt_path.resolve().parent.parent == output_dir.resolve()
     earlier = previous_run(output_dir)
+    if earlier and not in_place and not (output_dir / LAST).is_file():
+        raise ConfigError(without_checkpoint(output_dir, earlier))
     if earlier and not in_place:
         raise ConfigError(f"output_dir {output_dir} already holds a run ({', '.join(earlier)}): resume it with "
                           f"ckpt_path=last hydra.run.dir={output_dir}, or leave hydra.run.dir at its default for "
@@ -333,9 +389,13 @@ def train(cfg: DictConfig) -> dict:
             check_data_record(settings.model.init_from, settings.data, "init_from")
         if settings.task.eval_suite == "code":  # RLVR rewards and in-training benchmarks run generated code
             require_isolation(settings.eval.benchmarks.require_isolation)
-        output_dir, ckpt_path = prepare_output_dir(cfg)
-        ours = True
-        return _fit(cfg, settings, output_dir, ckpt_path)
+        # rank 0 holds the run directory; the other ranks of a multi-process run share it
+        with directory_lock(output_dir, "training run") if rank_zero_only.rank == 0 else nullcontext():
+            output_dir, ckpt_path = prepare_output_dir(cfg)
+            ours = True
+            return _fit(cfg, settings, output_dir, ckpt_path)
+    except DirectoryBusy:
+        raise
     except BaseException:
         if ours:
             remove_stale_tmp(output_dir)
@@ -353,6 +413,8 @@ def _fit(cfg: DictConfig, settings: TrainSettings, output_dir: Path, ckpt_path: 
     module = module_cls(settings, tokenizer)
     history, timer = ValidationHistory(), StepTimer()
     last, stop = output_dir / LAST, StopOnSignal()
+    if ckpt_path is not None and ckpt_path.resolve().parent.parent == output_dir.resolve():
+        forget_rows_after(output_dir / METRICS_FILE, checkpoint_step(ckpt_path))
     trainer = build_trainer(cfg, output_dir, [history, timer, CalibrationCallback(settings), stop])
     start = time.time()
     if ckpt_path is None and int(cfg.trainer.get("limit_val_batches") or 0) != 0:
@@ -368,7 +430,8 @@ def _fit(cfg: DictConfig, settings: TrainSettings, output_dir: Path, ckpt_path: 
     full_state = trainer.strategy.lightning_module_state_dict()  # every rank: gathers sharded weights
     if trainer.is_global_zero:
         refuse_non_finite(full_state, f"the HF model {output_dir / HF_SUBDIR}")
-        summary["hf_model"] = str(module.save_hf(output_dir / HF_SUBDIR, full_state))
+        with disk_full_names(output_dir / HF_SUBDIR, tensor_bytes(full_state)):
+            summary["hf_model"] = str(module.save_hf(output_dir / HF_SUBDIR, full_state))
         final = {k: float(v) for k, v in trainer.callback_metrics.items() if k in FINAL_METRICS}
         final.update({"val/ce": history.history[-1][1]} if history.history else {})  # also the initial validation
         write_card(summary["hf_model"], cfg, final, trainer.global_step)
@@ -390,5 +453,7 @@ def print_summary(summary: dict, trainer: L.Trainer) -> None:
         lines.append(f"pushed: {summary['hub']}")
     if trainer.logger is not None and getattr(trainer.logger, "log_dir", None):
         lines.append(f"metrics: {trainer.logger.log_dir}")
-    lines.append(f"checkpoints: {Path(summary['output_dir']) / 'checkpoints'}")
+    checkpoints = Path(summary["output_dir"]) / LAST.parent
+    if checkpoints.is_dir():
+        lines.append(f"checkpoints: {checkpoints}")
     print("\n== run summary ==\n" + "\n".join(lines), flush=True)

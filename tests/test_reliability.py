@@ -19,7 +19,7 @@ from ebft.config import ConfigError, DataConfigError
 from ebft.data.sources import load_rows
 from ebft.models.loading import ModelSourceError, build_tiny_model, load_model
 from ebft.run import train
-from tests.test_train import make_cfg
+from tests.test_train import Crash, CrashAt, make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = ["model=tiny", "data.limit=300", "data.val_size=40", "task.seq_len=32", "method.batch_size=2",
@@ -84,6 +84,36 @@ def test_other_tools_files_do_not_make_a_run_and_survive_a_failure(tmp_path):
     assert (run / "job.json").is_file()
     train(make_cfg(run, "method=sft", "trainer.max_steps=1"))
     assert (run / "metrics.csv").is_file() and (run / "job.json").is_file()
+
+
+def test_a_crash_resumed_in_place_repeats_no_metric_row(tmp_path, monkeypatch):
+    """Steps logged after the last checkpoint and before a crash are trained again on resume: their
+    first rows go, so every step is in metrics.csv once."""
+    run = tmp_path / "run"
+    original = run_module.build_trainer
+    monkeypatch.setattr(run_module, "build_trainer", lambda cfg, out, cbs: original(cfg, out, [*cbs, CrashAt(3)]))
+    with pytest.raises(Crash):
+        train(make_cfg(run, "method=sft", "trainer.max_steps=5"))
+    assert checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 2
+    assert metric_steps(run, "train/ce") == [0, 1, 2]       # step index 2 = the third step, after the checkpoint
+    monkeypatch.setattr(run_module, "build_trainer", original)
+    train(make_cfg(run, "method=sft", "trainer.max_steps=5", "ckpt_path=last"))
+    assert metric_steps(run, "train/ce") == [0, 1, 2, 3, 4]
+    assert metric_steps(run, "val/ce") == [0, 1, 3]            # as an uninterrupted 5-step run logs them
+
+
+def test_a_run_without_a_checkpoint_says_delete_it_or_take_another_directory(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    original = run_module.build_trainer
+    monkeypatch.setattr(run_module, "build_trainer", lambda cfg, out, cbs: original(cfg, out, [*cbs, CrashAt(1)]))
+    with pytest.raises(Crash):
+        train(make_cfg(run, "method=sft", "trainer.max_steps=5"))
+    monkeypatch.setattr(run_module, "build_trainer", original)
+    assert (run / "metrics.csv").is_file() and not (run / "checkpoints" / "last.ckpt").exists()
+    fix = f"holds a run that stopped before its first checkpoint .*rm -r {run}.*a new directory"
+    for resume in ([], ["ckpt_path=last"]):      # reused or resumed: the same message, with both ways out
+        with pytest.raises(ConfigError, match=fix):
+            train(make_cfg(run, "method=sft", *resume))
 
 
 def test_ckpt_path_last_without_a_checkpoint_names_the_fix(tmp_path):
@@ -281,3 +311,96 @@ def test_a_corrupt_model_is_reported_failed_and_the_others_evaluated(tmp_path, m
     assert [r["model"] for r in rows] == ["tiny (base)", str(broken), str(good)]
     assert rows[1]["CE"] == "" and "damaged or truncated weights" in rows[1]["error"]
     assert float(rows[0]["CE"]) > 0 and float(rows[2]["CE"]) > 0 and rows[2]["error"] == ""
+
+
+# --------------------------------------------------------------------------- one directory, one run
+
+
+EVAL_CLI = ["model=tiny", "data.limit=300", "data.val_size=40", "task.seq_len=32", "metrics=[ce,cfm,profile]",
+            "eval.profile_lengths=[1,2,4,8]"]
+
+
+def _evaluate(cwd: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "evaluate.py"), *EVAL_CLI, *overrides], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _lock_held(directory: Path) -> bool:
+    import fcntl
+    try:
+        with open(directory / ".lock") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+    except FileNotFoundError:
+        return False
+    except BlockingIOError:
+        return True
+
+
+def test_two_evaluations_started_together_keep_both_results(tmp_path):
+    first, second = _evaluate(tmp_path, "limit=2"), _evaluate(tmp_path, "limit=2")
+    for proc in (first, second):
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    runs = sorted((tmp_path / "outputs" / "eval" / "qa_code").iterdir())
+    assert len(runs) == 2 and all((r / "results.md").is_file() for r in runs)
+
+
+def test_an_evaluation_in_progress_refuses_a_second_into_its_directory(tmp_path):
+    out = tmp_path / "eval"
+    first = _evaluate(tmp_path, f"hydra.run.dir={out}", "limit=16", "eval.cfm_samples=8")
+    deadline = time.monotonic() + 300
+    while not _lock_held(out) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    second = _evaluate(tmp_path, f"hydra.run.dir={out}", "limit=16", "eval.cfm_samples=8")
+    _, err = second.communicate(timeout=600)
+    assert first.poll() is None, "the first evaluation ended before the second started: make it longer"
+    assert second.returncode == 1 and "Traceback" not in err
+    assert f"evaluate.py: {out} is in use by evaluation pid {first.pid}" in err.strip().splitlines()[-1]
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    results = json.loads(next(out.glob("00-*/results.json")).read_text())
+    assert results["settings"]["limit"] == 16 and results["calibration"]["ce"] > 0
+
+
+def test_a_training_run_in_progress_refuses_a_second_into_its_directory(tmp_path):
+    from ebft.reporting import DirectoryBusy, directory_lock
+    run = tmp_path / "run"
+    with directory_lock(run, "training run"):
+        with pytest.raises(DirectoryBusy, match=f"{run} is in use by training run pid \\d+: wait until it finishes"):
+            train(make_cfg(run, "method=sft", "trainer.max_steps=1"))
+        assert run.is_dir()                      # the busy directory is not removed as an empty failed run
+    train(make_cfg(run, "method=sft", "trainer.max_steps=1"))
+    assert (run / "metrics.csv").is_file()
+
+
+def test_a_full_disk_is_one_line_naming_the_path_and_the_space(tmp_path, monkeypatch):
+    import errno
+
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    from ebft.reporting import DiskFull
+
+    def no_space(self, checkpoint, path, storage_options=None):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", no_space)
+    run = tmp_path / "run"
+    with pytest.raises(DiskFull) as err:
+        train(make_cfg(run, "method=sft", "trainer.max_steps=2"))
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"no space left on the device writing {run / 'checkpoints' / 'last.ckpt'} "
+                              "(it needs about ")
+    assert "MiB free there: free space or write to another disk" in message
+    assert not list(run.glob("checkpoints/*.tmp"))          # the partial file is cleaned up
+
+
+def test_the_summary_names_only_what_exists(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(make_cfg(run, "method=sft", "trainer.max_steps=0"))
+    summary = capsys.readouterr().out.split("== run summary ==")[1]
+    named = [line.split(": ", 1)[1].split(" (")[0] for line in summary.strip().splitlines()
+             if line.startswith(("HF model:", "metrics:", "checkpoints:"))]
+    assert named and all(Path(p).exists() for p in named), summary

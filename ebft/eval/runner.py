@@ -58,7 +58,7 @@ from ebft.models.features import FeatureNetwork, build_feature_network
 from ebft.models.loading import (ModelSourceError, check_weights, load_model, load_tokenizer, resolve_attn,
                                  resolve_dtype, resolve_source)
 from ebft.objectives.verifiable import REWARDS, reward_fn_for
-from ebft.reporting import write_json
+from ebft.reporting import directory_lock, write_json
 from ebft.rollout.layout import StridedLayout
 
 log = logging.getLogger(__name__)
@@ -399,9 +399,16 @@ def evaluate(s: EvaluateSettings, report_dir: str | None = None, job: int = 0) -
     """Evaluate every checkpoint of ``s.ckpt``; write results, tables and plots; return the table.
 
     ``report_dir`` (default ``s.output_dir``) is where the comparison of all results found under
-    it is written: a multirun passes its sweep directory; ``job`` orders its jobs' rows.
+    it is written: a multirun passes its sweep directory; ``job`` orders its jobs' rows. The request is
+    checked, then ``s.output_dir`` is locked for the whole evaluation: a second evaluation into the
+    same directory while this one runs is refused (:class:`ebft.reporting.DirectoryBusy`).
     """
     request = check_request(s)
+    with directory_lock(s.output_dir, "evaluation"):
+        return _evaluate(s, request, report_dir, job)
+
+
+def _evaluate(s: EvaluateSettings, request: Request, report_dir: str | None, job: int) -> str:
     metrics, base = request.metrics, s.model.name
     if set(SUITES["code"]) & set(metrics) or (REWARD in metrics and s.task.eval_suite == "code"):
         require_isolation(s.eval.benchmarks.require_isolation)
