@@ -47,6 +47,7 @@ POOLING = ("last_token", "mean", "mean_raw")
 NORMALISATION = ("joint", "per_layer")
 REDUCTIONS = ("token_mean", "sequence_sum")
 SCALE_REWARDS = ("none", "group", "batch")
+BASELINES = ("rloo_corrected", "rloo", "group_norm", "reinforce")
 LOGGERS = ("csv", "tensorboard", "wandb")
 
 RENAMED = {"model.feature_network": "feature_network.name", "method.features.": "feature_network.",
@@ -267,6 +268,7 @@ class EBFTSettings:
     loss_reduction: str = "token_mean"
     rl_coef: float = 1.0
     ce_on: str = "all"
+    baseline: str = "rloo_corrected"
     name: str = field(default="ebft", init=False)
 
     def __post_init__(self):
@@ -275,9 +277,17 @@ class EBFTSettings:
                  f"alpha={alpha} must be in [0, 1] (paper App. C); use alpha=1 for the proper scoring rule")
         _require(self.gamma >= 0, f"gamma={self.gamma} must be >= 0 (weight of the CE term)")
         _require(n >= 1, f"method.num_samples={n} must be >= 1")
+        _choice("method.baseline", self.baseline, BASELINES)
+        _require(n >= 2 or self.baseline == "reinforce",
+                 f"method.num_samples=1: method.baseline={self.baseline} needs n >= 2 samples per context (the "
+                 "leave-one-out of paper eq. 94 has no other sample); set method.num_samples>=2, or ask for plain "
+                 "REINFORCE without a baseline with method.baseline=reinforce alpha=0")
         _require(not (n == 1 and alpha > 0),
                  f"method.num_samples=1 with alpha={alpha}: the diversity term needs n >= 2 samples; "
                  "set method.num_samples>=2 or alpha=0")
+        if self.baseline == "reinforce":
+            log.warning("method.baseline=reinforce: plain REINFORCE, the advantages are the raw rewards (no "
+                        "baseline; higher variance than the corrected leave-one-out of paper eq. 94)")
         _choice("method.whitening", self.whitening, WHITENING)
         _choice("method.loss_reduction", self.loss_reduction, REDUCTIONS)
         _choice("method.ce_on", self.ce_on, LOSS_ON)
@@ -604,7 +614,7 @@ def method_settings(cfg: DictConfig) -> MethodSettings:
     if name == "ebft":
         _require(int(m.num_samples) >= 1, f"method.num_samples={m.num_samples} must be >= 1")
         return EBFTSettings(_rollout(m), float(cfg.alpha), float(cfg.gamma), str(m.whitening), str(m.loss_reduction),
-                            float(m.rl_coef), str(m.ce_on))
+                            float(m.rl_coef), str(m.ce_on), str(m.get("baseline", "rloo_corrected")))
     if name == "rlvr":
         _require(bool(cfg.task.get("verifiable", False)),
                  f"method=rlvr needs a verifiable reward, and task={cfg.task.name} has no verifier "

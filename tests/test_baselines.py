@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ebft.objectives.baselines import group_normalized_advantages, rloo_advantages, rloo_baseline
+from ebft.objectives.baselines import fm_advantages, group_normalized_advantages, rloo_advantages, rloo_baseline
 from ebft.objectives.rewards import FMRewards, feature_matching_rewards
 
 
@@ -116,9 +116,55 @@ def test_rloo_estimate_is_unbiased_by_exact_enumeration(n, alpha):
         return (prob.unsqueeze(-1) * per_tuple).sum(0)
 
     torch.testing.assert_close(expected_gradient(rloo_advantages(rewards, alpha)), theta.grad, atol=1e-5, rtol=0)
-    if alpha > 0 and n > 2:  # the naive leave-one-out reward mean is biased
-        naive = rewards.reward - (rewards.reward.sum(-1, keepdim=True) - rewards.reward) / (n - 1)
-        assert (expected_gradient(naive) - theta.grad).abs().max() > 1e-3
+    torch.testing.assert_close(expected_gradient(fm_advantages(rewards, alpha, "reinforce")), theta.grad,
+                               atol=1e-5, rtol=0)                 # no baseline: unbiased too (more variance)
+    plain = expected_gradient(fm_advantages(rewards, alpha, "rloo"))
+    if alpha > 0:   # plain leave-one-out: DT_j' of the others holds phi_j . phi_j', a bias
+        assert (plain - theta.grad).abs().max() > 1e-3
+    else:           # without the pairwise term it is unbiased
+        torch.testing.assert_close(plain, theta.grad, atol=1e-5, rtol=0)
+
+
+def _slow_advantages(at: list[float], dt: list[float], alpha: float, baseline: str) -> list[float]:
+    """The four baselines written out with loops, from their definitions."""
+    n = len(at)
+    r = [a - alpha * d for a, d in zip(at, dt)]
+    if baseline == "reinforce":
+        return r
+    if baseline == "rloo":
+        return [r[j] - sum(r[i] for i in range(n) if i != j) / (n - 1) for j in range(n)]
+    if baseline == "group_norm":
+        mean = sum(r) / n
+        std = math.sqrt(sum((x - mean) ** 2 for x in r) / (n - 1))
+        return [(x - mean) / (std + 1e-4) for x in r]
+    out = []
+    for j in range(n):   # eq. 94 term by term
+        others = [i for i in range(n) if i != j]
+        b = sum(at[i] for i in others) / (n - 1)
+        if n > 2:
+            b -= alpha * (sum(dt[i] for i in others) - dt[j]) / (n - 2)
+        out.append(r[j] - b)
+    return out
+
+
+@pytest.mark.parametrize("baseline", ["rloo_corrected", "rloo", "group_norm", "reinforce"])
+def test_each_baseline_matches_its_definition_on_hand_numbers(baseline):
+    at, dt = [1.0, 2.0, 3.0, 0.5], [0.5, 1.0, 1.5, 0.25]
+    rewards = FMRewards(torch.tensor(at), torch.tensor(dt), torch.tensor(at) - 0.5 * torch.tensor(dt))
+    expected = torch.tensor(_slow_advantages(at, dt, 0.5, baseline))
+    torch.testing.assert_close(fm_advantages(rewards, 0.5, baseline), expected)
+    if baseline == "rloo":   # r = [0.75, 1.5, 2.25, 0.375]: A_0 = 0.75 - (1.5 + 2.25 + 0.375) / 3
+        assert fm_advantages(rewards, 0.5, baseline)[0].item() == pytest.approx(0.75 - 4.125 / 3)
+
+
+def test_baselines_other_than_reinforce_need_two_samples():
+    one = FMRewards(torch.ones(2, 1), torch.zeros(2, 1), torch.ones(2, 1))
+    torch.testing.assert_close(fm_advantages(one, 0.0, "reinforce"), torch.ones(2, 1))
+    for baseline in ("rloo_corrected", "rloo", "group_norm"):
+        with pytest.raises(ValueError, match=f"baseline={baseline} needs n >= 2 .*baseline=reinforce"):
+            fm_advantages(one, 0.0, baseline)
+    with pytest.raises(ValueError, match="not one of"):
+        fm_advantages(one, 0.0, "ppo")
 
 
 def test_baseline_errors_name_the_problem():

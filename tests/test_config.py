@@ -60,11 +60,20 @@ def test_unknown_group_option_lists_the_choices(group, name):
     (["ckpt_path=/nope.ckpt"], "ckpt_path=/nope.ckpt does not exist"),
     (["method.top_p=0.9"], "method.top_p=0.9: training scores each sampled token under the full distribution"),
     (["method=rlvr", "task=qa_code", "method.top_p=0.95"], "nucleus sampling (top_p < 1) would make the update"),
+    (["method.num_samples=1", "alpha=0"], "method.baseline=rloo_corrected needs n >= 2 samples per context"),
+    (["method.num_samples=1", "method.baseline=rloo", "alpha=0"], "method.baseline=reinforce alpha=0"),
+    (["method.baseline=ppo"], "method.baseline='ppo'"),
 ])
 def test_bad_values_are_refused_with_the_key(overrides, fragment):
     with pytest.raises(ConfigError, match=None) as err:
         validate(make("model=tiny", *overrides))
     assert fragment in str(err.value)
+
+
+def test_plain_reinforce_is_taken_only_when_asked_for_and_says_so(caplog):
+    settings = validate(make("model=tiny", "method.num_samples=1", "alpha=0", "method.baseline=reinforce"))
+    assert settings.method.baseline == "reinforce" and settings.method.sampling.num_samples == 1
+    assert "plain REINFORCE" in caplog.text
 
 
 def test_the_recorded_config_names_the_run_directory_relative_to_the_working_directory(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ One training step on a micro-batch of chunks ``x`` (batch, T):
 2. one no-grad pass of the frozen feature network over the strided row gives
    ``phi(c_k : y_hat_jk)`` and ``phi(c_k : y_k)`` for all blocks (paper eq. 4);
 3. rewards ``r_j = AT_j - alpha * DT_j`` (eqs. 7, 9, 67; whitening per config) and the
-   corrected RLOO baseline (eq. 94) give advantages ``A_jk = r_jk - b_jk``;
+   corrected RLOO baseline (eq. 94; ``method.baseline`` picks another) give advantages ``A_jk = r_jk - b_jk``;
 4. ONE forward+backward of the generator over the strided row yields the log-probs of all
    generated tokens (scored at ``layout.score_index``, logits / temperature) and the
    teacher-forced CE of the chunk, and the loss is
@@ -26,7 +26,7 @@ from ebft.methods.base import FineTuneModule, generator_source
 from ebft.models.compat import attn_implementation, backbone_forward, check_strided, lm_head, param_dtype
 from ebft.models.features import build_feature_network
 from ebft.models.loading import resolve_dtype
-from ebft.objectives.baselines import rloo_advantages
+from ebft.objectives.baselines import fm_advantages
 from ebft.objectives.losses import cross_entropy_term, policy_gradient_loss, token_logprobs
 from ebft.objectives.rewards import cfm_estimate, feature_matching_rewards
 from ebft.rollout.layout import StridedLayout
@@ -105,7 +105,7 @@ class EBFTModule(FineTuneModule):
         t1 = time.perf_counter()
         gen_f, gt_f = self.features.strided_features(row, layout)           # (B, NB, n, D), (B, NB, D)
         rewards = feature_matching_rewards(gen_f, gt_f, m.alpha, m.whitening)
-        advantages = rloo_advantages(rewards, m.alpha).transpose(-1, -2)  # (B, n, NB)
+        advantages = fm_advantages(rewards, m.alpha, m.baseline).transpose(-1, -2)  # (B, n, NB)
         t2 = time.perf_counter()
 
         ce_mask = batch["answer_mask"] if m.ce_on == "answer" else None

@@ -26,6 +26,8 @@ from torch import Tensor
 from ebft.objectives.rewards import FMRewards, check_alpha
 
 SCALE_REWARDS = ("none", "group", "batch")
+BASELINES = ("rloo_corrected", "rloo", "group_norm", "reinforce")
+"""EBFT's baselines (``method.baseline``): see :func:`fm_advantages`."""
 
 
 def rloo_baseline(alignment: Tensor, diversity: Tensor, alpha: float) -> Tensor:
@@ -55,6 +57,34 @@ def rloo_advantages(rewards: FMRewards, alpha: float) -> Tensor:
     alpha = check_alpha(alpha)
     reward = rewards.alignment - alpha * rewards.diversity
     return reward - rloo_baseline(rewards.alignment, rewards.diversity, alpha)
+
+
+def fm_advantages(rewards: FMRewards, alpha: float, baseline: str = "rloo_corrected") -> Tensor:
+    """EBFT advantages ``(..., n)`` of the rewards ``r_j = AT_j - alpha * DT_j`` under one of ``BASELINES``:
+
+    - ``rloo_corrected`` (default): ``r_j - b_j`` with ``b_j`` of eq. 94 (:func:`rloo_advantages`): no
+      ``b_j`` depends on sample ``j``, so the policy gradient stays unbiased (needs n >= 2);
+    - ``rloo``: plain leave-one-out, ``r_j - 1/(n-1) sum_{j'!=j} r_j'`` (axolotl's strided mode). With
+      ``alpha > 0`` it is biased: every ``DT_j'`` holds ``phi_j . phi_j'``, so the baseline depends on
+      sample ``j`` (needs n >= 2);
+    - ``group_norm``: ``(r_j - mean_j r) / (std_j r + 1e-4)`` (GRPO's, an option of the authors' code;
+      :func:`group_normalized_advantages`; needs n >= 2);
+    - ``reinforce``: ``r_j``, no baseline (plain REINFORCE; any n).
+    """
+    alpha = check_alpha(alpha)
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline={baseline!r} is not one of {BASELINES}")
+    n = rewards.alignment.shape[-1]
+    if n < 2 and baseline != "reinforce":
+        raise ValueError(f"baseline={baseline} needs n >= 2 samples per context, got n={n}; use baseline=reinforce")
+    if baseline == "rloo_corrected":
+        return rloo_advantages(rewards, alpha)
+    reward = rewards.alignment - alpha * rewards.diversity
+    if baseline == "rloo":
+        return reward - (reward.sum(-1, keepdim=True) - reward) / (n - 1)
+    if baseline == "group_norm":
+        return group_normalized_advantages(reward, "group")
+    return reward
 
 
 def group_normalized_advantages(rewards: Tensor, scale_rewards: str = "group", eps: float = 1e-4) -> Tensor:
