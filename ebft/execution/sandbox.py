@@ -3,9 +3,10 @@ because of what the program did.
 
 Every run gets a fresh temporary working directory (removed afterwards), a
 minimal environment (``PATH``, ``LANG``, ``HOME`` = the working directory),
-stdin from ``/dev/null`` unless input is given, a wall-clock timeout, resource
-limits (``RLIMIT_AS``, ``RLIMIT_CPU``, ``RLIMIT_NPROC``, ``RLIMIT_FSIZE``,
-``RLIMIT_NOFILE``, no core files) and its own session and process group.
+stdin from ``/dev/null`` unless input is given (then a pipe, which keeps
+nothing once read), a wall-clock timeout, resource limits (``RLIMIT_AS``,
+``RLIMIT_CPU``, ``RLIMIT_NPROC``, ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``, no core
+files) and its own session and process group.
 stdout and stderr are drained continuously and only their first
 ``OUTPUT_CAP`` bytes are kept, so a program printing gigabytes costs no memory.
 
@@ -560,15 +561,29 @@ class _CappedBuffer:
 
 @contextmanager
 def _stdin_file(data: str | bytes | None) -> Iterator[IO[bytes]]:
-    """``/dev/null``, or an unlinked temporary file holding ``data``."""
+    """``/dev/null``, or the read end of a pipe that a thread fills with ``data``: unlike a file, a
+    pipe keeps nothing once read, so a program that reopens it (``/proc/<pid>/fd/0``) finds it empty."""
     if data is None:
         with open(os.devnull, "rb") as handle:
             yield handle
         return
-    with tempfile.TemporaryFile() as handle:
-        handle.write(data.encode() if isinstance(data, str) else data)
-        handle.seek(0)
+    read_end, write_end = os.pipe()
+    threading.Thread(target=_feed, args=(write_end, data.encode() if isinstance(data, str) else data),
+                     daemon=True).start()
+    with os.fdopen(read_end, "rb") as handle:
         yield handle
+
+
+def _feed(fd: int, data: bytes) -> None:
+    """Write ``data`` to the pipe ``fd``, then close it; stops when the program has closed its end."""
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except BrokenPipeError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _kill_marked(marker: bytes) -> None:

@@ -14,16 +14,18 @@ Row schema of a code row:
   only a function body (HumanEval: the prompt). In doctest mode the prefix is
   ``question`` (a top-level ``def`` with its docstring; the ``answer`` is the body).
 
-The program is ``prefix + completion + test_setup + tests``; in doctest mode the
-examples run with ``doctest.DocTestRunner`` (default flags, as ``testmod``) in
-the program's globals. A body completion is cut at HumanEval's stop sequences; a
-whole solution is taken as it is (or its first fenced code block) up to a
-top-level ``if __name__`` block, so other test code the model appends runs too.
-Reward 1.0 when the program exits 0 in the sandbox after its last test ran (it
-prints a random marker there; ``ebft.execution.programs.run_to_the_end``), else 0.0
-(wrong answer, crash, timeout, or an exit before the tests finished, e.g.
-``exit()`` or ``os._exit(0)`` in the completion). ``entry_point`` and other
-fields are ignored.
+The program is ``prefix + completion``, then ``test_setup + tests``, run in one
+namespace; in doctest mode the examples run with ``doctest.DocTestRunner``
+(default flags, as ``testmod``) in the program's globals. A body completion is cut
+at HumanEval's stop sequences; a whole solution is taken as it is (or its first
+fenced code block) up to a top-level ``if __name__`` block, so other test code the
+model appends runs too. Reward 1.0 when the program passes
+``ebft.execution.programs.run_to_the_end``: it exits 0 and the sandboxed runner
+printed the run's random marker, which it does only after the tests returned and
+which the program cannot read; else 0.0 (wrong answer, crash, timeout, an exit
+before the tests finished, e.g. ``exit()`` or ``os._exit(0)`` in the completion,
+or a forged marker; that module's docstring lists what is and is not defended).
+``entry_point`` and other fields are ignored.
 
 A translation row has ``answer`` (the reference) and ``target_lang``; the reward
 is sentence BLEU (effective order; zh tokenizer for Chinese) divided by 100.
