@@ -186,28 +186,40 @@ class Interrupted(RuntimeError):
 class StopOnSignal(Callback):
     """On SIGTERM (``timeout``, ``docker stop``, Slurm preemption) or SIGINT (Ctrl-C) during training:
     finish the optimizer step under way and stop the fit; :func:`train` then saves the checkpoint and
-    raises :class:`Interrupted`. A second Ctrl-C stops at once."""
+    raises :class:`Interrupted`. A second signal of either kind stops at once (nothing more is saved:
+    the run resumes from its last checkpoint).
+
+    A stop therefore needs a grace period of one optimizer step plus a checkpoint write; the first
+    step's time is logged as that grace, so a scheduler's kill delay can be set from it."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.signum, self.stopped, self._previous, self._step = None, False, {}, 0
+        self._step_started, self.step_seconds = None, None
 
     def _note(self, signum, frame) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
+        if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this optimizer step, saving a checkpoint ...",
-              file=sys.stderr, flush=True)
+        pace = f" (a step takes about {self.step_seconds:.1f} s here)" if self.step_seconds else ""
+        print(f"\n{signal.Signals(signum).name}: stopping after this optimizer step{pace}, saving a checkpoint; "
+              "a second signal stops at once ...", file=sys.stderr, flush=True)
 
     def on_train_start(self, trainer, pl_module):
         if threading.current_thread() is threading.main_thread():  # Lightning's own SIGTERM handler is replaced
             self._previous = {sig: signal.signal(sig, self._note) for sig in self.SIGNALS}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._step_started is None or trainer.global_step > self._step:
+            self._step_started = time.monotonic()
         self._step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step > self._step and self.step_seconds is None:
+            self.step_seconds = time.monotonic() - self._step_started
+            log.info("one optimizer step took %.1f s: stopping on SIGTERM needs about that long plus a checkpoint "
+                     "write (give the scheduler that grace, docs/cluster.md)", self.step_seconds)
         if self.signum is not None and trainer.global_step > self._step:
             trainer.should_stop = self.stopped = True
 
