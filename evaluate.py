@@ -18,7 +18,7 @@ from ebft.eval.translation import MetricUnavailable
 from ebft.execution.programs import ToolchainMissing
 from ebft.execution.sandbox import IsolationUnavailable
 from ebft.models.loading import ModelSourceError
-from ebft.reporting import DirectoryBusy, DiskFull
+from ebft.files import DirectoryBusy, DiskFull
 
 USER_ERRORS = (ConfigError, DataConfigError, ModelSourceError, BenchmarkDataError, ToolchainMissing, MetricUnavailable,
                IsolationUnavailable, DirectoryBusy, DiskFull)

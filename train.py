@@ -7,11 +7,13 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ebft.config import ConfigError, DataConfigError, check_renamed
+from ebft.app.callbacks import Interrupted
+from ebft.app.rundir import removed_if_empty
+from ebft.app.run import train
+from ebft.config import ConfigError, DataConfigError, check_renamed, train_settings
 from ebft.execution.sandbox import IsolationUnavailable
+from ebft.files import DirectoryBusy, DiskFull
 from ebft.models.loading import ModelSourceError
-from ebft.reporting import DirectoryBusy, DiskFull
-from ebft.run import Interrupted, train
 
 USER_ERRORS = (ConfigError, DataConfigError, ModelSourceError, IsolationUnavailable, FloatingPointError,
                DirectoryBusy, DiskFull)
@@ -26,7 +28,8 @@ def resume_command(output_dir: str) -> str:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     try:
-        train(cfg)
+        with removed_if_empty(cfg.output_dir):   # a bad setting leaves no run directory behind
+            train(train_settings(cfg))
     except Interrupted as stop:
         sys.stderr.write(f"train.py: {stop}. Resume with:\n  {resume_command(str(cfg.output_dir))}\n")
         sys.exit(128 + stop.signum)

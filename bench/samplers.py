@@ -7,7 +7,7 @@
 - ``sample_authors_style``: the released code's scheme, the benchmark baseline: ``n`` copies of the
   chunk, one row per sample, ``G`` forwards of the whole row without a cache and with the dense mask.
 - ``dense_strided_sdpa()``: within the block, strided rows use sdpa with the dense mask instead of
-  the banded path of :mod:`ebft.rollout.masks` (for comparisons).
+  the banded path of :mod:`ebft.core.masks` (for comparisons).
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import contextlib
 import torch
 from torch import nn
 
-from ebft.models.compat import attn_implementation, backbone_forward, check_strided, lm_head, param_dtype
-from ebft.rollout import masks
-from ebft.rollout.layout import StridedLayout
+from ebft.core import masks
+from ebft.core.compat import lm_head
+from ebft.core.layout import StridedLayout
+from ebft.core.strided import strided_hidden
 from ebft.rollout.sampler import check_sampling_args, logits_at, sample_from_logits, sampling_mode
 
 
@@ -35,16 +36,14 @@ def dense_strided_sdpa():
 
 def _sample_full_rows(model: nn.Module, chunk_ids: torch.Tensor, layout: StridedLayout, temperature: float,
                       top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """``G`` forwards of the whole strided row, no cache: step g is sampled from the logits at
-    ``score_index[..., g]``. Returns (batch, n, NB, G)."""
-    check_strided(model, layout.seq_len)
+    """``G`` forwards of the whole strided row (``strided_hidden``), no cache: step g is sampled from the
+    logits at ``score_index[..., g]``. Returns (batch, n, NB, G)."""
     batch, n, NB, G = chunk_ids.shape[0], layout.num_samples, layout.num_blocks, layout.gen_len
-    mask, head = masks.strided_mask(layout, attn_implementation(model), param_dtype(model)), lm_head(model)
+    head = lm_head(model)
     tokens = torch.zeros(batch, n, NB, G, dtype=torch.long, device=chunk_ids.device)
     with sampling_mode(model):
         for g in range(G):
-            row = layout.scatter_generated(chunk_ids, tokens)
-            hidden, _ = backbone_forward(model, row, layout.position_ids, mask)
+            hidden = strided_hidden(model, layout.scatter_generated(chunk_ids, tokens), layout)
             logits = logits_at(head, hidden, layout.score_index[..., g])
             tokens[..., g] = sample_from_logits(logits, temperature, top_p, generator)
     return tokens

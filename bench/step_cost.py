@@ -10,9 +10,13 @@ Pieces (one micro-batch of ``--batch`` chunks of T tokens):
   backbone's hidden states, as ``FineTuneModule.chunk_ce``).
 - ``ebft sample``: KV-cached strided sampling (``sample_strided``) + building the strided row.
 - ``ebft features``: the frozen feature network over the strided row (``strided_features``).
-- ``ebft rewards``: feature-matching rewards + corrected RLOO advantages.
-- ``ebft actor fwd+bwd``: ``actor_loss`` (one forward over T + n*NB*G tokens: PG + CE) + backward.
+- ``ebft update fwd+bwd``: ``ebft_update`` (rewards, advantages, and one forward over T + n*NB*G
+  tokens: PG + CE) + backward.
 - ``ebft optimizer``: the AdamW step.
+
+The three EBFT pieces are :func:`ebft_step`, the calls ``EBFTModule.training_step`` makes, with the
+method's settings composed from ``conf/`` (``method=ebft`` and the top-level ``alpha``, ``gamma``:
+whitening, baseline, rl_coef, loss reduction, CE mask), so the benchmark times the code that trains.
 - baselines, not part of the step: ``authors sampling`` (``sample_authors_style``: n copies of the
   chunk, G uncached forwards of the whole row) and ``generate() per prefix`` (for each of the NB
   prefixes ``x[0:C+k*s]`` one ``model.generate`` call with do_sample, ``num_return_sequences=n``,
@@ -57,23 +61,22 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.samplers import dense_strided_sdpa, sample_authors_style, sample_strided_nocache  # noqa: E402
-import ebft.methods.ebft as ebft_module  # noqa: E402
-from ebft.config import LoraSettings  # noqa: E402
+import ebft.objectives.ebft_update as update_module  # noqa: E402
+from ebft.config import EBFTSettings, LoraSettings, compose_config, method_settings  # noqa: E402
 import ebft.objectives.losses as losses_module  # noqa: E402
 import ebft.rollout.sampler as sampler_module  # noqa: E402
-from ebft.methods.ebft import actor_loss, strided_hidden  # noqa: E402
-from ebft.models.compat import decoder_layers  # noqa: E402
+from ebft.core.strided import strided_hidden  # noqa: E402
+from ebft.objectives.ebft_update import EBFTStatistics, actor_loss, ebft_update  # noqa: E402
+from ebft.core.compat import decoder_layers  # noqa: E402
 from ebft.models.features import FeatureNetwork, tap_layers  # noqa: E402
 from ebft.models.loading import resolve_attn  # noqa: E402
 from ebft.models.lora import FAMILY_TARGETS, lora_config  # noqa: E402
-from ebft.objectives.baselines import rloo_advantages  # noqa: E402
 from ebft.objectives.losses import cross_entropy_term  # noqa: E402
-from ebft.objectives.rewards import feature_matching_rewards  # noqa: E402
-from ebft.rollout import masks  # noqa: E402
-from ebft.rollout.layout import StridedLayout  # noqa: E402
+from ebft.core import masks  # noqa: E402
+from ebft.core.layout import StridedLayout  # noqa: E402
 from ebft.rollout.sampler import sample_strided  # noqa: E402
 from ebft.rollout.sampler import sample_from_logits as _inverse_cdf  # noqa: E402
-from ebft.strategies import GIB, estimate_memory  # noqa: E402
+from ebft.app.strategies import GIB, estimate_memory  # noqa: E402
 
 MODELS = ("smollm2-shape", "smollm2", "qwen2.5-1.5b-shape", "tiny")
 ABLATIONS = ("nocache", "multinomial", "dense_attention", "copies", "full_features", "inference_mode",
@@ -176,6 +179,37 @@ class Meter:
 
 
 # ------------------------------------------------------------------------------------------ steps
+def ebft_method(n: int, temperature: float | None = None, whitening: str | None = None) -> EBFTSettings:
+    """The settings of ``python train.py method=ebft`` (alpha, gamma, whitening, baseline, rl_coef, loss
+    reduction, CE mask, temperature) with ``n`` samples per context and the knobs given here."""
+    overrides = ["method=ebft", f"method.num_samples={n}"]
+    overrides += [f"method.temperature={temperature}"] if temperature is not None else []
+    overrides += [f"method.whitening={whitening}"] if whitening is not None else []
+    return method_settings(compose_config("train", overrides))
+
+
+def ebft_step(generator, feature_network, layout: StridedLayout, ids: torch.Tensor, answer_mask: torch.Tensor,
+              method: EBFTSettings, rng: torch.Generator, opt=None, meter: Meter | None = None,
+              record: bool = False) -> tuple[torch.Tensor, EBFTStatistics]:
+    """The EBFT step as ``EBFTModule.training_step`` makes it (sample, features, ``ebft_update``, backward),
+    each piece timed by ``meter`` when given; returns the strided rows and the update's statistics."""
+    def timed(name):
+        return meter.time(name, record) if meter is not None else contextlib.nullcontext()
+
+    s = method.sampling
+    with timed("ebft sample"):
+        tokens = sample_strided(generator, ids, layout, temperature=s.temperature, top_p=s.top_p, generator=rng)
+        row = layout.scatter_generated(ids, tokens)
+    with timed("ebft features"):
+        gen_f, gt_f = feature_network.strided_features(row, layout)
+    with timed("ebft update fwd+bwd"):
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+        loss, stats = ebft_update(generator, layout, row, tokens, gen_f, gt_f, method, answer_mask)
+        loss.backward()
+    return row, stats
+
+
 class Bench:
     def __init__(self, args, device: torch.device):
         self.args, self.device = args, device
@@ -191,11 +225,12 @@ class Bench:
             targets = FAMILY_TARGETS[self.generator.config.model_type]
             self.adapters = get_peft_model(self.generator.to(fdtype), lora_config(lora, targets))
         self.generator.train()
-        self.features = FeatureNetwork(self.generator, layers=(0.25, 0.5, 0.75), pooling=args.pooling,
+        self.feature_network = FeatureNetwork(self.generator, layers=(0.25, 0.5, 0.75), pooling=args.pooling,
                                        adapters=self.adapters).to(fdtype)
         self.opt = torch.optim.AdamW([p for p in self.generator.parameters() if p.requires_grad], lr=1e-6,
                                      betas=(0.9, 0.95), weight_decay=0.0)
         self.layout = StridedLayout(args.T, args.C, args.s, args.G, args.n).to(device)
+        self.method = ebft_method(args.n, args.temperature, args.whitening)
         self.rng = torch.Generator(device=device).manual_seed(args.seed)
 
     def autocast(self):
@@ -219,30 +254,19 @@ class Bench:
             self.opt.step()
         return loss.detach()
 
-    def ebft_step(self, meter: Meter, ids: torch.Tensor, record: bool, alpha: float = 1.0, gamma: float = 0.03):
-        a, layout = self.args, self.layout
+    def ebft_step(self, meter: Meter, ids: torch.Tensor, record: bool):
         with self.autocast():
-            with meter.time("ebft sample", record):
-                tokens = sample_strided(self.generator, ids, layout, temperature=a.temperature, generator=self.rng)
-                row = layout.scatter_generated(ids, tokens)
-            with meter.time("ebft features", record):
-                gen_f, gt_f = self.features.strided_features(row, layout)
-            with meter.time("ebft rewards", record):
-                rewards = feature_matching_rewards(gen_f, gt_f, alpha, a.whitening)
-                advantages = rloo_advantages(rewards, alpha).transpose(-1, -2)
-            with meter.time("ebft actor fwd+bwd", record):
-                self.opt.zero_grad(set_to_none=True)
-                loss, _, _ = actor_loss(self.generator, layout, row, advantages, temperature=a.temperature,
-                                        gamma=gamma)
-                loss.backward()
+            answer_mask = torch.ones_like(ids, dtype=torch.bool)
+            row, stats = ebft_step(self.generator, self.feature_network, self.layout, ids, answer_mask, self.method,
+                                   self.rng, self.opt, meter, record)
         with meter.time("ebft optimizer", record):
             self.opt.step()
-        return row, advantages
+        return row, stats.advantages
 
     # -- baselines and ablations --------------------------------------------------------------------
     def authors_sampling(self, meter, ids, record):
         with self.autocast(), meter.time("authors sampling", record):
-            sample_authors_style(self.generator, ids, self.layout, temperature=self.args.temperature,
+            sample_authors_style(self.generator, ids, self.layout, temperature=self.method.sampling.temperature,
                                  generator=self.rng)
 
     def generate_per_prefix(self, meter, ids, record):
@@ -252,7 +276,7 @@ class Bench:
         with self.autocast(), meter.time("generate() per prefix", record), torch.inference_mode():
             for end in layout.context_end.tolist():
                 model.generate(ids[:, :end], attention_mask=torch.ones_like(ids[:, :end]), do_sample=True,
-                               temperature=a.temperature, top_p=1.0, top_k=0, max_new_tokens=a.G,
+                               temperature=self.method.sampling.temperature, top_p=1.0, top_k=0, max_new_tokens=a.G,
                                min_new_tokens=a.G, num_return_sequences=a.n, use_cache=True,
                                pad_token_id=0)
         model.train(was_training)
@@ -265,20 +289,20 @@ class Bench:
         def actor(name):
             with self.autocast(), meter.time(name, record):
                 self.opt.zero_grad(set_to_none=True)
-                loss, _, _ = actor_loss(model, layout, row, advantages, temperature=a.temperature, gamma=0.03)
+                loss, _, _ = actor_loss(model, layout, row, advantages, temperature=self.method.sampling.temperature, gamma=self.method.gamma)
                 loss.backward()
 
         def sample(name):
             with self.autocast(), meter.time(name, record):
-                sample_strided(model, ids, layout, temperature=a.temperature, generator=self.rng)
+                sample_strided(model, ids, layout, temperature=self.method.sampling.temperature, generator=self.rng)
 
         def features(name, single=None, rows=None):
             with self.autocast(), meter.time(name, record):
-                self.features.strided_features(row if rows is None else rows, single or layout)
+                self.feature_network.strided_features(row if rows is None else rows, single or layout)
 
         if "nocache" in which:
             with self.autocast(), meter.time("abl: sampling without KV cache (G full-row forwards)", record):
-                sample_strided_nocache(model, ids, layout, temperature=a.temperature, generator=self.rng)
+                sample_strided_nocache(model, ids, layout, temperature=self.method.sampling.temperature, generator=self.rng)
         if "multinomial" in which:
             with _patched(sampler_module, "sample_from_logits", _multinomial_sample_from_logits):
                 sample("abl: sampling, torch.multinomial draws")
@@ -294,7 +318,7 @@ class Bench:
             adv = advantages.flatten(0, 1).unsqueeze(1)
             with self.autocast(), meter.time("abl: actor fwd+bwd, n copies of the chunk", record):
                 self.opt.zero_grad(set_to_none=True)
-                loss, _, _ = actor_loss(model, single, copies, adv, temperature=a.temperature, gamma=0.03)
+                loss, _, _ = actor_loss(model, single, copies, adv, temperature=self.method.sampling.temperature, gamma=self.method.gamma)
                 loss.backward()
             features("abl: features, n copies of the chunk", single, copies)
         if "full_features" in which:
@@ -311,13 +335,13 @@ class Bench:
                 self.opt.zero_grad(set_to_none=True)
                 hidden = strided_hidden(model, row, layout)
                 logits = model.get_output_embeddings()(hidden).float()  # (B, length, V), as the authors
-                logp_t = (logits / a.temperature).log_softmax(-1)
+                logp_t = (logits / self.method.sampling.temperature).log_softmax(-1)
                 pg = logp_t[:, layout.score_index].gather(-1, row[:, layout.token_index, None])[..., 0]
                 ce = logits.log_softmax(-1)[:, : a.T - 1].gather(-1, row[:, 1: a.T, None])[..., 0]
-                (-(pg * layout.broadcast_to_tokens(advantages)).mean() - 0.03 * ce.mean()).backward()
+                (-(pg * layout.broadcast_to_tokens(advantages)).mean() - self.method.gamma * ce.mean()).backward()
         if "checkpointed_logprobs" in which:
             with _patched(losses_module, "token_logprobs", _checkpointed_token_logprobs), \
-                    _patched(ebft_module, "token_logprobs", _checkpointed_token_logprobs):
+                    _patched(update_module, "token_logprobs", _checkpointed_token_logprobs):
                 actor("abl: actor fwd+bwd, log-probs by checkpointed autograd")
         if "eager" in which:
             with _attention(model, "eager"):
@@ -396,8 +420,8 @@ def parse_args(argv=None):
     p.add_argument("--G", type=int, default=8)
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--batch", type=int, default=1, help="chunks per micro-batch")
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--whitening", default="reference")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the method's)")
+    p.add_argument("--whitening", default=None, help="none | reference | paper (default: the method's)")
     p.add_argument("--pooling", default="last_token")
     p.add_argument("--attn", default="auto", choices=("auto", "sdpa", "eager", "flex_attention"),
                    help="attention of the strided rows; auto = what training picks (flex_attention on CUDA, "
@@ -472,7 +496,7 @@ def tensor_bytes(tensors) -> int:
 
 def run_arm(bench: Bench, meter: Meter) -> None:
     """One side of ``--lora``: the EBFT step after warm-up; prints one ``ARM {json}`` line."""
-    args, parts = bench.args, ("ebft sample", "ebft features", "ebft rewards", "ebft actor fwd+bwd", "ebft optimizer")
+    args, parts = bench.args, ("ebft sample", "ebft features", "ebft update fwd+bwd", "ebft optimizer")
     setup_rss = vm_rss_gib()
     ids = bench.chunk(args.batch)
     for rep in range(args.warmup + args.repeats):
@@ -484,7 +508,7 @@ def run_arm(bench: Bench, meter: Meter) -> None:
         "setup_rss_gib": setup_rss, "step_peak_rss_gib": max(meter.peaks[p] for p in parts),
         "trainable_params": sum(p.numel() for p in trainable), "trainable_bytes": tensor_bytes(trainable),
         "adam_bytes": tensor_bytes(t for state in bench.opt.state.values() for t in state.values()),
-        "frozen_generator_bytes": tensor_bytes(frozen), "feature_network_bytes": tensor_bytes(bench.features.parameters()),
+        "frozen_generator_bytes": tensor_bytes(frozen), "feature_network_bytes": tensor_bytes(bench.feature_network.parameters()),
     }), flush=True)
 
 
@@ -500,7 +524,7 @@ def qwen25_7b_config():
 def estimate_gpu_peak(T: int = 1024, C: int = 8, s: int = 8, G: int = 8, n: int = 4, batch: int = 1,
                       rank: int = 16) -> dict[str, dict[str, float]]:
     """ESTIMATED peak GPU bytes of one EBFT step of Qwen2.5-7B (bf16-mixed, gradient checkpointing, one
-    device), full fine-tuning vs LoRA. Model state: ``ebft.strategies.estimate_memory`` (what a training
+    device), full fine-tuning vs LoRA. Model state: ``ebft.app.strategies.estimate_memory`` (what a training
     run prints: fp32 trainable weights, gradients, 2 Adam moments, bf16 copies; frozen weights). Full
     fine-tuning's frozen part is the bf16 feature network (embeddings + layers up to the deepest tap);
     LoRA's is the bf16 base, which is also the feature network. Activations of the actor's backward (the
@@ -640,7 +664,7 @@ def peak_flops(device: torch.device, override: float | None) -> float | None:
 
 def report(meter: Meter, args, bench: Bench) -> dict:
     med = {k: meter.median(k) for k in meter.times}
-    parts = ("ebft sample", "ebft features", "ebft rewards", "ebft actor fwd+bwd", "ebft optimizer")
+    parts = ("ebft sample", "ebft features", "ebft update fwd+bwd", "ebft optimizer")
     ebft, sft = sum(med[p] for p in parts), med["sft step"]
     mem = "peak GiB (GPU allocated)" if meter.device.type == "cuda" else "peak RSS GiB"
     print(f"\n| piece | median s | x SFT step | {mem} |\n|---|---:|---:|---:|")
@@ -660,16 +684,16 @@ def report(meter: Meter, args, bench: Bench) -> dict:
               f"{med['generate() per prefix'] / med['ebft sample']:.2f}x")
     print(f"highest peak of any piece: {max(meter.peaks.values()):.2f} GiB")
     flops = actor_flops(bench.generator, bench.layout, args.batch)
-    achieved = flops / med["ebft actor fwd+bwd"]
+    achieved = flops / med["ebft update fwd+bwd"]
     peak = peak_flops(meter.device, args.peak_tflops)
     mfu = achieved / peak if peak else None
-    print(f"generator fwd+bwd (actor): {flops / 1e12:.3f} TFLOP in {med['ebft actor fwd+bwd']:.3f} s = "
+    print(f"generator fwd+bwd (actor): {flops / 1e12:.3f} TFLOP in {med['ebft update fwd+bwd']:.3f} s = "
           f"{achieved / 1e12:.2f} TFLOP/s" + (f", MFU {mfu:.3f} of {peak / 1e12:.0f} TFLOP/s" if mfu else
                                                " (MFU: unknown device peak, give --peak-tflops)"))
     print(f"ebft_over_sft={ebft / sft:.3f}")
     summary = {"model": args.model, "device": str(meter.device), "attn": args.attn, "T": args.T, "n": args.n,
                "batch": args.batch, "strided_tokens": bench.layout.length, "sft_step_s": sft, "ebft_step_s": ebft,
-               "actor_s": med["ebft actor fwd+bwd"], "sample_s": med["ebft sample"],
+               "actor_s": med["ebft update fwd+bwd"], "sample_s": med["ebft sample"],
                "ebft_over_sft": ebft / sft, "actor_tflops": achieved / 1e12, "actor_mfu": mfu,
                "peak_gib": max(meter.peaks.values())}
     if args.json:

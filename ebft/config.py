@@ -1,11 +1,11 @@
 """Typed settings at the boundary: the composed Hydra config becomes small frozen dataclasses ONCE,
-at the entry points (``train.py`` / :mod:`ebft.run`, ``evaluate.py``), and every module below takes
+at the entry points (``train.py`` / :mod:`ebft.app.run`, ``evaluate.py``), and every module below takes
 those objects, never the config itself.
 
 Each dataclass checks its values in ``__post_init__`` and raises :class:`ConfigError` with one clear
 message per mistake, naming the key, the bad value and the fix, before any model or dataset is
 loaded. :func:`train_settings` and :func:`evaluate_settings` do the conversion; the checks that
-need a model's files (paths, LoRA targets) run in :func:`ebft.run.validate`.
+need a model's files (paths, LoRA targets) run in :func:`ebft.app.run.validate`.
 
 The settings and who takes them:
 
@@ -13,11 +13,11 @@ The settings and who takes them:
 - :class:`DataSettings` (``data``): the rows' source and the held-out split (``ebft.data``);
 - :class:`ModelSettings` (``model``, with :class:`LoraSettings`): the generator (``ebft.methods``,
   ``ebft.models.lora``);
-- :class:`FeatureNetworkSpec` (``feature_network``): the frozen feature network phi of training (EBFT's
+- :class:`FeatureNetworkSettings` (``feature_network``): the frozen feature network phi of training (EBFT's
   rewards) and of evaluation (CFM, ``val/cfm``): one spec, one factory
   (:func:`ebft.models.features.build_feature_network`);
 - :class:`OptimSettings` (``method.lr``, ...): AdamW and its schedule;
-- :class:`SamplingSettings` (``method.num_samples``, ...): training rollouts; :class:`Sampling`:
+- :class:`SamplingSettings` (``method.num_samples``, ...): training rollouts; :class:`DecodingSettings`:
   evaluation's generation;
 - one per method, checked in ``__post_init__``: :class:`SFTSettings`, :class:`EBFTSettings`
   (``alpha`` and ``gamma`` stay top-level keys), :class:`RLVRSettings`;
@@ -28,6 +28,7 @@ The settings and who takes them:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,19 +41,26 @@ log = logging.getLogger(__name__)
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
+# The allowed values of every choice, defined here once; the modules that implement them import them.
 SCHEDULES = ("constant", "cosine")
 LOSS_ON = ("answer", "all")
-WHITENING = ("none", "reference", "paper")
-POOLING = ("last_token", "mean", "mean_raw")
-NORMALISATION = ("joint", "per_layer")
-REDUCTIONS = ("token_mean", "sequence_sum")
-SCALE_REWARDS = ("none", "group", "batch")
-BASELINES = ("rloo_corrected", "rloo", "group_norm", "reinforce")
+WHITENING = ("none", "reference", "paper")            # ebft.objectives.rewards
+POOLING = ("last_token", "mean", "mean_raw")          # ebft.core.layout
+NORMALISATION = ("joint", "per_layer")                # ebft.models.features
+REDUCTIONS = ("token_mean", "sequence_sum")           # ebft.objectives.losses
+SCALE_REWARDS = ("none", "group", "batch")            # ebft.objectives.baselines (GRPO)
+BASELINES = ("rloo_corrected", "rloo", "group_norm", "reinforce")   # ebft.objectives.baselines (EBFT)
 LOGGERS = ("csv", "tensorboard", "wandb")
 
-RENAMED = {"model.feature_network": "feature_network.name", "method.features.": "feature_network.",
-           "eval.critic.": "feature_network."}
-"""Keys of earlier versions and where their settings live now: the one feature-network spec."""
+FEATURE_NETWORK = "the feature network of training and evaluation is one group, `feature_network`"
+SAMPLES = "samples per context (or prompt, or problem) are `num_samples` everywhere"
+RENAMED = {"model.feature_network": ("feature_network.name", FEATURE_NETWORK),
+           "method.features.": ("feature_network.", FEATURE_NETWORK),
+           "n_samples": ("num_samples", SAMPLES), "eval.n_samples": ("eval.num_samples", SAMPLES),
+           "eval.cfm_samples": ("eval.cfm_num_samples", SAMPLES), "eval.reward.samples": ("eval.reward.num_samples", SAMPLES),
+           "model.lora.alpha": ("model.lora.lora_alpha", "LoRA's scale is peft's `lora_alpha`, apart from the diversity "
+                                                         "weight `alpha`")}
+"""Keys of earlier versions: ``old -> (new, why)``; an ``old`` ending in ``.`` renames a whole group."""
 
 
 def compose_config(config_name: str, overrides) -> DictConfig:
@@ -80,16 +88,25 @@ def _choice(key: str, value, choices: tuple[str, ...]) -> None:
     _require(value in choices, f"{key}={value!r} is not one of {', '.join(choices)}")
 
 
+def check_alpha(alpha) -> float:
+    """The diversity weight ``alpha`` of eq. 67 as a float: a finite number in [0, 1] (paper App. C: 1 is the
+    proper scoring rule, smaller values bias towards alignment). The one check of ``alpha``, used by the
+    settings and by the reward functions."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or not 0 <= alpha <= 1:
+        raise ConfigError(f"alpha={alpha!r} must be a number in [0, 1] (paper App. C; the paper sweeps 0, 0.5, 1); "
+                          "use alpha=1 for the proper scoring rule")
+    return float(alpha)
+
+
 def check_renamed(overrides: Sequence[str]) -> None:
     """Refuse a command-line override of a renamed key, naming the new one (Hydra would only say
     that the key is not in the config)."""
     for override in overrides:
         key = str(override).lstrip("+~").split("=", 1)[0]
-        for old, new in RENAMED.items():
-            if key == old.rstrip(".") or key.startswith(old):
+        for old, (new, why) in RENAMED.items():
+            if key == old.rstrip(".") or (old.endswith(".") and key.startswith(old)):
                 now = new + key[len(old):] if old.endswith(".") else new
-                raise ConfigError(f"{key} was renamed: the feature network of training and evaluation is one spec, "
-                                  f"`feature_network` (conf/feature_network/default.yaml); use {now}=...")
+                raise ConfigError(f"{key} was renamed ({why}): use {now}=...")
 
 
 # --------------------------------------------------------------------------- the pieces
@@ -119,7 +136,7 @@ class TaskSettings:
 
     @property
     def geometry(self) -> tuple[int, int, int, int]:
-        """``(T, C, s, G)``, the first four arguments of :class:`ebft.rollout.layout.StridedLayout`."""
+        """``(T, C, s, G)``, the first four arguments of :class:`ebft.core.layout.StridedLayout`."""
         return self.seq_len, self.context_len, self.stride, self.gen_len
 
 
@@ -140,11 +157,12 @@ class DataSettings:
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """``model.lora`` with ``rank`` set (``ebft.models.lora``): ``alpha`` null = 2 x rank; ``target_modules``
+    """``model.lora`` with ``rank`` set (``ebft.models.lora``): ``lora_alpha`` (peft's name; the adapters'
+    scale is lora_alpha / rank) null = 2 x rank; ``target_modules``
     null = the model family's attention and MLP projections."""
 
     rank: int
-    alpha: float | None = None
+    lora_alpha: float | None = None
     dropout: float = 0.0
     target_modules: tuple[str, ...] | None = None
 
@@ -152,8 +170,8 @@ class LoraSettings:
         rank = self.rank
         _require(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1,
                  f"model.lora.rank={rank!r} must be a whole number >= 1 (e.g. 16), or null for full fine-tuning")
-        _require(self.alpha is None or float(self.alpha) > 0,
-                 f"model.lora.alpha={self.alpha} must be > 0, or null for 2 x rank")
+        _require(self.lora_alpha is None or float(self.lora_alpha) > 0,
+                 f"model.lora.lora_alpha={self.lora_alpha} must be > 0, or null for 2 x rank")
         _require(0 <= float(self.dropout) < 1, f"model.lora.dropout={self.dropout} must be in [0, 1)")
         targets = self.target_modules
         _require(targets is None or (not isinstance(targets, str) and len(targets) >= 1),
@@ -162,8 +180,8 @@ class LoraSettings:
 
     @property
     def scale_alpha(self) -> float:
-        """The adapters' alpha (scale alpha / rank): ``alpha``, or 2 x rank when null."""
-        return float(self.alpha) if self.alpha is not None else 2.0 * self.rank
+        """peft's ``lora_alpha`` (the scale is lora_alpha / rank): ``lora_alpha``, or 2 x rank when null."""
+        return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.rank
 
 
 @dataclass(frozen=True)
@@ -181,7 +199,7 @@ class ModelSettings:
 
 
 @dataclass(frozen=True)
-class FeatureNetworkSpec:
+class FeatureNetworkSettings:
     """``feature_network``: the frozen feature network phi (paper §2, eqs. 2-4) of EBFT's rewards and of
     evaluation's CFM (``evaluate.py``, ``val/cfm`` during every method's training): ``name`` null = the base
     model (``model.name``); taps at depth fractions ``layers`` in (0, 1], the ``pooling`` of the G-token
@@ -272,9 +290,7 @@ class EBFTSettings:
     name: str = field(default="ebft", init=False)
 
     def __post_init__(self):
-        alpha, n = self.alpha, self.sampling.num_samples
-        _require(0 <= alpha <= 1,
-                 f"alpha={alpha} must be in [0, 1] (paper App. C); use alpha=1 for the proper scoring rule")
+        alpha, n = check_alpha(self.alpha), self.sampling.num_samples
         _require(self.gamma >= 0, f"gamma={self.gamma} must be >= 0 (weight of the CE term)")
         _require(n >= 1, f"method.num_samples={n} must be >= 1")
         _choice("method.baseline", self.baseline, BASELINES)
@@ -336,10 +352,10 @@ MethodSettings = SFTSettings | EBFTSettings | RLVRSettings
 
 
 @dataclass(frozen=True)
-class Sampling:
-    """How evaluation draws completions: ``n_samples`` at ``temperature`` / ``top_p`` besides the greedy one."""
+class DecodingSettings:
+    """How evaluation draws completions: ``num_samples`` at ``temperature`` / ``top_p`` besides the greedy one."""
 
-    n_samples: int = 16
+    num_samples: int = 16
     temperature: float = 0.6
     top_p: float = 1.0
     max_new_tokens: int = 512
@@ -347,8 +363,8 @@ class Sampling:
     seed: int = 43
 
     def __post_init__(self):
-        if self.n_samples < 0:
-            raise ValueError(f"n_samples={self.n_samples} must be >= 0 (0 = greedy only)")
+        if self.num_samples < 0:
+            raise ValueError(f"num_samples={self.num_samples} must be >= 0 (0 = greedy only)")
         if self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature} must be > 0 (greedy decoding is always included)")
         if not 0 < self.top_p <= 1:
@@ -359,7 +375,7 @@ class Sampling:
     @property
     def prompts_per_call(self) -> int:
         """Prompts per ``generate`` call so that a call holds at most ``batch_size`` sampled sequences."""
-        return max(1, self.batch_size // max(1, self.n_samples))
+        return max(1, self.batch_size // max(1, self.num_samples))
 
 
 @dataclass(frozen=True)
@@ -369,7 +385,7 @@ class CalibrationSettings:
     seed: int = 43
     cfm_chunks: int | None = None
     cfm_skip: int = 0
-    cfm_samples: int = 4
+    cfm_num_samples: int = 4
     cfm_temperature: float = 0.6
     whitening: str = "reference"
     profile_lengths: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
@@ -405,7 +421,7 @@ class RewardSettings:
     (``max_prompt_tokens``, ``check_references``: RLVR's prompt filters)."""
 
     prompts: int | None = 32
-    samples: int = 4
+    num_samples: int = 4
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 128
@@ -414,7 +430,7 @@ class RewardSettings:
     batch_size: int = 4
 
     def __post_init__(self):
-        positive = {"samples": self.samples, "max_new_tokens": self.max_new_tokens,
+        positive = {"num_samples": self.num_samples, "max_new_tokens": self.max_new_tokens,
                     "max_prompt_tokens": self.max_prompt_tokens, "batch_size": self.batch_size}
         if self.prompts is not None:
             positive["prompts"] = self.prompts
@@ -452,7 +468,7 @@ class InTrainingEval:
     every_n_steps: int = 0
     cfm_train_chunks: int = 0
     downstream_limit: int = 0
-    sampling: Sampling | None = None
+    sampling: DecodingSettings | None = None
 
     def __post_init__(self):
         _require(self.cfm_train_chunks >= 0,
@@ -460,23 +476,76 @@ class InTrainingEval:
 
 
 @dataclass(frozen=True)
+class TrainerSettings:
+    """``trainer`` (any Lightning Trainer keyword, resolved), ``global_batch`` (chunks or prompts per optimizer
+    step over all devices; sets the accumulation) and ``checkpoint_every_n_steps`` (default: the
+    validation interval)."""
+
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    global_batch: int | None = None
+    checkpoint_every_n_steps: int | None = None
+
+
+@dataclass(frozen=True)
+class LoggerSettings:
+    """``logger``: ``kind`` (csv, tensorboard, wandb) and wandb's ``project``, ``entity``, ``offline``."""
+
+    kind: str = "csv"
+    project: str | None = None
+    entity: str | None = None
+    offline: bool = False
+
+    def __post_init__(self):
+        _choice("logger.kind", self.kind, LOGGERS)
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    """``hub``: upload the saved model to ``repo_id`` (owner/name) at the end of the run."""
+
+    push: bool = False
+    repo_id: str | None = None
+    private: bool = False
+
+    def __post_init__(self):
+        _require(not self.push or str(self.repo_id or "").count("/") == 1,
+                 f"hub.push=true needs hub.repo_id=<owner/name>, got {self.repo_id!r}")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What the application (``ebft.app``) needs besides the method's settings: the run directory,
+    the checkpoint to resume (``ckpt_path``), the method's LightningModule (``module``, a class
+    path), the Trainer, logger and hub. ``output_dir`` is None for a config composed outside a run."""
+
+    output_dir: str | None
+    module: str
+    ckpt_path: str | None = None
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)
+    logger: LoggerSettings = field(default_factory=LoggerSettings)
+    hub: HubSettings = field(default_factory=HubSettings)
+
+
+@dataclass(frozen=True)
 class TrainSettings:
-    """Everything ``train.py`` hands to the method's module, datamodule and callback. ``record`` is the
-    run's resolved config as plain data (:func:`ebft.run.validate` sets it), saved with every checkpoint
-    (``hyper_parameters["cfg"]``) and read back only to check that a resumed checkpoint is of the same
-    method and model."""
+    """Everything ``train.py`` hands to the application: the method's module, datamodule and callback take
+    their parts; ``run`` is the application's own. ``record`` is the run's resolved config as plain data
+    (the run directory relative to the working directory when inside it), saved with every checkpoint
+    (``hyper_parameters["cfg"]``), the model card's ``config.yaml``, and read back only to check that a
+    resumed checkpoint is of the same method and model."""
 
     method: MethodSettings
     optim: OptimSettings
     model: ModelSettings
     task: TaskSettings
     data: DataSettings
-    feature_network: FeatureNetworkSpec
+    feature_network: FeatureNetworkSettings
     eval: EvalSettings
     in_training: InTrainingEval
     seed: int = 43
     device: str = "cpu"
     record: Mapping[str, Any] = field(default_factory=dict)
+    run: RunSettings = field(default_factory=lambda: RunSettings(None, "ebft.methods.ebft.EBFTModule"))
 
 
 @dataclass(frozen=True)
@@ -488,11 +557,11 @@ class EvaluateSettings:
     ckpt: tuple[str, ...]
     metrics: tuple[str, ...] | None
     limit: int | None
-    sampling: Sampling
+    sampling: DecodingSettings
     model: ModelSettings
     task: TaskSettings
     data: DataSettings
-    feature_network: FeatureNetworkSpec
+    feature_network: FeatureNetworkSettings
     eval: EvalSettings
     output_dir: str
     seed: int = 43
@@ -553,10 +622,10 @@ def data_settings(cfg: DictConfig) -> DataSettings:
                         bool(data.get("chat_template", False)))
 
 
-def feature_network_spec(node: DictConfig) -> FeatureNetworkSpec:
+def feature_network_spec(node: DictConfig) -> FeatureNetworkSettings:
     layers = node.layers
     layers = tuple(layers) if isinstance(layers, (ListConfig, list, tuple)) else (layers,)
-    return FeatureNetworkSpec(None if node.get("name") is None else str(node.name), layers,
+    return FeatureNetworkSettings(None if node.get("name") is None else str(node.name), layers,
                               str(node.pooling), str(node.normalisation))
 
 
@@ -565,7 +634,7 @@ def model_settings(cfg: DictConfig) -> ModelSettings:
     if lora is not None and lora.get("rank") is not None:
         targets = lora.get("target_modules")
         targets = tuple(str(t) for t in targets) if isinstance(targets, (ListConfig, list, tuple)) else targets
-        lora = LoraSettings(lora.rank, lora.get("alpha"), float(lora.get("dropout", 0.0)), targets)
+        lora = LoraSettings(lora.rank, lora.get("lora_alpha"), float(lora.get("dropout", 0.0)), targets)
     else:
         lora = None
     method = cfg.get("method") or {}
@@ -577,7 +646,7 @@ def model_settings(cfg: DictConfig) -> ModelSettings:
 def eval_settings(cfg: DictConfig) -> EvalSettings:
     e, seed = cfg.eval, int(cfg.seed)
     calibration = CalibrationSettings(
-        seed, _optional_int(e.get("cfm_chunks")), int(e.get("cfm_skip") or 0), int(e.cfm_samples),
+        seed, _optional_int(e.get("cfm_chunks")), int(e.get("cfm_skip") or 0), int(e.cfm_num_samples),
         float(e.cfm_temperature), str(e.whitening), tuple(int(g) for g in e.profile_lengths),
         _optional_int(e.get("profile_chunks")), int(e.chunk_batch_size))
     benchmarks = BenchmarkSettings(
@@ -587,16 +656,16 @@ def eval_settings(cfg: DictConfig) -> EvalSettings:
         None if e.get("comet_python") is None else str(e.comet_python))
     r = e.get("reward")
     reward = RewardSettings() if r is None else RewardSettings(
-        _optional_int(r.prompts), int(r.samples), float(r.temperature), float(r.top_p), int(r.max_new_tokens),
+        _optional_int(r.prompts), int(r.num_samples), float(r.temperature), float(r.top_p), int(r.max_new_tokens),
         int(r.max_prompt_tokens), bool(r.check_references), int(r.batch_size))
     return EvalSettings(calibration, benchmarks, reward, None if e.get("reference") is None else str(e.reference),
                         str(e.get("device", "auto")))
 
 
-def sampling_settings(node, cfg: DictConfig, prefix: str = "") -> Sampling:
-    """Generation settings from ``node`` (n_samples, temperature, max_new_tokens) and ``cfg.eval``."""
+def decoding_settings(node, cfg: DictConfig, prefix: str = "") -> DecodingSettings:
+    """Generation settings from ``node`` (num_samples, temperature, max_new_tokens) and ``cfg.eval``."""
     try:
-        return Sampling(n_samples=int(node.n_samples), temperature=float(node.temperature),
+        return DecodingSettings(num_samples=int(node.num_samples), temperature=float(node.temperature),
                         top_p=float(cfg.eval.top_p), max_new_tokens=int(node.max_new_tokens),
                         batch_size=int(cfg.eval.gen_batch_size), seed=int(cfg.seed))
     except ValueError as err:
@@ -646,16 +715,15 @@ def in_training_eval(cfg: DictConfig) -> InTrainingEval:
                           "set it explicitly when trainer.val_check_interval is a fraction of an epoch")
     limit = int(cfg.eval.get("downstream_limit") or 0)
     return InTrainingEval(int(every), int(cfg.eval.get("cfm_train_chunks") or 0), limit,
-                          sampling_settings(cfg.eval, cfg, prefix="eval.") if limit else None)
+                          decoding_settings(cfg.eval, cfg, prefix="eval.") if limit else None)
 
 
 def train_settings(cfg: DictConfig) -> TrainSettings:
-    """The training config as typed settings; raises :class:`ConfigError` on the first bad value
-    (checks that read a model's files: :func:`ebft.run.validate`)."""
+    """The training config as typed settings; raises :class:`ConfigError` on the first bad value (checks
+    that read a model's files: :func:`ebft.app.run.validate`)."""
     validate_numbers(cfg)
     task = task_settings(cfg.task)
     optim = optim_settings(cfg.method)
-    _choice("logger.kind", _get(cfg, "logger.kind"), LOGGERS)
     method = method_settings(cfg)
     model = model_settings(cfg)
     if model.lora is not None:
@@ -664,11 +732,38 @@ def train_settings(cfg: DictConfig) -> TrainSettings:
         _require("fsdp" not in str(strategy).lower(),
                  "model.lora with trainer=fsdp is not supported (the merged export reads the live, sharded weights); "
                  "use trainer=ddp: with adapters every device holds one frozen bf16 copy and small trainable state")
-    if cfg.get("hub") and cfg.hub.get("push"):
-        _require(str(cfg.hub.get("repo_id") or "").count("/") == 1,
-                 f"hub.push=true needs hub.repo_id=<owner/name>, got {cfg.hub.get('repo_id')!r}")
     return TrainSettings(method, optim, model, task, data_settings(cfg), feature_network_spec(cfg.feature_network),
-                         eval_settings(cfg), in_training_eval(cfg), int(cfg.seed), device_kind(cfg.trainer))
+                         eval_settings(cfg), in_training_eval(cfg), int(cfg.seed), device_kind(cfg.trainer),
+                         recorded_config(cfg) if _output_dir(cfg) is not None else {}, run_settings(cfg))
+
+
+def _output_dir(cfg: DictConfig) -> str | None:
+    """``output_dir``, or None where it does not resolve (a config composed outside a Hydra run)."""
+    value = OmegaConf.select(cfg, "output_dir", throw_on_resolution_failure=False)
+    return None if value is None else str(value)
+
+
+def run_settings(cfg: DictConfig) -> RunSettings:
+    """The application's settings (:class:`RunSettings`) of a composed training config."""
+    logger, hub = cfg.get("logger") or {}, cfg.get("hub") or {}
+    every = cfg.get("checkpoint_every_n_steps")
+    return RunSettings(
+        _output_dir(cfg), str(cfg.method.module), None if cfg.get("ckpt_path") is None else str(cfg.ckpt_path),
+        TrainerSettings(_plain(cfg.trainer), _optional_int(cfg.get("global_batch")), _optional_int(every)),
+        LoggerSettings(str(logger.get("kind", "csv")), logger.get("project"), logger.get("entity"),
+                       bool(logger.get("offline", False))),
+        HubSettings(bool(hub.get("push", False)), hub.get("repo_id"), bool(hub.get("private", False))))
+
+
+def recorded_config(cfg: DictConfig) -> dict:
+    """The resolved config as a run records it (``hparams.yaml``, checkpoints, ``hf_model/config.yaml``):
+    the run directory relative to the working directory when it lies inside it, so that a run's
+    record names no path of the machine it ran on."""
+    record = OmegaConf.to_container(cfg, resolve=True)
+    out, cwd = Path(str(record.get("output_dir", ""))), Path.cwd()
+    if out.is_absolute() and out.is_relative_to(cwd):
+        record["output_dir"] = str(out.relative_to(cwd))
+    return record
 
 
 def evaluate_settings(cfg: DictConfig) -> EvaluateSettings:
@@ -680,6 +775,6 @@ def evaluate_settings(cfg: DictConfig) -> EvaluateSettings:
         requested = [m.strip() for m in requested.split(",")] if isinstance(requested, str) else list(requested)
     record = {k: v for k, v in _plain(cfg).items() if k not in ("ckpt", "output_dir")}
     return EvaluateSettings(tuple(str(n) for n in names if str(n)), None if requested is None else tuple(requested),
-                            _optional_int(cfg.get("limit")), sampling_settings(cfg, cfg), model_settings(cfg),
+                            _optional_int(cfg.get("limit")), decoding_settings(cfg, cfg), model_settings(cfg),
                             task_settings(cfg.task), data_settings(cfg), feature_network_spec(cfg.feature_network),
                             eval_settings(cfg), str(cfg.output_dir), int(cfg.seed), record)

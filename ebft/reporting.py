@@ -1,113 +1,23 @@
-"""Writing reports: markdown tables, CSV and JSON files, matplotlib figures, every file atomically.
+"""Reports for people: markdown tables, matplotlib figures (Agg backend, no display needed, imported on
+first use), every file written atomically (:mod:`ebft.files`).
 
-One module for everything that leaves numbers on disk for people to read: the evaluation's
-comparison tables and FM-profile plot (:mod:`ebft.eval.report`), the sweep collector
-(``experiments/collect.py``) and the small reproduction's README and figures
-(``experiments/repro``). A file is written to ``<name>.tmp`` beside its destination and renamed
-over it, so a reader (or a crash) never sees half a file. Figures use matplotlib's Agg backend
-(no display needed), imported on first use.
+Used by the evaluation's comparison tables and FM-profile plot (:mod:`ebft.eval.report`), the sweep
+collector (``experiments/collect.py``) and the small reproduction's README and figures
+(``experiments/repro``).
 """
 
 from __future__ import annotations
 
-import csv
-import errno
-import fcntl
-import io
-import json
 import math
 import os
-import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
+
+from ebft.files import atomic_path
 
 MISSING = "–"
 """What a table shows for a value that is missing (None) or not finite."""
-
-
-# ------------------------------------------------------------------------------------ files
-
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (temporary file, then rename); parent folders are made."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
-def write_json(data, path: str | os.PathLike, indent: int | None = 2) -> Path:
-    """Write ``data`` as JSON (UTF-8, not escaped) atomically."""
-    return write_text(path, json.dumps(data, indent=indent, ensure_ascii=False))
-
-
-def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Sequence[Sequence]) -> Path:
-    """Write a CSV file (a header line, then ``rows``; None is an empty cell) atomically."""
-    buffer = io.StringIO(newline="")
-    writer = csv.writer(buffer)
-    writer.writerow(header)
-    writer.writerows(["" if v is None else v for v in row] for row in rows)
-    return write_text(path, buffer.getvalue())
-
-
-LOCK_FILE = ".lock"
-"""Held (``flock``) by the process writing into a run or evaluation directory."""
-
-
-class DirectoryBusy(RuntimeError):
-    """Another process is writing into the directory."""
-
-
-class DiskFull(RuntimeError):
-    """No space left while writing a file: one line naming the path and the space it needed."""
-
-    def __init__(self, path: str | os.PathLike, needed_bytes: int | None = None):
-        path = Path(path)
-        free = shutil.disk_usage(next((p for p in (path, *path.parents) if p.exists()), Path("."))).free
-        need = f" (it needs about {needed_bytes / 2**20:,.0f} MiB)" if needed_bytes else ""
-        super().__init__(f"no space left on the device writing {path}{need}; {free / 2**20:,.0f} MiB free there: "
-                         "free space or write to another disk, then run again (a run resumes from its last checkpoint)")
-
-
-@contextmanager
-def disk_full_names(path: str | os.PathLike, needed_bytes: int | None = None) -> Iterator[None]:
-    """Turn ``ENOSPC`` raised inside the block into :class:`DiskFull` naming ``path``."""
-    try:
-        yield
-    except OSError as err:
-        if err.errno != errno.ENOSPC:
-            raise
-        raise DiskFull(path, needed_bytes) from None
-
-
-@contextmanager
-def directory_lock(directory: str | os.PathLike, what: str) -> Iterator[Path]:
-    """Hold an exclusive lock on ``directory`` (made if missing) while the block runs, so two processes
-    never write into one directory at once. The lock is the kernel's (``flock`` on ``.lock``): it goes
-    with the process, however that ends. Raises :class:`DirectoryBusy` when another process holds it."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / LOCK_FILE, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise DirectoryBusy(f"{directory} is in use by {holder}: wait until it finishes, or give this {what} "
-                                "another directory (hydra.run.dir=..., or leave it at its default)") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{what} pid {os.getpid()}\n")
-        handle.flush()
-        try:
-            yield directory
-        finally:
-            handle.seek(0)
-            handle.truncate()
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # ------------------------------------------------------------------------------------ tables
@@ -141,11 +51,9 @@ def pyplot():
 def save_figure(fig, path: str | os.PathLike, tight: bool = False) -> Path:
     """Save ``fig`` as ``path`` (format from its suffix, 120 dpi) atomically and close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png", **({"bbox_inches": "tight"} if tight else {}))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png", **({"bbox_inches": "tight"} if tight else {}))
     pyplot().close(fig)
-    os.replace(tmp, path)
     return path
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from ebft.reporting import Line, Panel, line_panels, markdown_table, write_csv, write_text
+from ebft.files import write_csv, write_text
+from ebft.reporting import Line, Panel, line_panels, markdown_table
 
 METRICS = ("val/ce", "val/cfm", "train/reward")
 CURVES = ("val/ce", "val/cfm")

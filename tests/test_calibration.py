@@ -12,7 +12,7 @@ from ebft.eval.calibration import (Estimate, chunk_nll, context_fm, fixed_subset
                                    validation_ce)
 from ebft.models.features import FeatureNetwork
 from ebft.objectives.rewards import cfm_estimate, whitened_fm_proxy
-from ebft.rollout.layout import StridedLayout
+from ebft.core.layout import StridedLayout
 
 # A toy "model": K outcomes with probabilities p and feature vectors f_k; ground truth psi.
 P = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
@@ -102,34 +102,34 @@ def greedy_continuation(model, prefix: torch.Tensor, steps: int) -> torch.Tensor
 def test_context_fm_with_greedy_samples_is_the_feature_distance(tiny_model, pooling):
     """With temperature 0 the n samples coincide, so the estimate is ||phi(c:greedy) - phi(c:y)||^2 per
     context; computed here from explicit sequences, one context at a time."""
-    critic = FeatureNetwork(tiny_model, layers=(0.5, 1.0), pooling=pooling)
+    feature_network = FeatureNetwork(tiny_model, layers=(0.5, 1.0), pooling=pooling)
     layout = StridedLayout(16, 4, 4, 3, 3)
     chunks = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
-    cfm, proxy = context_fm(tiny_model, critic, chunks, layout, temperature=0.0, progress=False)
+    cfm, proxy = context_fm(tiny_model, feature_network, chunks, layout, temperature=0.0, progress=False)
     assert cfm.shape == proxy.shape == (2, layout.num_blocks)
     for b in range(2):
         for k in range(layout.num_blocks):
             end = 4 + 4 * k
             context, truth = chunks[b, :end], chunks[b, end:end + 3]
             pool = torch.tensor([[0] * end + [1] * 3])
-            feats = [critic.sequence_features(torch.cat([context, y])[None], torch.ones(1, end + 3, dtype=torch.long),
+            feats = [feature_network.sequence_features(torch.cat([context, y])[None], torch.ones(1, end + 3, dtype=torch.long),
                                               pool)[0]
                      for y in (greedy_continuation(tiny_model, context, 3), truth)]
             assert cfm[b, k].item() == pytest.approx(((feats[0] - feats[1]) ** 2).sum().item(), abs=1e-4)
 
 
 def test_context_fm_is_reproducible_and_seeded(tiny_model):
-    critic = FeatureNetwork(tiny_model)
+    feature_network = FeatureNetwork(tiny_model)
     layout = StridedLayout(24, 4, 4, 4, 4)
     chunks = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(2))
-    first = context_fm(tiny_model, critic, chunks, layout, seed=5, batch_size=2, progress=False)
-    again = context_fm(tiny_model, critic, chunks, layout, seed=5, batch_size=2, progress=False)
-    other = context_fm(tiny_model, critic, chunks, layout, seed=6, batch_size=2, progress=False)
+    first = context_fm(tiny_model, feature_network, chunks, layout, seed=5, batch_size=2, progress=False)
+    again = context_fm(tiny_model, feature_network, chunks, layout, seed=5, batch_size=2, progress=False)
+    other = context_fm(tiny_model, feature_network, chunks, layout, seed=6, batch_size=2, progress=False)
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     assert not torch.equal(first[0], other[0])
-    assert context_fm(tiny_model, critic, chunks, layout, whitening=None, progress=False)[1] is None
+    assert context_fm(tiny_model, feature_network, chunks, layout, whitening=None, progress=False)[1] is None
     with pytest.raises(ValueError, match="n >= 2"):
-        context_fm(tiny_model, critic, chunks, StridedLayout(24, 4, 4, 4, 1), progress=False)
+        context_fm(tiny_model, feature_network, chunks, StridedLayout(24, 4, 4, 4, 1), progress=False)
 
 
 def test_profile_layouts_share_contexts():
@@ -144,10 +144,10 @@ def test_profile_layouts_share_contexts():
 
 def test_profile_at_the_longest_length_is_the_full_layout_cfm(tiny_model):
     """For G = G_max the profile's layout is the task's layout, so it gives the same CFM."""
-    critic = FeatureNetwork(tiny_model)
+    feature_network = FeatureNetwork(tiny_model)
     chunks = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(3))
-    profile = fm_profile(tiny_model, critic, chunks, profile_layouts(32, 8, 8, [2, 8], 4), seed=7, progress=False)
-    cfm, _ = context_fm(tiny_model, critic, chunks, StridedLayout(32, 8, 8, 8, 4), seed=7, progress=False)
+    profile = fm_profile(tiny_model, feature_network, chunks, profile_layouts(32, 8, 8, [2, 8], 4), seed=7, progress=False)
+    cfm, _ = context_fm(tiny_model, feature_network, chunks, StridedLayout(32, 8, 8, 8, 4), seed=7, progress=False)
     assert torch.allclose(profile[8], cfm, atol=1e-6)
     assert set(profile) == {2, 8} and profile[2].shape == (2, 3) and bool(torch.isfinite(profile[2]).all())
 

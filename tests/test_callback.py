@@ -17,7 +17,7 @@ from ebft.methods.ebft import EBFTModule
 from ebft.methods.sft import SFTModule
 from ebft.models.features import FeatureNetwork
 from ebft.models.loading import load_tokenizer
-from ebft.run import train
+from tests.test_train import train
 from tests.test_train import make_cfg as train_cfg
 
 SMALL = ["model=tiny", "data.limit=300", "data.val_size=40", "task.seq_len=32", "method.batch_size=2",
@@ -59,7 +59,7 @@ def test_preserved_state_restores_every_rng_and_the_mode():
     assert model.training
 
 
-@pytest.mark.parametrize("module_cls,downstream", [(SFTModule, ["eval.downstream_limit=1", "eval.n_samples=2",
+@pytest.mark.parametrize("module_cls,downstream", [(SFTModule, ["eval.downstream_limit=1", "eval.num_samples=2",
                                                                   "eval.max_new_tokens=4"]), (EBFTModule, [])])
 def test_callback_logs_what_evaluate_computes(tmp_path, module_cls, downstream):
     method = "sft" if module_cls is SFTModule else "ebft"
@@ -71,9 +71,9 @@ def test_callback_logs_what_evaluate_computes(tmp_path, module_cls, downstream):
     metrics = callback.run(trainer, module)
     assert torch.equal(state, torch.random.get_rng_state()) and module.generator.training
     if module_cls is EBFTModule:
-        assert callback.feature_network is module.features
+        assert callback.feature_network is module.feature_network
     else:
-        assert isinstance(callback.feature_network, FeatureNetwork) and not hasattr(module, "features")
+        assert isinstance(callback.feature_network, FeatureNetwork) and not hasattr(module, "feature_network")
     chunks = subset(trainer.datamodule.val_chunks, 3, settings.seed)
     task, calibration = settings.task, settings.eval.calibration
     expected, _, _ = calibrate(module.generator, callback.feature_network, chunks, task, calibration, ("cfm",),

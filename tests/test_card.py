@@ -12,7 +12,7 @@ from omegaconf import OmegaConf, open_dict
 
 import ebft
 from ebft.config import ConfigError
-from ebft.run import train, validate
+from tests.test_train import train, validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 OVERRIDES = ["model=tiny", "method=ebft", "alpha=0.5", "gamma=0.1", "method.whitening=paper", "data.limit=200",

@@ -8,7 +8,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import open_dict
 
 from ebft.config import ConfigError
-from ebft.run import validate
+from tests.test_train import validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

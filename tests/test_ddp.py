@@ -21,15 +21,15 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-from ebft.config import ConfigError
-from ebft.models.compat import attn_implementation, backbone_forward, param_dtype
+from ebft.config import ConfigError, run_settings
+from ebft.core.compat import attn_implementation, backbone_forward, param_dtype
 from ebft.models.features import FeatureNetwork
 from ebft.models.loading import build_tiny_model
-from ebft.rollout.layout import StridedLayout
-from ebft.rollout.masks import strided_mask
+from ebft.core.layout import StridedLayout
+from ebft.core.masks import strided_mask
 from ebft.rollout.sampler import sample_strided
-from ebft.run import train
-from ebft.strategies import (DecoderLayerPolicy, apply_global_batch, build_strategy, check_launch,
+from tests.test_train import train
+from ebft.app.strategies import (DecoderLayerPolicy, apply_global_batch, build_strategy, check_launch,
                              estimate_memory, gradient_accumulation)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +121,7 @@ def test_apply_global_batch_counts_devices_and_keeps_validation_in_optimizer_ste
     cfg = make(*SMALL, "global_batch=8", "trainer.val_check_interval=3")
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, val_check_interval=3,
                         check_val_every_n_epoch=None, logger=False, enable_checkpointing=False)
-    apply_global_batch(trainer, cfg)
+    apply_global_batch(trainer, run_settings(cfg).trainer, int(cfg.method.batch_size))
     assert trainer.accumulate_grad_batches == accumulate
     assert trainer.val_check_interval == 3 * accumulate
 
@@ -130,7 +130,7 @@ def test_global_batch_and_manual_accumulation_conflict():
     cfg = make(*SMALL, "global_batch=8", "trainer.accumulate_grad_batches=2")
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
     with pytest.raises(ConfigError, match="both set the accumulation"):
-        apply_global_batch(trainer, cfg)
+        apply_global_batch(trainer, run_settings(cfg).trainer, int(cfg.method.batch_size))
 
 
 def test_multi_process_launch_inside_a_local_multirun_is_refused(monkeypatch):
@@ -181,7 +181,7 @@ class Holder(nn.Module):
     def __init__(self):
         super().__init__()
         self.generator = build_tiny_model(vocab_size=256)
-        self.features = FeatureNetwork(self.generator).to(torch.bfloat16)
+        self.feature_network = FeatureNetwork(self.generator).to(torch.bfloat16)
         self.layout = StridedLayout(32, 8, 8, 8, 2)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -189,7 +189,7 @@ class Holder(nn.Module):
         tokens = sample_strided(self.generator, ids, layout, temperature=1.0,
                                 generator=torch.Generator().manual_seed(1))
         row = layout.scatter_generated(ids, tokens)
-        gen, gt = self.features.strided_features(row, layout)
+        gen, gt = self.feature_network.strided_features(row, layout)
         reward = (gen * gt.unsqueeze(2)).sum(-1).float()                       # (B, NB, n)
         mask = strided_mask(layout, attn_implementation(self.generator), param_dtype(self.generator))
         hidden, _ = backbone_forward(self.generator, row, layout.position_ids, mask)
@@ -211,7 +211,7 @@ def _fsdp_worker(rank: int, port: int) -> None:
         loss = wrapped(ids)
         loss.backward()
         assert torch.allclose(loss, expected), (float(loss), float(expected))
-        assert all(p.grad is None for p in root.features.parameters())
+        assert all(p.grad is None for p in root.feature_network.parameters())
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in root.generator.parameters())
     finally:
         dist.destroy_process_group()
@@ -234,7 +234,7 @@ def test_fsdp_policy_wraps_decoder_layers_and_frozen_weights_in_uniform_units():
     layer_cls = type(root.generator.model.layers[0])
     layers = [m for m in root.modules() if isinstance(m, layer_cls)]
     assert len(layers) == 4 + 3  # generator + feature copy up to the 0.75-depth tap
-    frozen_embeddings = root.features.backbone.embed_tokens
+    frozen_embeddings = root.feature_network.backbone.embed_tokens
     assert set(units) == {*layers, frozen_embeddings}  # the generator's embeddings stay in the root unit
     # FSDP flattens each unit's own weights into one tensor: one dtype per unit
     for unit in [root, *units]:

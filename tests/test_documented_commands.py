@@ -46,8 +46,8 @@ UNAVAILABLE = (
 TRAIN_MINIMAL = ["model=tiny", "trainer.max_steps=1", "data.limit=240", "data.val_size=24",
                  "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "eval.cfm_chunks=2",
                  "eval.cfm_train_chunks=2"]
-EVAL_MINIMAL = ["model=tiny", "limit=1", "n_samples=1", "max_new_tokens=16", "data.limit=240", "data.val_size=24",
-                "eval.profile_lengths=[1,2]", "eval.reward.prompts=1", "eval.reward.samples=2",
+EVAL_MINIMAL = ["model=tiny", "limit=1", "num_samples=1", "max_new_tokens=16", "data.limit=240", "data.val_size=24",
+                "eval.profile_lengths=[1,2]", "eval.reward.prompts=1", "eval.reward.num_samples=2",
                 "eval.reward.max_new_tokens=16"]
 EXPERIMENT_MINIMAL = {"experiments.repro": ["--quick", "--out", "repro_quick"],
                       "experiments.synthetic": ["--quick", "--runs", "synthetic_runs", "--out", "synthetic_report"],
@@ -192,7 +192,7 @@ def test_the_docs_show_commands():
     texts = [c.text for c in COMMANDS]
     assert "python train.py" in texts
     assert "python train.py method=rlvr method.max_new_tokens=128 trainer.max_steps=2" in texts
-    assert any(t.startswith("python evaluate.py 'metrics=[reward]'") and t.endswith("eval.reward.samples=4")
+    assert any(t.startswith("python evaluate.py 'metrics=[reward]'") and t.endswith("eval.reward.num_samples=4")
                for t in texts), texts
     assert any(t.startswith("python -m experiments.collect") for t in texts)
     assert not [t for t in texts if " # " in t or t.endswith("\\")]

@@ -17,15 +17,15 @@ from ebft.config import ConfigError, EvaluateSettings, evaluate_settings
 from ebft.eval import downstream, report
 from ebft.eval.code import load_humaneval
 from ebft.eval.downstream import TranslationPair, code_done, first_line, run_code, run_translation
-from ebft.eval.generation import Completions, Sampling, complete, generate, left_padded
+from ebft.eval.generation import Completions, DecodingSettings, complete, generate, left_padded
 from ebft.eval.runner import checkpoints, evaluate, plan_metrics
 from ebft.models.loading import build_tiny_model
-from ebft.reporting import write_json
+from ebft.files import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 MBPP = ROOT.parent / "shared" / "data" / "mbpp" / "mbpp.jsonl"
 SMALL = ["model=tiny", "data.limit=300", "data.val_size=40", "task.seq_len=32", "eval.profile_lengths=[1,2,8]",
-         "eval.chunk_batch_size=4", "limit=2", "n_samples=4", "max_new_tokens=8"]
+         "eval.chunk_batch_size=4", "limit=2", "num_samples=4", "max_new_tokens=8"]
 
 
 def make_settings(output_dir: Path, *overrides: str) -> EvaluateSettings:
@@ -70,7 +70,7 @@ def test_each_sequence_stops_on_its_own_predicate(lm, tokenizer):
 
 
 def test_samples_are_seeded_and_leave_the_global_rng_alone(lm, tokenizer):
-    sampling = Sampling(n_samples=3, max_new_tokens=5, batch_size=8, seed=4)
+    sampling = DecodingSettings(num_samples=3, max_new_tokens=5, batch_size=8, seed=4)
     state = torch.random.get_rng_state()
     a = complete(lm, tokenizer, ["hello", "world"], sampling)
     assert torch.equal(state, torch.random.get_rng_state())
@@ -78,7 +78,7 @@ def test_samples_are_seeded_and_leave_the_global_rng_alone(lm, tokenizer):
     assert len(a) == 2 and all(len(c.samples) == 3 for c in a)
     assert lm.training is False
     with pytest.raises(ValueError, match="temperature"):
-        Sampling(temperature=0)
+        DecodingSettings(temperature=0)
 
 
 def _with_sampling_defaults(model):
@@ -107,7 +107,7 @@ def test_greedy_is_argmax_whatever_the_checkpoint_generation_config_says(tokeniz
             for s in (1, 2)]
     assert runs[0] == runs[1] == [[_argmax_decode(model, tokenizer, p, 8)] for p in prompts]
     for seed in (1, 2):
-        out = complete(model, tokenizer, prompts, Sampling(n_samples=2, max_new_tokens=8, seed=seed))
+        out = complete(model, tokenizer, prompts, DecodingSettings(num_samples=2, max_new_tokens=8, seed=seed))
         assert [c.greedy for c in out] == [r[0] for r in runs[0]]
     assert model.generation_config.do_sample is True  # the checkpoint's own setting is left as it was
 
@@ -115,7 +115,7 @@ def test_greedy_is_argmax_whatever_the_checkpoint_generation_config_says(tokeniz
 def test_samples_follow_the_stated_decoding_not_the_checkpoint(tokenizer):
     clean = build_tiny_model(vocab_size=len(tokenizer), seed=0).eval()
     shipped = _with_sampling_defaults(build_tiny_model(vocab_size=len(tokenizer), seed=0).eval())
-    sampling = Sampling(n_samples=3, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=5)
+    sampling = DecodingSettings(num_samples=3, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=5)
     assert complete(clean, tokenizer, ["x = 1", "hello"], sampling) == \
         complete(shipped, tokenizer, ["x = 1", "hello"], sampling)
 
@@ -146,7 +146,7 @@ def test_code_scores_come_from_the_sandbox(monkeypatch):
                problems[1].prompt: (solution[problems[1].prompt], [solution[problems[1].prompt]] + ["    pass\n"] * 3),
                problems[2].prompt: ("    return None\n", ["    pass\n"] * 4)}
     monkeypatch.setattr(downstream, "complete", fake_complete(lambda p: answers[p]))
-    out = run_code(None, None, problems, Sampling(n_samples=4), "HumanEval", progress=False)
+    out = run_code(None, None, problems, DecodingSettings(num_samples=4), "HumanEval", progress=False)
     scores = out.scores["HumanEval"]
     assert scores["greedy"] == pytest.approx(2 / 3)
     assert scores["pass@1"] == pytest.approx((1 + 0.25 + 0) / 3)
@@ -159,7 +159,7 @@ def test_translation_best_of_k_never_below_best_of_one(lm, tokenizer):
     pairs = [TranslationPair("Translate this from English to German:\nEnglish: Save\nGerman:", "Speichern", "de"),
              TranslationPair("Translate this from German to English:\nGerman: Name\nEnglish:", "Name", "en"),
              TranslationPair("Translate this from English to Chinese:\nEnglish: Hello\nChinese:", "你好", "zh")]
-    out = run_translation(lm, tokenizer, pairs, Sampling(n_samples=4, max_new_tokens=6), progress=False)
+    out = run_translation(lm, tokenizer, pairs, DecodingSettings(num_samples=4, max_new_tokens=6), progress=False)
     for family in ("BLEU", "chrF"):
         s = out.details["sentence_mean"][family]
         assert set(s) == set(out.scores[family]) == {"greedy", "best-of-1", "best-of-4"}
@@ -281,7 +281,7 @@ def test_evaluate_greedy_ignores_a_sampling_generation_config(tmp_path, tokenize
     for seed in (1, 2):
         out = tmp_path / f"eval{seed}"
         evaluate(make_settings(out, f"ckpt=[{tmp_path / 'plain'},{tmp_path / 'shipped'}]", "metrics=[humaneval]",
-                          "n_samples=0", f"seed={seed}"))
+                          "num_samples=0", f"seed={seed}"))
         for model_dir in sorted(out.glob("0*")):
             records = (model_dir / "HumanEval_samples.jsonl").read_text().splitlines()
             greedy[seed, model_dir.name.split("_")[-1]] = [json.loads(r)["greedy"] for r in records]
@@ -303,7 +303,7 @@ def test_translation_suite_end_to_end(tmp_path):
 def test_report_gathers_a_sweep_in_job_order(tmp_path):
     def result(name, order, downstream, profile=None):
         return {"model": name, "task": "qa_code", "order": order, "calibration": {"ce": 1.5, "cfm": 0.25},
-                "downstream": downstream, "profile": profile, "settings": {"cfm_samples": 4, "cfm_temperature": 0.6}}
+                "downstream": downstream, "profile": profile, "settings": {"cfm_num_samples": 4, "cfm_temperature": 0.6}}
     profile = {"G": [1, 2], "cfm": [0.1, 0.2], "se": [0.01, float("nan")]}
     write_json(result("second", [1, 0], {"HumanEval": {"greedy": 0.5}}, profile), tmp_path / "1" / "00-b" /
                       report.RESULTS_FILE)
@@ -326,7 +326,7 @@ def test_paired_table_against_the_reference(tmp_path):
     difficulty = torch.rand(6, 5, generator=g)
     values = {"base": difficulty, "sft": difficulty + 0.02 + 0.01 * torch.randn(6, 5, generator=g),
               "ebft": difficulty - 0.03 + 0.01 * torch.randn(6, 5, generator=g)}
-    settings = {"seed": 43, "cfm_samples": 4, "cfm_temperature": 0.6, "critic": "tiny", "whitening": "reference"}
+    settings = {"seed": 43, "cfm_num_samples": 4, "cfm_temperature": 0.6, "feature_network": "tiny", "whitening": "reference"}
     for i, (name, v) in enumerate(values.items()):
         d = tmp_path / f"0{i}-{name}"
         write_json({"model": name, "ckpt": name, "task": "qa_code", "order": [0, i], "settings": settings,

@@ -14,7 +14,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import open_dict
 
-from ebft.run import validate
+from tests.test_train import validate
 from experiments.collect import collect, find_runs
 
 ROOT = Path(__file__).resolve().parents[1]

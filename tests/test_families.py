@@ -1,4 +1,4 @@
-"""Every model family listed in ``ebft.models.compat.SUPPORTED_FAMILIES`` is exact: for a tiny random
+"""Every model family listed in ``ebft.core.compat.SUPPORTED_FAMILIES`` is exact: for a tiny random
 config of each, the strided actor's log-probs and CE and the strided sampler's distributions equal
 the model's own full forward (``model(input_ids).logits``, with its LM-head bias and final-logit
 soft-capping), each context run as its own causal sequence. Other families are refused."""
@@ -9,10 +9,10 @@ import torch.nn.functional as F
 import transformers
 
 import ebft.rollout.sampler as sampler_module
-from ebft.methods.ebft import actor_loss
-from ebft.models.compat import SUPPORTED_FAMILIES, UnsupportedModelError, attention_for, check_strided, lm_head
+from ebft.objectives.ebft_update import actor_loss
+from ebft.core.compat import SUPPORTED_FAMILIES, UnsupportedModelError, attention_for, check_strided, lm_head
 from ebft.models.features import FeatureNetwork
-from ebft.rollout.layout import StridedLayout
+from ebft.core.layout import StridedLayout
 from ebft.rollout.sampler import sample_strided
 
 VOCAB = 96

@@ -5,7 +5,7 @@ import torch
 
 from ebft.models.features import FeatureNetwork, tap_layers
 from ebft.models.loading import build_tiny_model
-from ebft.rollout.layout import StridedLayout
+from ebft.core.layout import StridedLayout
 
 VOCAB = 256
 
@@ -143,5 +143,5 @@ def test_frozen_unit_norm_and_untouched(tiny_model):
 def test_from_name_tiny():
     net = FeatureNetwork.from_name("tiny", layers=(0.5,), pooling="mean")
     assert net.taps == (2,) and len(net.backbone.layers) == 2 and net.feature_dim == 64
-    with pytest.raises(ValueError, match="row_ids"):
+    with pytest.raises(ValueError, match="row has shape"):
         net.strided_features(torch.zeros(1, 5, dtype=torch.long), StridedLayout(12, 4, 4, 4, 1))

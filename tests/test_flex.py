@@ -4,12 +4,12 @@ forward gives sdpa's log-probs and draws (forward only: flex has no CPU backward
 import pytest
 import torch
 
-from ebft.methods.ebft import strided_hidden
-from ebft.models.compat import lm_head
+from ebft.core.strided import strided_hidden
+from ebft.core.compat import lm_head
 from ebft.models.loading import build_tiny_model, flex_available, resolve_attn
 from ebft.objectives.losses import token_logprobs
-from ebft.rollout.layout import StridedLayout
-from ebft.rollout.masks import block_mask, step_mask
+from ebft.core.layout import StridedLayout
+from ebft.core.masks import block_mask, step_mask
 from ebft.rollout.sampler import sample_strided
 
 # (T, C, s, G, n): one block of 128 x 128; n = 1; the translation geometry (C=4, s=2, G=4, n=4) at T=64

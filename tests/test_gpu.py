@@ -18,13 +18,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ebft.methods.ebft import actor_loss, strided_hidden
-from ebft.models.compat import lm_head
+from ebft.core.strided import strided_hidden
+from ebft.objectives.ebft_update import actor_loss
+from ebft.core.compat import lm_head
 from ebft.models.features import FeatureNetwork
 from ebft.models.loading import build_tiny_model, resolve_attn
 from ebft.objectives.losses import token_logprobs
 from ebft.objectives.rewards import feature_matching_rewards
-from ebft.rollout.layout import StridedLayout
+from ebft.core.layout import StridedLayout
 from ebft.rollout.sampler import sample_strided
 
 pytestmark = [pytest.mark.gpu,
@@ -163,14 +164,14 @@ def test_three_ebft_steps_under_a_sharded_strategy(strategy, tiny_run, tmp_path)
 def test_resume_on_cuda_gives_the_same_next_steps(tiny_run, tmp_path, monkeypatch):
     from test_train import CrashAt, make_cfg
 
-    from ebft import run as run_module
-    from ebft.run import train
+    from ebft.app import run as run_module
+    from tests.test_train import train
 
     base = overrides(*tiny_run, "trainer.max_steps=4", "method.lr=1e-3")
     full, crashed, resumed = tmp_path / "full", tmp_path / "crashed", tmp_path / "resumed"
     train(make_cfg(full, base=base))
     original = run_module.build_trainer
-    monkeypatch.setattr(run_module, "build_trainer", lambda cfg, out, cbs: original(cfg, out, [*cbs, CrashAt(2)]))
+    monkeypatch.setattr(run_module, "build_trainer", lambda settings, out, cbs: original(settings, out, [*cbs, CrashAt(2)]))
     with pytest.raises(RuntimeError):
         train(make_cfg(crashed, base=base))
     monkeypatch.setattr(run_module, "build_trainer", original)

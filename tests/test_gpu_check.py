@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ebft.models.loading import build_tiny_model
-from ebft.rollout.layout import StridedLayout
+from ebft.core.layout import StridedLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))

@@ -1,27 +1,32 @@
 """The library's import graph points only down: every import of an ``ebft`` module from another one
-(top-level or inside a function) goes to the same or a lower layer of ``LAYERS``, and the module
-graph has no cycle."""
+(top-level or inside a function) goes to the same or a lower layer, and the module graph has no cycle.
+
+The layers come from the folders: each package's ``__init__`` docstring starts with ``Layer N:``, and
+every module belongs to the layer of its package (the modules at the top of ``ebft/`` to layer 0), so
+no folder mixes layers and the map is the folders themselves."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ebft"
 
-LAYERS = (
-    ("ebft", "ebft.config", "ebft.reporting"),
-    ("ebft.rollout.layout", "ebft.rollout.masks", "ebft.models.compat", "ebft.execution"),
-    ("ebft.models", "ebft.data"),
-    ("ebft.rollout", "ebft.objectives", "ebft.data.prompts",   # RLVR's prompts are kept by their verifier,
-     "ebft.data.heldout", "ebft.data.datamodule"),             # and the held-out pipeline selects them
-    ("ebft.methods", "ebft.eval"),
-    ("ebft.run", "ebft.card", "ebft.strategies"),
-)
-"""Bottom to top; a module belongs to the layer of the longest name here that is it or a package above it."""
-
 NEVER = (("ebft.methods", "ebft.eval"),)
 """(importer, imported) packages of one layer that must not import each other that way."""
+
+
+def package_layers() -> dict[str, int]:
+    """``{package: layer}`` read from the first line ``Layer N:`` of each package's ``__init__`` docstring
+    (the root package states it in a line of its docstring)."""
+    layers = {}
+    for init in sorted(PACKAGE.rglob("__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        found = re.search(r"^Layer (\d+):", doc, re.MULTILINE)
+        assert found, f"{init} has no 'Layer N:' line in its docstring: say which layer the folder is"
+        layers[module_name(init)] = int(found.group(1))
+    return layers
 
 
 def module_name(path: Path) -> str:
@@ -49,11 +54,12 @@ def imported(path: Path, known: set[str]) -> set[str]:
     return found
 
 
-def layer_of(module: str) -> int:
-    matches = [(len(prefix), i) for i, layer in enumerate(LAYERS) for prefix in layer
-               if module == prefix or module.startswith(prefix + ".")]
-    assert matches, f"{module} is in no layer of LAYERS: add it to the layer it belongs to"
-    return max(matches)[1]
+def layer_of(module: str, layers: dict[str, int] | None = None) -> int:
+    """The layer of the package that holds ``module`` (a package is in its own layer)."""
+    layers = package_layers() if layers is None else layers
+    package = module if module in layers else module.rpartition(".")[0]
+    assert package in layers, f"{module} is in no package with a layer"
+    return layers[package]
 
 
 def graph() -> dict[str, set[str]]:
@@ -70,10 +76,46 @@ def within(module: str, package: str) -> bool:
     return module == package or module.startswith(package + ".")
 
 
+def test_every_folder_states_its_layer_and_they_stack():
+    layers = package_layers()
+    assert layers["ebft"] == 0
+    assert {p: layers[p] for p in layers if p.count(".") == 1} == {
+        "ebft.core": 1, "ebft.execution": 1, "ebft.models": 2, "ebft.objectives": 2, "ebft.rollout": 2,
+        "ebft.data": 3, "ebft.methods": 4, "ebft.eval": 4, "ebft.app": 5}
+
+
+def upward(edges: dict[str, set[str]], layers: dict[str, int]) -> list[str]:
+    """The imports of ``edges`` that point to a higher layer."""
+    return [f"{src} (layer {layer_of(src, layers)}) -> {dst} (layer {layer_of(dst, layers)})"
+            for src, targets in edges.items() for dst in sorted(targets)
+            if layer_of(dst, layers) > layer_of(src, layers)]
+
+
 def test_imports_point_to_the_same_or_a_lower_layer():
-    upward = [f"{src} (layer {layer_of(src)}) -> {dst} (layer {layer_of(dst)})"
-              for src, targets in graph().items() for dst in sorted(targets) if layer_of(dst) > layer_of(src)]
-    assert not upward, "imports that point up the layers:\n" + "\n".join(upward)
+    bad = upward(graph(), package_layers())
+    assert not bad, "imports that point up the layers:\n" + "\n".join(bad)
+
+
+def test_a_lower_folder_importing_a_higher_one_is_reported():
+    edges = graph()
+    edges["ebft.core.layout"] = edges["ebft.core.layout"] | {"ebft.methods.ebft"}
+    assert upward(edges, package_layers()) == ["ebft.core.layout (layer 1) -> ebft.methods.ebft (layer 4)"]
+
+
+def folder_graph() -> dict[str, set[str]]:
+    """The import drawing by folder: package -> the packages its modules import from."""
+    layers = package_layers()
+    folder = {m: (m if m in layers else m.rpartition(".")[0]) for m in graph()}
+    edges: dict[str, set[str]] = {}
+    for src, targets in graph().items():
+        edges.setdefault(folder[src], set()).update(folder[t] for t in targets if folder[t] != folder[src])
+    return edges
+
+
+def test_the_folder_drawing_has_no_arrow_up():
+    layers = package_layers()
+    up = [f"{a} -> {b}" for a, targets in folder_graph().items() for b in sorted(targets) if layers[b] > layers[a]]
+    assert not up, up
 
 
 def test_forbidden_imports_within_a_layer():

@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from ebft.rollout.layout import StridedLayout
-from ebft.rollout.masks import additive_mask, dense_mask, step_mask, strided_mask
+from ebft.core.layout import StridedLayout
+from ebft.core.masks import additive_mask, dense_mask, step_mask, strided_mask
 
 T_ = torch.tensor
 
 
 def slow_allowed(layout: StridedLayout) -> torch.Tensor:
-    """The strided attention rule (ebft/rollout/layout.py) written out with Python loops over rows."""
+    """The strided attention rule (ebft/core/layout.py) written out with Python loops over rows."""
     T, C, s, G, n, NB = (layout.seq_len, layout.context_len, layout.stride, layout.gen_len,
                          layout.num_samples, layout.num_blocks)
     owner = {}

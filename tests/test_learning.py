@@ -30,7 +30,7 @@ def fresh_reward_and_cfm(module: EBFTModule, ids: torch.Tensor, seeds=range(1000
     for seed in seeds:
         tokens = sample_strided(module.generator, ids, layout, temperature=module.method.sampling.temperature,
                                 generator=torch.Generator().manual_seed(seed))
-        gen, gt = module.features.strided_features(layout.scatter_generated(ids, tokens), layout)
+        gen, gt = module.feature_network.strided_features(layout.scatter_generated(ids, tokens), layout)
         rewards.append(feature_matching_rewards(gen, gt, module.method.alpha, module.method.whitening).reward.mean())
         cfm.append(cfm_estimate(gen, gt).mean())
     return torch.stack(rewards).mean().item(), torch.stack(cfm).mean().item()
@@ -58,7 +58,7 @@ def train_steps(cfg, ids: torch.Tensor, steps: int) -> tuple[tuple[float, float]
     # a small vocabulary, so that a few steps can find the text's tokens: the generator and its frozen
     # copy as the feature network, exactly as the module builds them from the base model
     module.generator = build_tiny_model(vocab_size=VOCAB, num_layers=2, hidden=32, seed=0)
-    module.features = FeatureNetwork(module.generator, **FEATURES)
+    module.feature_network = FeatureNetwork(module.generator, **FEATURES)
     before = fresh_reward_and_cfm(module, ids)
     loader = torch.utils.data.DataLoader(FixedBatch(ids, steps), batch_size=None)
     trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -11,15 +11,16 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from ebft import run as run_module
+from ebft.app import run as run_module
 from ebft.config import ConfigError
 from ebft.methods.ebft import EBFTModule
 from ebft.methods.rlvr import RLVRModule, completion_logprobs
-from ebft.models.compat import decoder_layers
+from ebft.core.compat import decoder_layers
 from ebft.models.features import FeatureNetwork
 from ebft.models.loading import build_tiny_model
 from ebft.models.lora import adapters_disabled
-from ebft.run import build_trainer, train, validate
+from ebft.app.trainer import build_trainer
+from tests.test_train import train, validate
 from tests.test_train import Crash, CrashAt, make_cfg, train_losses
 
 LORA = ["model.lora.rank=4", "method.lr=1e-2", "method.warmup_ratio=0", "trainer.limit_val_batches=0"]
@@ -46,16 +47,17 @@ def test_adapter_disabled_features_equal_a_frozen_copy_and_only_adapters_train(t
     datamodule.setup("fit")
     module = EBFTModule(settings, tokenizer)
     # no second copy: the feature network has no weights of its own and runs the generator's layers
-    assert list(module.features.parameters()) == []
-    assert decoder_layers(module.features.backbone)[0] is decoder_layers(module.generator)[0]
-    assert len(decoder_layers(module.features.backbone)) == max(module.features.taps) == 3
+    assert list(module.feature_network.parameters()) == []
+    assert decoder_layers(module.feature_network.backbone)[0] is decoder_layers(module.generator)[0]
+    assert len(decoder_layers(module.feature_network.backbone)) == max(module.feature_network.taps) == 3
 
     copy, row = frozen_copy(settings.feature_network), strided_row(module.layout)
     base = {k: v.clone() for k, v in module.generator.state_dict().items() if ".lora_" not in k}
-    for got, want in zip(module.features.strided_features(row, module.layout), copy.strided_features(row, module.layout)):
+    for got, want in zip(module.feature_network.strided_features(row, module.layout),
+                         copy.strided_features(row, module.layout)):
         assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)
 
-    trainer = build_trainer(cfg, tmp_path, [])
+    trainer = build_trainer(settings, tmp_path, [])
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 2
 
@@ -69,7 +71,8 @@ def test_adapter_disabled_features_equal_a_frozen_copy_and_only_adapters_train(t
     after = {k: v for k, v in module.generator.state_dict().items() if ".lora_" not in k}
     assert after.keys() == base.keys() and all(torch.equal(after[k], base[k]) for k in base)
 
-    for got, want in zip(module.features.strided_features(row, module.layout), copy.strided_features(row, module.layout)):
+    for got, want in zip(module.feature_network.strided_features(row, module.layout),
+                         copy.strided_features(row, module.layout)):
         assert torch.equal(got, want)
     # ... while the generator itself (adapters on) now gives other features
     trained = FeatureNetwork(module.generator, layers=settings.feature_network.layers)
@@ -85,7 +88,7 @@ def lora_runs(tmp_path_factory):
     extra = ["method=ebft", "trainer.max_steps=3", "method.schedule=cosine", *LORA]
     train(make_cfg(root / "full", *extra))
     original = run_module.build_trainer
-    run_module.build_trainer = lambda cfg, out, cbs: original(cfg, out, [*cbs, CrashAt(2)])
+    run_module.build_trainer = lambda settings, out, cbs: original(settings, out, [*cbs, CrashAt(2)])
     try:
         with pytest.raises(Crash):
             train(make_cfg(root / "crashed", *extra))
@@ -133,7 +136,7 @@ def test_init_from_a_lora_run_continues_its_adapter_over_the_base(lora_runs, tmp
     base = build_tiny_model(vocab_size=len(tokenizer)).state_dict()
     assert all(torch.equal(v, base[k.replace(".base_layer", "")]) for k, v in module.generator.state_dict().items()
                if ".lora_" not in k)
-    assert list(module.features.parameters()) == []      # the feature network is still the base, with no copy
+    assert list(module.feature_network.parameters()) == []      # the feature network is still the base, with no copy
 
     with pytest.raises(ConfigError, match=r"model.lora.rank=8 but the adapter has 4"):
         validate(make_cfg(tmp_path, "method=ebft", f"init_from={run}", *LORA, "model.lora.rank=8"))

@@ -13,13 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from bench.samplers import dense_strided_sdpa
-from ebft.methods.ebft import actor_loss, strided_hidden
-from ebft.models.compat import backbone_forward
+from ebft.core.strided import strided_hidden
+from ebft.objectives.ebft_update import actor_loss
+from ebft.core.compat import backbone_forward
 from ebft.models.loading import build_tiny_model
 from ebft.objectives.losses import token_logprobs
-from ebft.rollout import masks
-from ebft.rollout.layout import StridedLayout
-from ebft.rollout.masks import band_plan, banded_sdpa, banded_step_sdpa, step_mask, strided_mask
+from ebft.core import masks
+from ebft.core.layout import StridedLayout
+from ebft.core.masks import band_plan, banded_sdpa, banded_step_sdpa, step_mask, strided_mask
 from ebft.rollout.sampler import sample_from_logits, sample_strided
 
 VOCAB = 256

@@ -14,12 +14,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from ebft import run as run_module
+from ebft.app import run as run_module
+from ebft.app import trainer as trainer_module
 from ebft.config import ConfigError, DataConfigError
 from ebft.data.sources import load_rows
 from ebft.models.loading import ModelSourceError, build_tiny_model, load_model
-from ebft.run import train
-from tests.test_train import Crash, CrashAt, make_cfg
+from tests.test_train import Crash, CrashAt, make_cfg, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = ["model=tiny", "data.limit=300", "data.val_size=40", "task.seq_len=32", "method.batch_size=2",
@@ -91,7 +91,7 @@ def test_a_crash_resumed_in_place_repeats_no_metric_row(tmp_path, monkeypatch):
     first rows go, so every step is in metrics.csv once."""
     run = tmp_path / "run"
     original = run_module.build_trainer
-    monkeypatch.setattr(run_module, "build_trainer", lambda cfg, out, cbs: original(cfg, out, [*cbs, CrashAt(3)]))
+    monkeypatch.setattr(run_module, "build_trainer", lambda settings, out, cbs: original(settings, out, [*cbs, CrashAt(3)]))
     with pytest.raises(Crash):
         train(make_cfg(run, "method=sft", "trainer.max_steps=5"))
     assert checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 2
@@ -105,7 +105,7 @@ def test_a_crash_resumed_in_place_repeats_no_metric_row(tmp_path, monkeypatch):
 def test_a_run_without_a_checkpoint_says_delete_it_or_take_another_directory(tmp_path, monkeypatch):
     run = tmp_path / "run"
     original = run_module.build_trainer
-    monkeypatch.setattr(run_module, "build_trainer", lambda cfg, out, cbs: original(cfg, out, [*cbs, CrashAt(1)]))
+    monkeypatch.setattr(run_module, "build_trainer", lambda settings, out, cbs: original(settings, out, [*cbs, CrashAt(1)]))
     with pytest.raises(Crash):
         train(make_cfg(run, "method=sft", "trainer.max_steps=5"))
     monkeypatch.setattr(run_module, "build_trainer", original)
@@ -167,20 +167,20 @@ def test_a_non_finite_step_stops_before_any_weight_changes(tmp_path, monkeypatch
     if method == "rlvr":
         extra += ["task=translation", "method.num_samples=4", "method.max_new_tokens=6"]
     original = run_module.build_trainer
-    monkeypatch.setattr(run_module, "build_trainer", lambda cfg, out, cbs: original(cfg, out, [*cbs, Poison(2, what)]))
+    monkeypatch.setattr(run_module, "build_trainer", lambda settings, out, cbs: original(settings, out, [*cbs, Poison(2, what)]))
     with pytest.raises(FloatingPointError, match="non-finite training loss or gradient at step 2 .*no weight changed"):
         train(make_cfg(tmp_path, *extra))
     assert not (tmp_path / "hf_model").exists()
     saved = checkpoint(tmp_path / "checkpoints" / "last.ckpt")
-    assert saved["global_step"] == 2 and not run_module.non_finite(saved["state_dict"])
+    assert saved["global_step"] == 2 and not trainer_module.non_finite(saved["state_dict"])
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
 
 
 def test_non_finite_weights_are_never_written(tmp_path):
     state = {"w": torch.ones(2), "b": torch.tensor([1.0, float("inf")]), "step": torch.tensor(3)}
-    assert run_module.non_finite(state) == ["b"]
+    assert trainer_module.non_finite(state) == ["b"]
     with pytest.raises(FloatingPointError, match="not writing checkpoint .*first: b"):
-        run_module.AtomicCheckpointIO().save_checkpoint({"state_dict": state}, tmp_path / "x.ckpt")
+        trainer_module.AtomicCheckpointIO().save_checkpoint({"state_dict": state}, tmp_path / "x.ckpt")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -271,7 +271,7 @@ def test_an_interrupted_evaluation_resumes_without_recomputing(tmp_path, monkeyp
     from tests.test_evaluate import make_settings as eval_cfg
 
     run = _hf_dir(tmp_path / "run", tokenizer, seed=1)
-    request = [f"ckpt=[tiny,{run}]", "metrics=[ce,humaneval]", "n_samples=2", "limit=1"]
+    request = [f"ckpt=[tiny,{run}]", "metrics=[ce,humaneval]", "num_samples=2", "limit=1"]
     with monkeypatch.context() as m:  # Ctrl-C during the second model's HumanEval
         Counter(m, CodeBenchmark, "run", stop_at=2)
         with pytest.raises(KeyboardInterrupt):
@@ -348,11 +348,11 @@ def test_two_evaluations_started_together_keep_both_results(tmp_path):
 
 def test_an_evaluation_in_progress_refuses_a_second_into_its_directory(tmp_path):
     out = tmp_path / "eval"
-    first = _evaluate(tmp_path, f"hydra.run.dir={out}", "limit=16", "eval.cfm_samples=8")
+    first = _evaluate(tmp_path, f"hydra.run.dir={out}", "limit=16", "eval.cfm_num_samples=8")
     deadline = time.monotonic() + 300
     while not _lock_held(out) and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
-    second = _evaluate(tmp_path, f"hydra.run.dir={out}", "limit=16", "eval.cfm_samples=8")
+    second = _evaluate(tmp_path, f"hydra.run.dir={out}", "limit=16", "eval.cfm_num_samples=8")
     _, err = second.communicate(timeout=600)
     assert first.poll() is None, "the first evaluation ended before the second started: make it longer"
     assert second.returncode == 1 and "Traceback" not in err
@@ -364,7 +364,7 @@ def test_an_evaluation_in_progress_refuses_a_second_into_its_directory(tmp_path)
 
 
 def test_a_training_run_in_progress_refuses_a_second_into_its_directory(tmp_path):
-    from ebft.reporting import DirectoryBusy, directory_lock
+    from ebft.files import DirectoryBusy, directory_lock
     run = tmp_path / "run"
     with directory_lock(run, "training run"):
         with pytest.raises(DirectoryBusy, match=f"{run} is in use by training run pid \\d+: wait until it finishes"):
@@ -379,7 +379,7 @@ def test_a_full_disk_is_one_line_naming_the_path_and_the_space(tmp_path, monkeyp
 
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-    from ebft.reporting import DiskFull
+    from ebft.files import DiskFull
 
     def no_space(self, checkpoint, path, storage_options=None):
         Path(path).write_bytes(b"partial")

@@ -290,7 +290,7 @@ def synthetic_output(out: Path, shifts: dict = SHIFTS, val_change: dict | None =
                                                "runs": sweep_runs},
             "models": planned,
             "eval": {"calibration": {"chunks": 32}, "profile": {"chunks": 8, "lengths": [1, 2, 4, 8, 16, 32]},
-                     "downstream": {"limit": 20, "n_samples": 4, "max_new_tokens": 256},
+                     "downstream": {"limit": 20, "num_samples": 4, "max_new_tokens": 256},
                      "benchmarks": ["humaneval", "mbpp"], "mbpp_path": "/data/mbpp.jsonl",
                      "parts": ["calibration", "profile", "downstream"]},
             "train_common": ["experiment=repro_small"],

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import Callback
 from omegaconf import open_dict
 
-from ebft import run as run_module
+from ebft.app import run as run_module
 from ebft.config import ConfigError, train_settings
 from ebft.data.prompts import left_pad_collate, select_prompts, with_module_namespace
 from ebft.methods import rlvr
@@ -21,7 +21,7 @@ from ebft.objectives.baselines import group_normalized_advantages
 from ebft.objectives.losses import grpo_loss, k3_kl
 from ebft.objectives.verifiable import code_rewards
 from ebft.rollout.completions import sample_completions
-from ebft.run import train
+from tests.test_train import train
 from tests.test_train import SMALL, train_losses
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -149,13 +149,13 @@ def test_kl_reference_is_loaded_only_when_needed_and_frozen(tokenizer):
     rollout = module.rollout(batch, 0)
     rewards = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     _, parts = module.policy_loss(batch, rollout, rewards)
-    assert parts["kl"].item() == pytest.approx(0.0, abs=1e-6)  # policy == reference at the start
+    assert parts.kl.item() == pytest.approx(0.0, abs=1e-6)  # policy == reference at the start
     opt = torch.optim.SGD(module.generator.parameters(), lr=1.0)
     loss, _ = module.policy_loss(batch, rollout, rewards)
     loss.backward()
     opt.step()
     _, parts = module.policy_loss(batch, rollout, rewards)
-    assert parts["kl"].item() > 1e-6
+    assert parts.kl.item() > 1e-6
 
 
 def test_update_scores_only_completions_with_a_signal_and_gives_the_full_gradient(tokenizer):
@@ -169,7 +169,7 @@ def test_update_scores_only_completions_with_a_signal_and_gives_the_full_gradien
         return torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
 
     loss, parts = module.policy_loss(batch, rollout, rewards)
-    assert parts["scored_fraction"].item() == 0.5
+    assert parts.scored_fraction.item() == 0.5
     rows = (batch["prompt_ids"].repeat_interleave(4, 0), batch["prompt_mask"].repeat_interleave(4, 0))
     logprobs = completion_logprobs(module.generator, *rows, rollout.tokens)
     advantages = group_normalized_advantages(rewards).reshape(-1)
@@ -179,7 +179,7 @@ def test_update_scores_only_completions_with_a_signal_and_gives_the_full_gradien
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
 
     loss, parts = module.policy_loss(batch, rollout, torch.ones(2, 4))  # no signal at all: one row, zero gradient
-    assert parts["scored_fraction"].item() == 1 / 8 and loss.item() == 0
+    assert parts.scored_fraction.item() == 1 / 8 and loss.item() == 0
     assert all(not g.any() for g in gradients(loss))
 
 
@@ -271,7 +271,7 @@ def test_rlvr_trains_end_to_end_on_translation(tmp_path, monkeypatch):
     from tests.test_train import make_cfg
 
     mode, original = GeneratorMode(), run_module.build_trainer
-    monkeypatch.setattr(run_module, "build_trainer", lambda cfg, out, cbs: original(cfg, out, [*cbs, mode]))
+    monkeypatch.setattr(run_module, "build_trainer", lambda settings, out, cbs: original(settings, out, [*cbs, mode]))
     summary = train(make_cfg(tmp_path, *RLVR_SMALL, "task=translation"))
     assert summary["steps"] == 2 and Path(summary["hf_model"], "config.json").is_file()
     assert mode.training == [True, True]
@@ -302,7 +302,7 @@ def test_rlvr_resume_gives_the_same_next_steps(tmp_path, monkeypatch):
     extra = [*RLVR_SMALL, "task=translation", "trainer.max_steps=4"]
     train(make_cfg(tmp_path / "full", *extra))
     original = run_module.build_trainer
-    monkeypatch.setattr(run_module, "build_trainer", lambda cfg, out, cbs: original(cfg, out, [*cbs, CrashAt(2)]))
+    monkeypatch.setattr(run_module, "build_trainer", lambda settings, out, cbs: original(settings, out, [*cbs, CrashAt(2)]))
     with pytest.raises(Crash):
         train(make_cfg(tmp_path / "crashed", *extra))
     monkeypatch.setattr(run_module, "build_trainer", original)

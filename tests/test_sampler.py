@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from bench.samplers import sample_authors_style, sample_strided_nocache
-from ebft.models.compat import LMHead, backbone_forward, cache_kwarg, get_lm_head
+from ebft.core.compat import LMHead, backbone_forward, cache_kwarg, get_lm_head
 from ebft.models.loading import build_tiny_model
-from ebft.rollout.layout import StridedLayout
-from ebft.rollout.masks import strided_mask
+from ebft.core.layout import StridedLayout
+from ebft.core.masks import strided_mask
 from ebft.rollout.sampler import sample_from_logits, sample_strided
 
 VOCAB = 256

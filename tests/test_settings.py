@@ -11,14 +11,15 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from ebft.config import ConfigError, FeatureNetworkSpec, check_renamed, train_settings
+from ebft.config import ConfigError, FeatureNetworkSettings, check_renamed, train_settings
 from ebft.eval.callback import CalibrationCallback
 from ebft.methods.ebft import EBFTModule
 from ebft.methods.sft import SFTModule
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRY = {"ebft/config.py", "ebft/run.py", "ebft/card.py", "ebft/strategies.py"}
-"""The modules that may hold the composed config: the conversion (config) and the training application."""
+ENTRY = {"ebft/config.py"}
+"""The one module of the package that may hold the composed config: the conversion into settings
+(the entry points ``train.py`` and ``evaluate.py`` are outside the package)."""
 
 
 def config_uses(path: Path) -> list[str]:
@@ -62,23 +63,27 @@ def test_one_feature_network_for_training_and_for_val_cfm(tmp_path, tokenizer):
     spec = ["feature_network.layers=[0.5,1.0]", "feature_network.pooling=mean", "feature_network.normalisation=per_layer"]
     ebft = train_settings(make_cfg(tmp_path, "method=ebft", *spec))
     sft = train_settings(make_cfg(tmp_path, "method=sft", *spec))
-    assert ebft.feature_network == sft.feature_network == FeatureNetworkSpec(None, (0.5, 1.0), "mean", "per_layer")
+    assert ebft.feature_network == sft.feature_network == FeatureNetworkSettings(None, (0.5, 1.0), "mean", "per_layer")
     module = EBFTModule(ebft, tokenizer)
     datamodule = SFTModule.make_datamodule(sft, tokenizer)
     datamodule.setup("fit")
     callback = CalibrationCallback(sft)
     callback._setup(type("Trainer", (), {"datamodule": datamodule})(), SFTModule(sft, tokenizer))
-    for phi in (module.features, callback.feature_network):
+    for phi in (module.feature_network, callback.feature_network):
         assert (phi.taps, phi.pooling, phi.normalisation) == ((2, 4), "mean", "per_layer")
 
 
 @pytest.mark.parametrize("override,new", [("method.features.layers=[1.0]", "feature_network.layers"),
-                                          ("eval.critic.pooling=mean", "feature_network.pooling"),
-                                          ("model.feature_network=/some/model", "feature_network.name")])
+                                          ("model.feature_network=/some/model", "feature_network.name"),
+                                          ("n_samples=4", "num_samples"), ("eval.n_samples=2", "eval.num_samples"),
+                                          ("eval.cfm_samples=8", "eval.cfm_num_samples"),
+                                          ("eval.reward.samples=2", "eval.reward.num_samples"),
+                                          ("model.lora.alpha=32", "model.lora.lora_alpha")])
 def test_renamed_keys_name_the_new_one(override, new):
     with pytest.raises(ConfigError, match=f"use {new}="):
         check_renamed([override])
-    check_renamed(["feature_network.layers=[1.0]", "model.name=tiny"])
+    check_renamed(["feature_network.layers=[1.0]", "model.name=tiny", "num_samples=4", "eval.cfm_num_samples=8",
+                   "model.lora.lora_alpha=32", "alpha=0.5"])
 
 
 def test_train_py_refuses_a_renamed_key_with_one_line(tmp_path):

@@ -9,8 +9,8 @@ from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import Callback
 from omegaconf import open_dict
 
-from ebft import run as run_module
-from ebft.run import train
+from ebft.app import run as run_module
+from ebft.config import TrainSettings, train_settings
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -26,6 +26,18 @@ def make_cfg(output_dir: Path, *overrides: str, base: list[str] = SMALL):
     with open_dict(cfg):
         cfg.output_dir = str(output_dir)
     return cfg
+
+
+def validate(cfg) -> TrainSettings:
+    """What ``train.py`` checks before training: the composed config's settings, and their file checks."""
+    settings = train_settings(cfg)
+    run_module.validate(settings)
+    return settings
+
+
+def train(cfg) -> dict:
+    """``train.py`` without Hydra's runtime: the composed config's settings, trained."""
+    return run_module.train(train_settings(cfg))
 
 
 def train_losses(output_dir: Path, key: str) -> dict[int, float]:
@@ -53,7 +65,7 @@ def crash_then_resume(tmp_path: Path, monkeypatch, extra: list[str], step: int) 
     crashed = tmp_path / "crashed"
     original = run_module.build_trainer
     monkeypatch.setattr(run_module, "build_trainer",
-                        lambda cfg, out, cbs: original(cfg, out, [*cbs, CrashAt(step)]))
+                        lambda settings, out, cbs: original(settings, out, [*cbs, CrashAt(step)]))
     with pytest.raises(Crash):
         train(make_cfg(crashed, *extra))
     monkeypatch.setattr(run_module, "build_trainer", original)

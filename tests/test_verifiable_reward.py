@@ -55,7 +55,7 @@ def test_fixed_prompts_are_a_seeded_subset_of_the_held_out_prompts(setup):
 
 def test_mean_reward_equals_scoring_the_samples_by_hand(setup):
     rows, data, tok = setup
-    settings = RewardSettings(prompts=5, samples=3, max_new_tokens=6, batch_size=2)
+    settings = RewardSettings(prompts=5, num_samples=3, max_new_tokens=6, batch_size=2)
     prompts = fixed_prompts(rows, data, tok, settings, seed=0)
     model = build_tiny_model()
     est = mean_reward(model, tok, prompts, length_reward, settings, seed=7)
@@ -79,12 +79,12 @@ def test_mean_reward_equals_scoring_the_samples_by_hand(setup):
 def test_evaluate_reward_metric_scores_each_checkpoint_on_the_same_prompts(tmp_path, setup):
     rows, data, tok = setup
     request = make_settings(tmp_path, "metrics=[reward]", "ckpt=[tiny,tiny]", "eval.reward.prompts=3",
-                            "eval.reward.samples=2", "eval.reward.max_new_tokens=6", "eval.reward.batch_size=2")
+                            "eval.reward.num_samples=2", "eval.reward.max_new_tokens=6", "eval.reward.batch_size=2")
     text = evaluate(request)
     results = [json.loads((tmp_path / d / "results.json").read_text()) for d in ("00-tiny_base", "01-tiny_base")]
     first, second = (r["downstream"]["reward"] for r in results)
     assert first == second                                          # identical models, identical draws
-    settings = RewardSettings(prompts=3, samples=2, max_new_tokens=6, batch_size=2)
+    settings = RewardSettings(prompts=3, num_samples=2, max_new_tokens=6, batch_size=2)
     prompts = fixed_prompts(rows, data, tok, settings, seed=request.seed)
     model = build_tiny_model(vocab_size=len(tok), seed=0).eval()   # what model=tiny loads
     expected = mean_reward(model, tok, prompts, reward_fn_for("translation"), settings, seed=request.seed)
@@ -102,5 +102,5 @@ def test_reward_is_asked_for_and_checked_before_anything_loads(tmp_path):
     assert "reward" not in planned(make_settings(tmp_path))          # not part of the default metrics
     with pytest.raises(ConfigError, match="not offered by task=unstructured_code"):
         planned(make_settings(tmp_path, "task=unstructured_code", "metrics=[reward]"))
-    with pytest.raises(ConfigError, match="eval.reward.samples=0"):
-        make_settings(tmp_path, "metrics=[reward]", "eval.reward.samples=0")
+    with pytest.raises(ConfigError, match="eval.reward.num_samples=0"):
+        make_settings(tmp_path, "metrics=[reward]", "eval.reward.num_samples=0")

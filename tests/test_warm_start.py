@@ -15,7 +15,7 @@ from ebft.eval.runner import evaluate
 from ebft.methods.ebft import EBFTModule
 from ebft.methods.rlvr import RLVRModule
 from ebft.models.loading import build_tiny_model
-from ebft.run import train
+from tests.test_train import train
 from tests.test_evaluate import make_settings as eval_settings
 from tests.test_train import make_cfg
 
@@ -44,7 +44,7 @@ def test_ebft_from_an_sft_run_starts_from_sft_and_keeps_the_base_feature_network
     cfg = make_cfg(tmp_path, *QUICK, "method=ebft", f"init_from={sft_run}", "trainer.max_steps=1")
     module = EBFTModule(train_settings(cfg), tokenizer)
     assert torch.equal(module.generator.state_dict()[PARAM], sft.state_dict()[PARAM])
-    phi = module.features.backbone.state_dict()
+    phi = module.feature_network.backbone.state_dict()
     assert phi and all(torch.equal(v, base.model.state_dict()[k]) for k, v in phi.items())
     # stage 2 trains from there
     summary = train(cfg)
@@ -59,7 +59,7 @@ def test_init_from_an_hf_dir_and_a_named_feature_network(tmp_path, sft_run, weig
     cfg = make_cfg(tmp_path, "method=ebft", f"init_from={hf}", f"feature_network.name={hf}")
     module = EBFTModule(train_settings(cfg), tokenizer)
     assert torch.equal(module.generator.state_dict()[PARAM], sft.state_dict()[PARAM])
-    phi = module.features.backbone.state_dict()
+    phi = module.feature_network.backbone.state_dict()
     assert all(torch.equal(v, sft.model.state_dict()[k]) for k, v in phi.items())
 
 

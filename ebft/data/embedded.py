@@ -27,11 +27,11 @@ import os
 import re
 import sys
 import sysconfig
-import tempfile
 from pathlib import Path
 
 from ebft.config import DataConfigError
 from ebft.models.loading import cache_dir
+from ebft.files import atomic_path
 
 EMBEDDED_TASKS = ("qa_code", "unstructured_code", "translation")
 MAX_BODY_CHARS = 4000
@@ -173,16 +173,8 @@ def _qa_cache_path(root: Path) -> Path:
 
 
 def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def stdlib_qa_rows(root: Path | None = None) -> list[dict]:

@@ -29,10 +29,10 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ebft.models.compat import backbone_forward, get_lm_head, lm_head
+from ebft.core.compat import backbone_forward, get_lm_head, lm_head
 from ebft.objectives.losses import token_logprobs
 from ebft.objectives.rewards import cfm_estimate, whitened_fm_proxy
-from ebft.rollout.layout import StridedLayout
+from ebft.core.layout import StridedLayout
 from ebft.rollout.sampler import sample_strided
 
 
@@ -111,26 +111,26 @@ def validation_ce(sums: torch.Tensor) -> dict[str, float]:
     return {"ce": (total[0] / total[1]).item(), "ce_answer": (total[2] / total[3]).item()}
 
 
-def context_fm(model, critic, input_ids: torch.Tensor, layout: StridedLayout, temperature: float = 0.6,
+def context_fm(model, feature_network, input_ids: torch.Tensor, layout: StridedLayout, temperature: float = 0.6,
                seed: int = 43, batch_size: int = 8, whitening: str | None = "reference", progress: bool = True,
                desc: str = "CFM") -> tuple[torch.Tensor, torch.Tensor | None]:
     """CFM and its whitened proxy per context: two (chunks, NB) tensors (no proxy when ``whitening`` is None).
 
     For every chunk, ``n`` completions of ``G`` tokens per block are drawn from ``model`` with
     :func:`~ebft.rollout.sampler.sample_strided` (one seeded generator for the whole pass) and
-    embedded with the frozen ``critic`` (a :class:`~ebft.models.features.FeatureNetwork`) in one
+    embedded with the frozen ``feature_network`` (a :class:`~ebft.models.features.FeatureNetwork`) in one
     strided pass; then :func:`~ebft.objectives.rewards.cfm_estimate` and
     :func:`~ebft.objectives.rewards.whitened_fm_proxy` per context.
     """
     if layout.num_samples < 2:
-        raise ValueError(f"CFM needs n >= 2 samples per context, got n={layout.num_samples}; raise eval.cfm_samples")
+        raise ValueError(f"CFM needs n >= 2 samples per context, got n={layout.num_samples}; raise eval.cfm_num_samples")
     device = get_lm_head(model).weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
     cfm, proxy = [], []
     for start in _batches(len(input_ids), batch_size, desc, progress):
         ids = input_ids[start:start + batch_size, :layout.seq_len].to(device)
         tokens = sample_strided(model, ids, layout, temperature=temperature, generator=generator)
-        gen, gt = critic.strided_features(layout.scatter_generated(ids, tokens), layout.to(device))
+        gen, gt = feature_network.strided_features(layout.scatter_generated(ids, tokens), layout.to(device))
         cfm.append(cfm_estimate(gen, gt).cpu())
         if whitening is not None:
             proxy.append(whitened_fm_proxy(gen, gt, whitening).cpu())
@@ -153,11 +153,11 @@ def profile_layouts(seq_len: int, context_len: int, stride: int, lengths: Sequen
             for g in lengths}
 
 
-def fm_profile(model, critic, input_ids: torch.Tensor, layouts: dict[int, StridedLayout], temperature: float = 0.6,
+def fm_profile(model, feature_network, input_ids: torch.Tensor, layouts: dict[int, StridedLayout], temperature: float = 0.6,
                seed: int = 43, batch_size: int = 8, progress: bool = True) -> dict[int, torch.Tensor]:
     """Unwhitened CFM per context (a (chunks, NB) tensor) per completion length ``G`` (layouts from
     :func:`profile_layouts`); every length starts its sampler from ``seed``, so all models see the same
     contexts and RNG."""
-    return {g: context_fm(model, critic, input_ids, layout, temperature, seed, batch_size, whitening=None,
+    return {g: context_fm(model, feature_network, input_ids, layout, temperature, seed, batch_size, whitening=None,
                           progress=progress, desc=f"FM profile G={g}")[0]
             for g, layout in layouts.items()}

@@ -16,7 +16,7 @@ Every ``eval.every_n_steps`` optimizer steps (and once before the first step) th
 
 It runs the functions ``evaluate.py`` runs (:func:`ebft.eval.runner.calibrate`,
 :func:`ebft.eval.runner.run_downstream`). The feature network is the EBFT module's own when it has one
-(``pl_module.features``), else the one ``evaluate.py`` builds from the same spec (``feature_network``,
+(``pl_module.feature_network``), else the one ``evaluate.py`` builds from the same spec (``feature_network``,
 :func:`ebft.models.features.build_feature_network`), built once. Training is left exactly as
 it was: every RNG (torch CPU and CUDA, Python ``random``, NumPy) is restored afterwards, and so is
 the generator's train/eval mode. Validation CE is logged by the module itself (``val/ce``).
@@ -81,12 +81,12 @@ class CalibrationCallback(Callback):
     def _setup(self, trainer, pl_module) -> None:
         """Feature network, fixed chunk subset and benchmarks, once, on the module's device."""
         s = self.settings
-        features = getattr(pl_module, "features", None)
-        if not isinstance(features, FeatureNetwork):
+        feature_network = getattr(pl_module, "feature_network", None)
+        if not isinstance(feature_network, FeatureNetwork):
             device, model = pl_module.device.type, s.model
-            features = build_feature_network(s.feature_network, model.name, resolve_dtype(model.dtype, device), device,
-                                             model.attn_implementation)
-        self.feature_network = features.to(pl_module.device)
+            feature_network = build_feature_network(s.feature_network, model.name, resolve_dtype(model.dtype, device),
+                                                    device, model.attn_implementation)
+        self.feature_network = feature_network.to(pl_module.device)
         chunks, rows = (getattr(trainer.datamodule, key, None) for key in ("val_chunks", "val_rows"))
         if chunks is None:
             data = held_out(s.data, pl_module.tokenizer, s.task.seq_len)

@@ -32,7 +32,7 @@ from typing import Callable, Iterator, Sequence
 from tqdm.auto import tqdm
 
 from ebft.data.embedded import translation_source
-from ebft.eval.generation import Completions, Done, Sampling, complete
+from ebft.eval.generation import Completions, Done, DecodingSettings, complete
 from ebft.eval.translation import best_of_k, comet_scores, oracle_indices
 from ebft.execution.bleu import corpus_bleu, corpus_chrf, sentence_bleu, signatures
 from ebft.execution.programs import CodeProblem, mean_pass_at_k, score_completions
@@ -52,8 +52,8 @@ class Outcome:
     """Python code: ``harness_files``' (samples, problems) rows."""
 
 
-def reported_ks(n_samples: int) -> list[int]:
-    return [k for k in KS if k <= n_samples]
+def reported_ks(num_samples: int) -> list[int]:
+    return [k for k in KS if k <= num_samples]
 
 
 def _groups(items: Sequence, size: int, desc: str, progress: bool) -> Iterator[tuple[int, Sequence]]:
@@ -65,7 +65,7 @@ def _groups(items: Sequence, size: int, desc: str, progress: bool) -> Iterator[t
             bar.update(len(group))
 
 
-def _completions(model, tokenizer, prompts: Sequence[str], done: Sequence[Done], sampling: Sampling, desc: str,
+def _completions(model, tokenizer, prompts: Sequence[str], done: Sequence[Done], sampling: DecodingSettings, desc: str,
                  progress: bool, score: Callable[[int, Completions], dict]) -> list[dict]:
     """Generate for every prompt in calls of ``sampling.prompts_per_call`` and score each as it comes."""
     records = []
@@ -89,7 +89,7 @@ def code_done(problem: CodeProblem) -> Done:
     return done
 
 
-def run_code(model, tokenizer, problems: Sequence[CodeProblem], sampling: Sampling, desc: str,
+def run_code(model, tokenizer, problems: Sequence[CodeProblem], sampling: DecodingSettings, desc: str,
              timeout: float = 3.0, workers: int | None = None, progress: bool = True) -> Outcome:
     """Greedy accuracy and pass@k of ``model`` on ``problems`` (scores under the name ``desc``)."""
     if not problems:
@@ -104,7 +104,7 @@ def run_code(model, tokenizer, problems: Sequence[CodeProblem], sampling: Sampli
     records = _completions(model, tokenizer, [p.prompt for p in problems], [code_done(p) for p in problems],
                            sampling, desc, progress, score)
     scores = {"greedy": sum(r["greedy_passed"] for r in records) / len(records)}
-    for k in reported_ks(sampling.n_samples):
+    for k in reported_ks(sampling.num_samples):
         scores[f"pass@{k}"] = mean_pass_at_k([r["samples_passed"] for r in records], k)
     python = all(p.language == "python" for p in problems)
     return Outcome({desc: scores}, records, harness=harness_files(problems, records) if python else None)
@@ -173,7 +173,7 @@ def _family(per_instance: Sequence[Sequence[float]], ks: Sequence[int]) -> dict[
     return out
 
 
-def run_translation(model, tokenizer, pairs: Sequence[TranslationPair], sampling: Sampling,
+def run_translation(model, tokenizer, pairs: Sequence[TranslationPair], sampling: DecodingSettings,
                     comet_python: str | None = None, progress: bool = True) -> Outcome:
     """BLEU and chrF (and COMET with ``comet_python``): greedy and best-of-k over ``pairs``."""
     if not pairs:
@@ -194,7 +194,7 @@ def run_translation(model, tokenizer, pairs: Sequence[TranslationPair], sampling
         values = iter(comet_scores(*zip(*flat), comet_python=comet_python))
         for r in records:
             r["comet"] = [next(values) for _ in r["hypotheses"]]
-    ks = reported_ks(sampling.n_samples)
+    ks = reported_ks(sampling.num_samples)
     refs, langs = [r["reference"] for r in records], [r["target_lang"] for r in records]
     scores = {"BLEU": _corpus_family(records, "bleu", lambda hyps: corpus_bleu(hyps, refs, langs), ks),
               "chrF": _corpus_family(records, "chrf", lambda hyps: corpus_chrf(hyps, refs), ks)}

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from ebft.config import Sampling
+from ebft.config import DecodingSettings
 from ebft.data.packing import leading_special_ids
 
 Done = Callable[[str], bool]
@@ -119,16 +119,16 @@ def generate(model, tokenizer, prompts: Sequence[str], *, num_return: int, tempe
     return [texts[i * num_return:(i + 1) * num_return] for i in range(len(prompts))]
 
 
-def complete(model, tokenizer, prompts: Sequence[str], sampling: Sampling, done: Sequence[Done] | None = None,
+def complete(model, tokenizer, prompts: Sequence[str], sampling: DecodingSettings, done: Sequence[Done] | None = None,
              call_index: int = 0) -> list[Completions]:
-    """Greedy completion plus ``sampling.n_samples`` samples for each prompt (one call each).
+    """Greedy completion plus ``sampling.num_samples`` samples for each prompt (one call each).
 
     ``call_index`` offsets the seed so successive calls of one evaluation draw independently.
     """
     common = {"max_new_tokens": sampling.max_new_tokens, "top_p": sampling.top_p, "done": done}
     greedy = generate(model, tokenizer, prompts, num_return=1, temperature=0.0, seed=0, **common)
     samples = [[] for _ in prompts]
-    if sampling.n_samples:
-        samples = generate(model, tokenizer, prompts, num_return=sampling.n_samples,
+    if sampling.num_samples:
+        samples = generate(model, tokenizer, prompts, num_return=sampling.num_samples,
                            temperature=sampling.temperature, seed=sampling.seed + call_index, **common)
     return [Completions(g[0], s) for g, s in zip(greedy, samples)]

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ebft.models.compat import get_lm_head
+from ebft.core.compat import get_lm_head
 from ebft.objectives.rewards import cfm_estimate
-from ebft.rollout.layout import StridedLayout
+from ebft.core.layout import StridedLayout
 from ebft.rollout.sampler import sample_strided
 
 STATISTICS = ("unigram", "pairs")

@@ -25,11 +25,12 @@ from typing import Sequence
 import torch
 
 from ebft.eval.paired import paired_by_chunk, paired_difference
-from ebft.reporting import ProfileCurve, markdown_table, profile_plot, write_csv, write_text
+from ebft.files import write_csv, write_text
+from ebft.reporting import ProfileCurve, markdown_table, profile_plot
 
 RESULTS_FILE = "results.json"
 UNITS_FILE = "per_context.json"
-PAIRED_SETTINGS = ("seed", "cfm_samples", "cfm_temperature", "critic", "whitening", "cfm_skip")
+PAIRED_SETTINGS = ("seed", "cfm_num_samples", "cfm_temperature", "feature_network", "whitening", "cfm_skip")
 """Settings two results must share for their per-context values to be paired."""
 CALIBRATION_COLUMNS = {"ce": "CE", "ce_answer": "CE answer", "cfm": "FM", "cfm_whitened": "FM whitened"}
 
@@ -68,7 +69,7 @@ def write_profile(results: Sequence[dict], root: Path) -> list[Path]:
     curves = [ProfileCurve(r["model"], r["profile"]["G"], r["profile"]["cfm"], r["profile"]["se"]) for r in profiled]
     return [write_csv(root / "fm_profile.csv", ["model", "G", "cfm", "se"], points),
             profile_plot(curves, root / "fm_profile.png",
-                         f"FM profile, {first['task']} (n={first['settings']['cfm_samples']} samples, "
+                         f"FM profile, {first['task']} (n={first['settings']['cfm_num_samples']} samples, "
                          f"temperature {first['settings']['cfm_temperature']})")]
 
 

@@ -41,7 +41,7 @@ from typing import Sequence
 import torch
 
 from ebft.config import (BenchmarkSettings, CalibrationSettings, ConfigError, DataSettings, EvalSettings,
-                         EvaluateSettings, RewardSettings, Sampling, TaskSettings)
+                         EvaluateSettings, RewardSettings, DecodingSettings, TaskSettings)
 from ebft.data.heldout import CHUNKS, split_data
 from ebft.data.packing import PackedChunks
 from ebft.data.sources import check_data_record
@@ -58,8 +58,8 @@ from ebft.models.features import FeatureNetwork, build_feature_network
 from ebft.models.loading import (ModelSourceError, check_weights, load_model, load_tokenizer, resolve_attn,
                                  resolve_dtype, resolve_source)
 from ebft.objectives.verifiable import REWARDS, reward_fn_for
-from ebft.reporting import directory_lock, write_json
-from ebft.rollout.layout import StridedLayout
+from ebft.files import directory_lock, write_json
+from ebft.core.layout import StridedLayout
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class CodeBenchmark:
     timeout: float = 3.0
     workers: int | None = None
 
-    def run(self, model, tokenizer, sampling: Sampling, progress: bool = True) -> Outcome:
+    def run(self, model, tokenizer, sampling: DecodingSettings, progress: bool = True) -> Outcome:
         return run_code(model, tokenizer, self.problems, sampling, self.name, self.timeout, self.workers, progress)
 
 
@@ -180,7 +180,7 @@ class TranslationBenchmark:
     comet_python: str | None = None
     name: str = "translation"
 
-    def run(self, model, tokenizer, sampling: Sampling, progress: bool = True) -> Outcome:
+    def run(self, model, tokenizer, sampling: DecodingSettings, progress: bool = True) -> Outcome:
         return run_translation(model, tokenizer, self.problems, sampling, self.comet_python, progress)
 
 
@@ -241,7 +241,7 @@ def calibrate(model, feature_network: FeatureNetwork | None, chunks: PackedChunk
         out.update(validation_ce(sums))
         units["ce"] = _rounded(sums[:, 0] / sums[:, 1])
     if "cfm" in metrics:
-        layout = StridedLayout(*task.geometry, c.cfm_samples)
+        layout = StridedLayout(*task.geometry, c.cfm_num_samples)
         cfm, proxy = context_fm(model, feature_network, ids, layout, temperature, seed, batch, c.whitening, progress)
         plain, whitened = Estimate.of(cfm), Estimate.of(proxy)
         out.update(cfm=plain.mean, cfm_se=plain.se, cfm_whitened=whitened.mean, cfm_whitened_se=whitened.se,
@@ -249,7 +249,7 @@ def calibrate(model, feature_network: FeatureNetwork | None, chunks: PackedChunk
         units.update(cfm=_rounded(cfm), cfm_whitened=_rounded(proxy))
     profile = None
     if "profile" in metrics:
-        layouts = profile_layouts(task.seq_len, task.context_len, task.stride, list(c.profile_lengths), c.cfm_samples)
+        layouts = profile_layouts(task.seq_len, task.context_len, task.stride, list(c.profile_lengths), c.cfm_num_samples)
         profiled = ids[:c.profile_chunks]
         values = fm_profile(model, feature_network, profiled, layouts, temperature, seed, batch, progress)
         estimates = {g: Estimate.of(v) for g, v in values.items()}
@@ -264,7 +264,7 @@ def _rounded(values: torch.Tensor) -> list:
     return torch.round(values.double(), decimals=7).tolist()
 
 
-def run_downstream(model, tokenizer, benchmarks: Sequence[Benchmark], sampling: Sampling,
+def run_downstream(model, tokenizer, benchmarks: Sequence[Benchmark], sampling: DecodingSettings,
                    progress: bool = True) -> tuple[dict[str, dict[str, float]], dict[str, Outcome]]:
     """Scores per metric family (``{"HumanEval": {"greedy": ..., "pass@1": ...}}``) and the outcomes."""
     outcomes = {b.name: b.run(model, tokenizer, sampling, progress) for b in benchmarks}
@@ -296,7 +296,7 @@ class Request:
     metrics: list[str]
     limit: int | None
     chunk_limit: int | None
-    sampling: Sampling
+    sampling: DecodingSettings
 
 
 def check_request(s: EvaluateSettings) -> Request:
@@ -308,8 +308,8 @@ def check_request(s: EvaluateSettings) -> Request:
         raise ConfigError(f"eval.reference={reference} is not one of the models evaluated (ckpt={','.join(names)}): "
                           "give one of them, or null for the first")
     chunk_limits = [v for v in (s.limit, c.cfm_chunks) if v is not None]
-    if {"cfm", "profile"} & set(metrics) and c.cfm_samples < 2:
-        raise ConfigError(f"eval.cfm_samples={c.cfm_samples}: the unbiased CFM estimate needs >= 2 samples")
+    if {"cfm", "profile"} & set(metrics) and c.cfm_num_samples < 2:
+        raise ConfigError(f"eval.cfm_num_samples={c.cfm_num_samples}: the unbiased CFM estimate needs >= 2 samples")
     if "profile" in metrics:
         t = s.task
         try:
@@ -322,12 +322,12 @@ def check_request(s: EvaluateSettings) -> Request:
 
 
 def _settings(s: EvaluateSettings, request: Request) -> dict:
-    """The settings a result records (``critic``: the feature network's model, the key results are paired on)."""
+    """The settings a result records (``feature_network``: its model, one of the keys results are paired on)."""
     sampling, c = request.sampling, s.eval.calibration
-    return {"metrics": request.metrics, "limit": request.limit, "seed": s.seed, "n_samples": sampling.n_samples,
+    return {"metrics": request.metrics, "limit": request.limit, "seed": s.seed, "num_samples": sampling.num_samples,
             "temperature": sampling.temperature, "top_p": sampling.top_p, "max_new_tokens": sampling.max_new_tokens,
-            "cfm_samples": c.cfm_samples, "cfm_temperature": c.cfm_temperature, "whitening": c.whitening,
-            "critic": s.feature_network.name or s.model.name, "cfm_skip": c.cfm_skip}
+            "cfm_num_samples": c.cfm_num_samples, "cfm_temperature": c.cfm_temperature, "whitening": c.whitening,
+            "feature_network": s.feature_network.name or s.model.name, "cfm_skip": c.cfm_skip}
 
 
 def _save(result: dict, outcomes: dict[str, Outcome], units: dict | None, directory: Path) -> None:
@@ -401,17 +401,17 @@ def evaluate(s: EvaluateSettings, report_dir: str | None = None, job: int = 0) -
     ``report_dir`` (default ``s.output_dir``) is where the comparison of all results found under
     it is written: a multirun passes its sweep directory; ``job`` orders its jobs' rows. The request is
     checked, then ``s.output_dir`` is locked for the whole evaluation: a second evaluation into the
-    same directory while this one runs is refused (:class:`ebft.reporting.DirectoryBusy`).
+    same directory while this one runs is refused (:class:`ebft.files.DirectoryBusy`).
     """
     request = check_request(s)
+    if set(SUITES["code"]) & set(request.metrics) or (REWARD in request.metrics and s.task.eval_suite == "code"):
+        require_isolation(s.eval.benchmarks.require_isolation)
     with directory_lock(s.output_dir, "evaluation"):
         return _evaluate(s, request, report_dir, job)
 
 
 def _evaluate(s: EvaluateSettings, request: Request, report_dir: str | None, job: int) -> str:
     metrics, base = request.metrics, s.model.name
-    if set(SUITES["code"]) & set(metrics) or (REWARD in metrics and s.task.eval_suite == "code"):
-        require_isolation(s.eval.benchmarks.require_isolation)
     device = device_of(s.eval)
     base_tokenizer = load_tokenizer(base)
     calibration_metrics = [m for m in metrics if m in CALIBRATION]

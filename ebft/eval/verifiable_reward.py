@@ -24,11 +24,11 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ebft.config import ConfigError, DataSettings, RewardSettings, Sampling
+from ebft.config import ConfigError, DataSettings, RewardSettings, DecodingSettings
 from ebft.data.heldout import Prompts, prompts_of
 from ebft.data.prompts import left_pad_collate
 from ebft.eval.downstream import Outcome
-from ebft.rollout.completions import sample_completions, score_completions
+from ebft.rollout.completions import sample_completions, reward_completions
 
 RewardFn = Callable[[list[str], list[dict]], list[float]]
 
@@ -54,7 +54,7 @@ def fixed_prompts(rows: Sequence[dict], data: DataSettings, tokenizer, settings:
 
 def mean_reward(model, tokenizer, prompts: Prompts, reward_fn: RewardFn, settings: RewardSettings, seed: int,
                 progress: bool = True) -> RewardEstimate:
-    """Sample ``settings.samples`` completions per prompt (batch ``b`` draws from ``seed + b``, so
+    """Sample ``settings.num_samples`` completions per prompt (batch ``b`` draws from ``seed + b``, so
     every model sees the same random numbers) and score them; see the module docstring."""
     collate = left_pad_collate(tokenizer.pad_token_id)
     device = next(model.parameters()).device
@@ -66,9 +66,9 @@ def mean_reward(model, tokenizer, prompts: Prompts, reward_fn: RewardFn, setting
                          zip(prompts.ids[start:start + size], prompts.rows[start:start + size])])
         generator = torch.Generator(device=device).manual_seed(seed + b)
         rollout = sample_completions(model, batch["prompt_ids"].to(device), batch["prompt_mask"].to(device),
-                                     settings.samples, settings.max_new_tokens, tokenizer.eos_token_id,
+                                     settings.num_samples, settings.max_new_tokens, tokenizer.eos_token_id,
                                      tokenizer.pad_token_id, settings.temperature, settings.top_p, generator)
-        per_prompt += score_completions(rollout, batch["rows"], tokenizer, reward_fn)
+        per_prompt += reward_completions(rollout, batch["rows"], tokenizer, reward_fn)
         lengths += rollout.lengths.tolist()
     flat = [r for group in per_prompt for r in group]
     return RewardEstimate(mean=sum(flat) / len(flat), solved=sum(max(g) for g in per_prompt) / len(per_prompt),
@@ -92,7 +92,7 @@ class RewardBenchmark:
                               f"eval.reward.max_prompt_tokens={self.settings.max_prompt_tokens}: raise "
                               "data.val_size or eval.reward.max_prompt_tokens")
 
-    def run(self, model, tokenizer, sampling: Sampling, progress: bool = True) -> Outcome:
+    def run(self, model, tokenizer, sampling: DecodingSettings, progress: bool = True) -> Outcome:
         """``sampling`` (the benchmarks' settings) is not used: the reward samples as RLVR does."""
         est = mean_reward(model, tokenizer, self.prompts, self.reward_fn, self.settings, self.seed, progress)
         scores = {"mean": est.mean, "solved": est.solved, "completion tokens": est.completion_len}

@@ -213,12 +213,6 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None =
         return list(pool.map(fn, items))
 
 
-def run_many(programs: Sequence[str], timeout: float = 3.0, workers: int | None = None,
-             memory_mb: int = 1024) -> list[SandboxResult]:
-    """``run_python`` over many programs in parallel; results in input order."""
-    return parallel_map(lambda p: run_python(p, timeout=timeout, memory_mb=memory_mb), programs, workers)
-
-
 def run_command(argv: Sequence[str], files: Mapping[str, str | bytes] | None = None, *,
                 timeout: float = 3.0, limits: Limits = Limits(), stdin: str | bytes | None = None,
                 env: Mapping[str, str] | None = None, ro_paths: Sequence[str] = (),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from pathlib import Path
 
 import lightning as L
@@ -21,7 +20,8 @@ import torch
 from ebft.config import ModelSettings, TrainSettings
 from ebft.data.datamodule import ChunkDataModule
 from ebft.data.sources import write_data_record
-from ebft.models.compat import lm_head
+from ebft.files import atomic_path
+from ebft.core.compat import lm_head
 from ebft.models.loading import load_model, resolve_attn, resolve_dtype
 from ebft.models.lora import (ADAPTER_SUBDIR, add_adapters, adapter_dir, complete_state, merged_state_dict,
                               target_modules, trainable_state)
@@ -191,11 +191,6 @@ class FineTuneModule(L.LightningModule):
 
 def _replace_dir(target: Path, write) -> Path:
     """``write(tmp)`` into a fresh temporary directory, then put it in place of ``target``."""
-    tmp = target.with_name(target.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    write(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        write(tmp)
     return target

@@ -43,19 +43,20 @@ accumulation and clipping) cannot express; ``ppo_epochs`` other than 1 is refuse
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
 from ebft.config import TrainSettings
 from ebft.data.datamodule import PromptDataModule
 from ebft.methods.base import FineTuneModule
-from ebft.models.compat import backbone_forward, lm_head
+from ebft.core.compat import backbone_forward, lm_head
 from ebft.models.loading import load_model, resolve_attn
 from ebft.models.lora import adapter_dir, adapters_disabled
 from ebft.objectives.baselines import group_normalized_advantages
 from ebft.objectives.losses import grpo_loss, token_logprobs
 from ebft.objectives.verifiable import reward_fn_for
-from ebft.rollout.completions import Rollout, positions, sample_completions, score_completions
+from ebft.rollout.completions import Rollout, positions, sample_completions, reward_completions
 
 
 # ------------------------------------------------------------------------------------- update
@@ -98,6 +99,31 @@ def zero_signal_fraction(rewards: torch.Tensor) -> torch.Tensor:
 
 # -------------------------------------------------------------------------------------- module
 
+@dataclass(frozen=True)
+class RLVRStatistics:
+    """What one RLVR update measured (detached): the loss, its policy-gradient and KL terms, the rewards
+    (B, n) and advantages (B*n,), the fraction of completions the forward scored, and the rollout."""
+
+    loss: torch.Tensor
+    pg: torch.Tensor
+    kl: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    scored_fraction: torch.Tensor
+    rollout: Rollout
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """The ``train/*`` metrics the RLVR module logs."""
+        r, lengths = self.rewards, self.rollout.lengths.float()
+        return {"train/loss": self.loss, "train/pg": self.pg, "train/kl": self.kl,
+                "train/advantage_std": self.advantages.std(), "train/scored_fraction": self.scored_fraction,
+                "train/reward": r.mean(), "train/reward_std": r.std(),
+                "train/zero_signal_fraction": zero_signal_fraction(r),
+                "train/logprob": self.rollout.logprobs.sum() / lengths.sum(), "train/completion_len": lengths.mean(),
+                "train/completion_len_max": lengths.max(),
+                "train/truncated_fraction": (~self.rollout.finished).float().mean()}
+
+
 class RLVRModule(FineTuneModule):
     """GRPO on prompts with a verifiable reward (module docstring)."""
 
@@ -135,15 +161,14 @@ class RLVRModule(FineTuneModule):
 
     def score(self, rollout: Rollout, rows: list[dict]) -> torch.Tensor:
         """Rewards (B, n) of the decoded completions against their rows."""
-        rewards = score_completions(rollout, rows, self.tokenizer, self.reward_fn)
+        rewards = reward_completions(rollout, rows, self.tokenizer, self.reward_fn)
         return torch.tensor(rewards, dtype=torch.float32, device=rollout.tokens.device)
 
-    def policy_loss(self, batch: dict, rollout: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """The loss of one update on a scored rollout and its detached parts: ``pg``, ``kl``,
-        ``advantage_std`` and ``scored_fraction`` (of the completions the forward had to score)."""
+    def policy_loss(self, batch: dict, rollout: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, RLVRStatistics]:
+        """The loss of one update on a scored rollout, and its statistics."""
         m = self.method
         temperature = m.sampling.temperature
-        advantages = group_normalized_advantages(rewards, m.scale_rewards).reshape(-1)
+        advantages = group_normalized_advantages(rewards, m.scale_rewards).reshape(-1)      # (B*n,)
         rows = rows_to_score(advantages, all_rows=self.kl_coef > 0)
         prompt_of = rows // m.sampling.num_samples
         prompt_ids, prompt_mask = batch["prompt_ids"][prompt_of], batch["prompt_mask"][prompt_of]
@@ -160,28 +185,22 @@ class RLVRModule(FineTuneModule):
                 ref_logprobs = completion_logprobs(self.generator, prompt_ids, prompt_mask, tokens, temperature)
         loss, pg, kl = grpo_loss(logprobs, logprobs.detach(), advantages[rows], mask, m.clip_eps,
                                  self.kl_coef, ref_logprobs, num_tokens=int(rollout.mask.sum()))
-        parts = {"pg": pg.detach(), "kl": kl.detach(), "advantage_std": advantages.std(),
-                 "scored_fraction": torch.tensor(len(rows) / len(advantages))}
-        return loss, parts
+        return loss, RLVRStatistics(loss.detach(), pg.detach(), kl.detach(), rewards, advantages,
+                                    torch.tensor(len(rows) / len(advantages)), rollout)
 
     def training_step(self, batch, batch_idx):
         t0 = time.perf_counter()
+        # 1. n completions per prompt from the current policy
         rollout = self.rollout(batch, batch_idx)
         t1 = time.perf_counter()
+        # 2. their verifiable rewards (unit tests or BLEU), (B, n)
         rewards = self.score(rollout, batch["rows"])
         t2 = time.perf_counter()
-        loss, parts = self.policy_loss(batch, rollout, rewards)
-        lengths = rollout.lengths.float()
+        # 3. group-normalised advantages and the clipped policy-gradient loss (+ KL)
+        loss, stats = self.policy_loss(batch, rollout, rewards)
         bs = rewards.shape[0]
-        self.log_dict({
-            "train/loss": loss.detach(), **{f"train/{k}": v for k, v in parts.items()},
-            "train/reward": rewards.mean(), "train/reward_std": rewards.std(),
-            "train/zero_signal_fraction": zero_signal_fraction(rewards),
-            "train/logprob": rollout.logprobs.sum() / lengths.sum(),
-            "train/completion_len": lengths.mean(), "train/completion_len_max": lengths.max(),
-            "train/truncated_fraction": (~rollout.finished).float().mean(),
-            "perf/sample_s": t1 - t0, "perf/reward_s": t2 - t1,
-            "perf/rollout_tokens_per_s": float(lengths.sum()) / max(t1 - t0, 1e-9),
-        }, batch_size=bs)
+        lengths = rollout.lengths.float()
+        self.log_dict({**stats.metrics(), "perf/sample_s": t1 - t0, "perf/reward_s": t2 - t1,
+                       "perf/rollout_tokens_per_s": float(lengths.sum()) / max(t1 - t0, 1e-9)}, batch_size=bs)
         self.log("train/reward_mean", rewards.mean(), prog_bar=True, batch_size=bs, logger=False)
         return loss

@@ -33,15 +33,13 @@ import math
 import torch
 from torch import nn
 
-from ebft.config import FeatureNetworkSpec
-from ebft.models.compat import (attn_implementation, backbone_forward, check_strided, decoder_layers, get_backbone,
-                                param_dtype)
+from ebft.config import NORMALISATION, POOLING, FeatureNetworkSettings
+from ebft.core.compat import backbone_forward, decoder_layers, get_backbone
+from ebft.core.layout import StridedLayout
+from ebft.core.strided import strided_hidden
 from ebft.models.loading import load_model, resolve_attn
 from ebft.models.lora import adapters_disabled
-from ebft.rollout.layout import POOLINGS, StridedLayout
-from ebft.rollout.masks import strided_mask
 
-NORMALISATIONS = ("joint", "per_layer")
 
 
 def tap_layers(num_layers: int, fractions) -> tuple[int, ...]:
@@ -64,10 +62,10 @@ class FeatureNetwork(nn.Module):
     def __init__(self, model: nn.Module, layers=(0.25, 0.5, 0.75), pooling: str = "last_token",
                  normalisation: str = "joint", adapters: nn.Module | None = None):
         super().__init__()
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling='{pooling}' is unknown; use one of {', '.join(POOLINGS)}")
-        if normalisation not in NORMALISATIONS:
-            raise ValueError(f"normalisation='{normalisation}' is unknown; use one of {', '.join(NORMALISATIONS)}")
+        if pooling not in POOLING:
+            raise ValueError(f"pooling='{pooling}' is unknown; use one of {', '.join(POOLING)}")
+        if normalisation not in NORMALISATION:
+            raise ValueError(f"normalisation='{normalisation}' is unknown; use one of {', '.join(NORMALISATION)}")
         self.num_layers = len(decoder_layers(model))
         self.taps = tap_layers(self.num_layers, layers)
         self.pooling, self.normalisation = pooling, normalisation
@@ -95,12 +93,16 @@ class FeatureNetwork(nn.Module):
     def tap_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                    attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Residual stream ``hidden_states[i]`` (batch, L, H) at every tap i, from one no-grad pass."""
+        return self._taps(lambda: backbone_forward(self.backbone, input_ids, position_ids, attention_mask))
+
+    def _taps(self, forward) -> list[torch.Tensor]:
+        """The tapped residual streams of one no-grad run of ``forward`` (a pass of ``self.backbone``)."""
         captured: dict[int, torch.Tensor] = {}
         layers = decoder_layers(self.backbone)
         hooks = [layers[i - 1].register_forward_hook(_capture(captured, i)) for i in set(self.taps)]
         try:
             with torch.no_grad() if self.adapters is None else adapters_disabled(self.adapters):
-                backbone_forward(self.backbone, input_ids, position_ids, attention_mask)
+                forward()
         finally:
             for hook in hooks:
                 hook.remove()
@@ -110,15 +112,10 @@ class FeatureNetwork(nn.Module):
         """Features of every generated and ground-truth window of strided rows ``row_ids`` (batch, length).
 
         Returns ``gen`` (batch, NB, n, D) = phi_c(y_hat_{j,k}) and ``gt`` (batch, NB, D) = phi_c(y_k),
-        from one pass over the row with the layout's positions and mask.
+        from one pass over the row (:func:`ebft.core.strided.strided_hidden`).
         """
-        if row_ids.dim() != 2 or row_ids.shape[1] != layout.length:
-            raise ValueError(f"row_ids has shape {tuple(row_ids.shape)}; expected (batch, length={layout.length}) "
-                             f"for {layout} (build it with layout.scatter_generated)")
-        check_strided(self.backbone, layout.seq_len)
+        states = self._taps(lambda: strided_hidden(self.backbone, row_ids, layout))
         layout = layout.to(row_ids.device)
-        mask = strided_mask(layout, attn_implementation(self.backbone), param_dtype(self.backbone))
-        states = self.tap_states(row_ids, layout.position_ids, mask)
         gen = self._pool([h[:, layout.gen_feature_index(self.pooling)] for h in states])
         gt = self._pool([h[:, layout.gt_feature_index(self.pooling)] for h in states])
         return gen.transpose(1, 2), gt
@@ -167,7 +164,7 @@ class FeatureNetwork(nn.Module):
         return nn.functional.normalize(torch.cat(pooled, dim=-1), dim=-1)
 
 
-def build_feature_network(spec: FeatureNetworkSpec, base: str, dtype: torch.dtype, device: str,
+def build_feature_network(spec: FeatureNetworkSettings, base: str, dtype: torch.dtype, device: str,
                           attn: str = "auto", generator: nn.Module | None = None,
                           adapters: nn.Module | None = None) -> FeatureNetwork:
     """THE feature network of training and evaluation, from the one spec (``feature_network``).

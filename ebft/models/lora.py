@@ -90,8 +90,8 @@ def check_warm_adapter(directory: Path, lora: LoraSettings, targets: list[str]) 
     from peft import LoraConfig
 
     saved = LoraConfig.from_pretrained(str(directory))
-    want = {"rank": lora.rank, "alpha": lora.scale_alpha, "target_modules": sorted(targets)}
-    have = {"rank": int(saved.r), "alpha": float(saved.lora_alpha), "target_modules": sorted(saved.target_modules)}
+    want = {"rank": lora.rank, "lora_alpha": lora.scale_alpha, "target_modules": sorted(targets)}
+    have = {"rank": int(saved.r), "lora_alpha": float(saved.lora_alpha), "target_modules": sorted(saved.target_modules)}
     if want != have:
         diff = ", ".join(f"model.lora.{k}={want[k]} but the adapter has {have[k]}" for k in want if want[k] != have[k])
         raise ConfigError(f"init_from={directory.parent}: {diff}; set model.lora to the adapter's settings "

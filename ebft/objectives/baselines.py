@@ -23,11 +23,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ebft.objectives.rewards import FMRewards, check_alpha
+from ebft.config import BASELINES, SCALE_REWARDS, check_alpha
+from ebft.objectives.rewards import FMRewards
 
-SCALE_REWARDS = ("none", "group", "batch")
-BASELINES = ("rloo_corrected", "rloo", "group_norm", "reinforce")
-"""EBFT's baselines (``method.baseline``): see :func:`fm_advantages`."""
 
 
 def rloo_baseline(alignment: Tensor, diversity: Tensor, alpha: float) -> Tensor:

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-PG_REDUCTIONS = ("token_mean", "sequence_sum")
+from ebft.config import REDUCTIONS
+
 
 
 def _compute_dtype(weight: Tensor) -> torch.dtype:
@@ -98,7 +99,7 @@ def token_logprobs(hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, temp
     ``log p_T(v | h) = log_softmax(cap(h W^T + b) / T)_v`` with ``hidden (..., H)``,
     ``lm_head_weight (V, H)``, ``targets (...)`` and ``cap(z) = softcap * tanh(z / softcap)`` for a
     family that soft-caps its final logits (``softcap=None``: ``cap(z) = z``); pass the model's head
-    as ``ebft.models.compat.lm_head`` gives it (weight, bias, softcap). Rows are processed ``chunk_size`` at a
+    as ``ebft.core.compat.lm_head`` gives it (weight, bias, softcap). Rows are processed ``chunk_size`` at a
     time by one autograd function that recomputes each chunk's logits in the backward, so
     neither the forward nor the backward pass ever holds more than ``chunk_size x V`` fp32
     logits (the forward keeps only its inputs and one log-sum-exp per row). The matmul runs in
@@ -164,8 +165,8 @@ def policy_gradient_loss(logprobs: Tensor, advantages: Tensor, mask: Tensor | No
     Rows (or completions) with no counted token are left out of the outer mean. The value
     differs from the authors' ``-A * exp(log p - log p.detach())`` but the gradient is the same.
     """
-    if reduction not in PG_REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r} is not supported; use one of {PG_REDUCTIONS}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is not supported; use one of {REDUCTIONS}")
     if logprobs.ndim < 3:
         raise ValueError(f"logprobs must be a token grid (..., n, NB, G); got {tuple(logprobs.shape)}")
     if advantages.shape != logprobs.shape:

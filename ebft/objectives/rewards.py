@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-WHITENINGS = ("none", "reference", "paper")
+from ebft.config import WHITENING, check_alpha
+
 RANK_RTOL = 1e-5
 SVD_RETRY_NOISE = 1e-6
 
@@ -58,16 +59,9 @@ class FMRewards:
     reward: Tensor
 
 
-def check_alpha(alpha: float) -> float:
-    """Validate the diversity weight of eq. 67 and return it as a float."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"alpha={alpha!r} must be a finite number >= 0 (the paper sweeps 0, 0.5, 1)")
-    return float(alpha)
-
-
 def _check_inputs(gen: Tensor, gt: Tensor, whitening: str) -> None:
-    if whitening not in WHITENINGS:
-        raise ValueError(f"whitening={whitening!r} is not supported; use one of {WHITENINGS}")
+    if whitening not in WHITENING:
+        raise ValueError(f"whitening={whitening!r} is not supported; use one of {WHITENING}")
     if gen.ndim < 2:
         raise ValueError(f"generated features must have shape (..., n, D); got {tuple(gen.shape)}")
     expected = gen.shape[:-2] + gen.shape[-1:]
@@ -163,7 +157,7 @@ def feature_matching_rewards(gen: Tensor, gt: Tensor, alpha: float,
     Args:
         gen: generated features ``(..., n, D)``, any float dtype (computed in fp32).
         gt: ground-truth features ``(..., D)``.
-        alpha: diversity weight (alignment bias, paper §C), ``>= 0``; 1 is the proper
+        alpha: diversity weight (alignment bias, paper §C), in [0, 1]; 1 is the proper
             scoring rule, smaller values favour alignment.
         whitening: ``"none"``, ``"reference"`` (authors' code) or ``"paper"`` (eq. 8).
 

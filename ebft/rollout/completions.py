@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ebft.models.compat import backbone_forward, lm_head, new_cache
+from ebft.core.compat import backbone_forward, lm_head, new_cache
 from ebft.rollout.sampler import sample_from_logits
 
 
@@ -84,7 +84,7 @@ def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
     return Rollout(tokens[:, :width], counted[:, :width], done, logprobs[:, :width])
 
 
-def score_completions(rollout: Rollout, rows: list[dict], tokenizer, reward_fn) -> list[list[float]]:
+def reward_completions(rollout: Rollout, rows: list[dict], tokenizer, reward_fn) -> list[list[float]]:
     """Rewards of the B*n decoded completions of ``rollout`` (n per row, in row order), one list per row."""
     n = rollout.tokens.shape[0] // len(rows)
     texts = tokenizer.batch_decode(rollout.tokens, skip_special_tokens=True)

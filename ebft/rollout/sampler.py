@@ -12,7 +12,7 @@ Sampling draws from ``softmax(logits / temperature)`` in fp32, restricted to the
 (``top_p = 1`` keeps all tokens), with one inverse-CDF draw per step over the ``(batch, n, NB)``
 grid (``sample_from_logits``); the cached sampler and the uncached oracle draw in the same order, so
 with the same ``torch.Generator`` they return the same tokens. ``temperature = 0`` takes the argmax.
-The LM head (the model's own: bias and final soft-cap included, ``ebft.models.compat.lm_head``) is
+The LM head (the model's own: bias and final soft-cap included, ``ebft.core.compat.lm_head``) is
 applied only to the rows that are sampled from.
 """
 
@@ -23,10 +23,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ebft.models.compat import (LMHead, attn_implementation, backbone_forward, check_strided, lm_head, new_cache,
+from ebft.core.compat import (LMHead, attn_implementation, backbone_forward, check_strided, lm_head, new_cache,
                                 param_dtype)
-from ebft.rollout.layout import StridedLayout
-from ebft.rollout.masks import step_mask, strided_mask
+from ebft.core.layout import StridedLayout
+from ebft.core.masks import step_mask, strided_mask
 
 
 @contextmanager

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ebft.reporting import write_json
+from ebft.files import write_json
 from experiments.repro.settings import ROOT, ReproError
 
 RECORD = "job.json"

@@ -19,7 +19,7 @@ import platform
 import shlex
 from pathlib import Path, PurePosixPath
 
-from ebft.reporting import write_json
+from ebft.files import write_json
 from experiments.repro.jobs import Job, read_record
 from experiments.repro.settings import ReproError, Settings, Variant, format_lr, merge_overrides, override_value
 
@@ -113,7 +113,7 @@ def eval_overrides(settings: Settings, part: str) -> list[str]:
                 f"eval.cfm_chunks={int(settings.evaluation['calibration']['chunks'])}", *_skip(settings),
                 f"eval.profile_chunks={int(e['chunks'])}", f"eval.profile_lengths={override_value(e['lengths'])}"]
     return [*settings.eval_common, f"metrics={override_value(settings.benchmarks)}", f"limit={int(e['limit'])}",
-            f"n_samples={int(e['n_samples'])}", f"max_new_tokens={int(e['max_new_tokens'])}"]
+            f"num_samples={int(e['num_samples'])}", f"max_new_tokens={int(e['max_new_tokens'])}"]
 
 
 def _skip(settings: Settings) -> list[str]:

@@ -14,7 +14,8 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ebft.reporting import cell, markdown_table, write_csv, write_text
+from ebft.files import write_csv, write_text
+from ebft.reporting import cell, markdown_table
 from experiments.repro import comparison, diagnosis, figures
 from experiments.repro.jobs import read_record
 from experiments.repro.plan import PARTS, PLAN, eval_calls, read_results
@@ -176,7 +177,7 @@ def budget_section(plan: dict) -> list[str]:
               f"profile at G = {', '.join(map(str, f['lengths']))} on the first {f['chunks']} of those chunks."]
     if "downstream" in plan["eval"].get("parts", ()):
         lines.append(f"- {', '.join(plan['eval']['benchmarks'])} on their first {d['limit']} problems: greedy and "
-                     f"{d['n_samples']} samples at temperature 0.6 (pass@1, pass@{d['n_samples']}), at most "
+                     f"{d['num_samples']} samples at temperature 0.6 (pass@1, pass@{d['num_samples']}), at most "
                      f"{d['max_new_tokens']} new tokens."
                      + ("" if plan["eval"]["mbpp_path"] else " MBPP skipped: no --mbpp / EBFT_MBPP given."))
     else:

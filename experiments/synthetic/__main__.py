@@ -282,7 +282,7 @@ def readme(settings, summary, paired, versus_base, alpha, base_vs_truth, chosen,
         "- Learning rates (chosen by the final validation CFM of seed "
         f"{s.seeds[0]} on the validation split): " + ", ".join(
             f"{m} {fmt_lr(lr)}" for m, lr in chosen.items()) + " (grid in `lr_sweep.csv`).",
-        f"- Test: CE and CFM (n={cfg.eval.cfm_samples}, temperature {cfg.eval.cfm_temperature}) with "
+        f"- Test: CE and CFM (n={cfg.eval.cfm_num_samples}, temperature {cfg.eval.cfm_temperature}) with "
         f"`evaluate.py` on {s.test.chunks} chunks of fresh rows (data seed {s.test.data_seed}); FM profile on "
         f"{s.test.profile_chunks} of them. Oracle: {s.oracle.contexts} fresh contexts of {s.oracle.context_len} "
         f"symbols (seed {s.oracle.seed}), {s.oracle.rollouts} rollouts of {max(horizons)} tokens each at "

@@ -8,13 +8,13 @@ its mean over the seeds, so the interval is over held-out contexts at the seeds 
 
 from __future__ import annotations
 
-import csv
 import itertools
 import json
 from pathlib import Path
 
 import numpy as np
 
+from ebft import files
 from ebft.eval.paired import paired_difference
 
 STATS = ("pairs", "unigram")
@@ -75,29 +75,10 @@ def claims_of(rows: list[dict]) -> list[dict]:
              "sign": "lower" if r["ci_high"] < 0 else "higher"} for r in rows if holds(r)]
 
 
-def check_claims(claims: list[dict], tests: dict[str, list[dict]]) -> list[str]:
-    """The claims whose ordering does not hold (point estimate of the paired difference) in ``tests``;
-    claims about variants or metrics ``tests`` does not have are skipped."""
-    broken = []
-    for c in claims:
-        if c["variant"] not in tests or c["reference"] not in tests:
-            continue
-        a, b = seed_mean(tests[c["variant"]]), seed_mean(tests[c["reference"]])
-        if c["metric"] not in a:
-            continue
-        diff = float(np.mean(a[c["metric"]] - b[c["metric"]]))
-        if (diff < 0) != (c["sign"] == "lower"):
-            broken.append(f"{c['variant']} - {c['reference']} on {c['metric']}: claimed {c['sign']}, "
-                          f"measured {diff:+.5f}")
-    return broken
-
-
 def write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (json.dumps(v) if isinstance(v, list) else v) for k, v in row.items()})
+    """``rows`` as CSV (list cells as JSON), atomically."""
+    files.write_csv(path, list(rows[0]), [[json.dumps(v) if isinstance(v, list) else v for v in row.values()]
+                                          for row in rows])
 
 
 def summary_rows(tests: dict[str, list[dict]], truth: dict, horizons: list[int]) -> list[dict]:
@@ -171,8 +152,4 @@ def plot_horizons(path: Path, tests: dict[str, list[dict]], horizons: list[int],
 
 
 def write_claims(out: Path, claims: list[dict]) -> None:
-    (out / CLAIMS_FILE).write_text(json.dumps(claims, indent=1) + "\n")
-
-
-def read_claims(out: Path) -> list[dict]:
-    return json.loads((out / CLAIMS_FILE).read_text())
+    files.write_text(out / CLAIMS_FILE, json.dumps(claims, indent=1) + "\n")

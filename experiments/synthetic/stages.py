@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shlex
 import shutil
 import time
@@ -26,8 +25,10 @@ from ebft.data.synthetic import process_from_config, save_symbol_tokenizer
 from ebft.eval import report as eval_report
 from ebft.eval.oracle import model_rollouts, oracle_errors
 from ebft.eval.runner import evaluate
+from ebft.files import atomic_path, write_json
 from ebft.models.loading import build_tiny_model, load_model
-from ebft.run import train
+from ebft.app.run import train
+from ebft.config import train_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -89,9 +90,7 @@ def _read(path: Path) -> dict | None:
 
 
 def _write(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_json(data, path, indent=1)
 
 
 def _check_same(record: dict, command: str, directory: Path) -> None:
@@ -129,21 +128,16 @@ def write_init(settings: Settings) -> Path:
     if (target / "config.json").is_file():
         return target
     process = process_from_config(OmegaConf.to_container(cfg.data.process))
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = save_symbol_tokenizer(process.vocab, tmp)
-    init = cfg.model.init
-    model = build_tiny_model(vocab_size=len(tokenizer), num_layers=int(init.layers), hidden=int(init.hidden),
-                             seed=int(init.seed))
-    for key in ("eos_token_id", "pad_token_id"):
-        setattr(model.config, key, tokenizer.eos_token_id)
-        setattr(model.generation_config, key, tokenizer.eos_token_id)
-    model.config.bos_token_id = model.generation_config.bos_token_id = None
-    model.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        tokenizer = save_symbol_tokenizer(process.vocab, tmp)
+        init = cfg.model.init
+        model = build_tiny_model(vocab_size=len(tokenizer), num_layers=int(init.layers), hidden=int(init.hidden),
+                                 seed=int(init.seed))
+        for key in ("eos_token_id", "pad_token_id"):
+            setattr(model.config, key, tokenizer.eos_token_id)
+            setattr(model.generation_config, key, tokenizer.eos_token_id)
+        model.config.bos_token_id = model.generation_config.bos_token_id = None
+        model.save_pretrained(tmp)
     return target
 
 
@@ -165,7 +159,7 @@ class Run:
 
 
 def train_run(run: Run, settings: Settings) -> dict:
-    """Train ``run`` in this process through :func:`ebft.run.train` (what ``train.py`` calls) unless its
+    """Train ``run`` in this process through :func:`ebft.app.run.train` (what ``train.py`` calls) unless its
     record says it finished; drop the Lightning checkpoints afterwards; return the record."""
     record_path = run.directory / "run.json"
     record = _read(record_path)
@@ -179,7 +173,7 @@ def train_run(run: Run, settings: Settings) -> dict:
     print(f"  {run.name}: training ({relative(run.directory)})", flush=True)
     start, cpu = time.time(), time.process_time()
     with _logged(run.directory / "stdout.log"):
-        summary = train(cfg)
+        summary = train(train_settings(cfg))
     record = {"name": run.name, "command": run.command, "steps": summary["steps"],
               "seconds": round(time.time() - start, 1), "cpu_seconds": round(time.process_time() - cpu, 1),
               "seconds_per_step": summary["seconds_per_step"]}
@@ -216,7 +210,7 @@ def eval_overrides(settings: Settings, base: Path, ckpt: Path, directory: Path) 
             f"data.process={{{process}}}", f"data.seed={int(test.data_seed)}", f"data.rows={int(test.rows)}",
             f"data.row_len={int(cfg.data.row_len)}", f"data.val_size={int(test.val_size)}",
             f"eval.cfm_chunks={int(test.chunks)}", f"eval.profile_chunks={int(test.profile_chunks)}",
-            f"eval.cfm_samples={int(e.cfm_samples)}", f"eval.cfm_temperature={float(e.cfm_temperature)}",
+            f"eval.cfm_num_samples={int(e.cfm_num_samples)}", f"eval.cfm_temperature={float(e.cfm_temperature)}",
             f"eval.whitening={e.whitening}", f"feature_network.layers=[{','.join(str(float(q)) for q in phi.layers)}]",
             f"feature_network.pooling={phi.pooling}",
             f"eval.profile_lengths=[{','.join(str(int(g)) for g in e.profile_lengths)}]",

@@ -7,7 +7,7 @@ Version differences handled here:
 - transformers 5.24 names the cache argument ``cache=`` (``past_key_values=`` is a deprecated
   alias); 5.17 knows only ``past_key_values=``. The name is read once per backbone class from the
   signature of its ``forward``.
-- Both versions pass a 4D ``attention_mask`` through unchanged (see ``ebft.rollout.masks``), and a
+- Both versions pass a 4D ``attention_mask`` through unchanged (see ``ebft.core.masks``), and a
   ``DynamicCache`` is updated in place, so the cache object given is the one returned.
 
 Model families. Strided rollouts re-implement the last step of the model's own forward (the LM
@@ -181,7 +181,7 @@ def backbone_forward(model: nn.Module, input_ids: torch.Tensor, position_ids: to
     """Run the backbone; return ``(last_hidden_state, cache)``.
 
     ``input_ids`` (batch, L); ``position_ids`` (L,) or (batch, L); ``attention_mask`` None (causal),
-    a 2D padding mask (batch, cached + L) or a prepared 4D mask (see ``ebft.rollout.masks``). With a
+    a 2D padding mask (batch, cached + L) or a prepared 4D mask (see ``ebft.core.masks``). With a
     ``cache`` the new keys and values are appended to it. The hidden states are after the final norm.
     """
     backbone = get_backbone(model)

@@ -36,13 +36,12 @@ import copy
 
 import torch
 
-POOLINGS = ("last_token", "mean", "mean_raw")
-"""Feature poolings: the last token of a window, or (both means) all its G tokens."""
+from ebft.config import POOLING   # feature poolings: the last token of a window, or (both means) all its G tokens
 
 
 def _check_pooling(pooling: str) -> None:
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling='{pooling}' is unknown; use one of {', '.join(POOLINGS)}")
+    if pooling not in POOLING:
+        raise ValueError(f"pooling='{pooling}' is unknown; use one of {', '.join(POOLING)}")
 
 
 class StridedLayout:

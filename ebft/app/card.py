@@ -14,16 +14,18 @@ import shlex
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 import ebft
+from ebft.config import TrainSettings
+from ebft.files import write_text
 
 CARD = "README.md"
 CONFIG = "config.yaml"
 FINAL_METRICS = ("val/ce", "val/ce_answer", "val/cfm", "val/cfm_whitened")
 
 
-def reproduce_command(cfg: DictConfig) -> str:
+def reproduce_command() -> str:
     """``python train.py`` with the run's command-line overrides (Hydra's record of them when the run
     was launched by Hydra; the process arguments otherwise)."""
     from hydra.core.hydra_config import HydraConfig
@@ -35,38 +37,39 @@ def reproduce_command(cfg: DictConfig) -> str:
     return " ".join(["python", "train.py", *map(shlex.quote, overrides)])
 
 
-def _data(cfg: DictConfig) -> str:
-    data = cfg.data
+def _data(settings: TrainSettings) -> str:
+    data = settings.data.source
     kind = str(data.get("kind"))
     if kind == "hub":
         where = f"hub dataset `{data.get('name')}`" + (f" ({data.get('config')})" if data.get("config") else "")
     elif kind == "local":
         files = data.get("files")
         where = "local files " + ", ".join(f"`{Path(str(f)).name}`" for f in
-                                           (files if OmegaConf.is_list(files) else [files]))
+                                           (files if isinstance(files, (list, tuple)) else [files]))
     else:
         where = "the embedded offline corpus"
-    return (f"{where}, task `{cfg.task.name}`, chunks of {cfg.task.seq_len} tokens, "
-            f"{data.get('val_size')} held-out rows (seed {data.get('seed')})")
+    return (f"{where}, task `{settings.task.name}`, chunks of {settings.task.seq_len} tokens, "
+            f"{settings.data.val_size} held-out rows (seed {settings.data.seed})")
 
 
-def model_card(cfg: DictConfig, metrics: dict[str, float], steps: int, command: str) -> str:
+def model_card(settings: TrainSettings, metrics: dict[str, float], steps: int, command: str) -> str:
     """The card's text (YAML front matter + a table of what the run was)."""
-    method = str(cfg.method.name)
-    rows = [("base model", f"`{cfg.model.name}`"), ("method", method.upper())]
-    if cfg.get("init_from"):
-        rows.append(("warm start", f"`{cfg.init_from}`"))
+    m = settings.method
+    method = m.name
+    rows = [("base model", f"`{settings.model.name}`"), ("method", method.upper())]
+    if settings.model.init_from:
+        rows.append(("warm start", f"`{settings.model.init_from}`"))
     if method == "ebft":
-        rows += [("alpha (diversity weight, eq. 7)", str(cfg.alpha)), ("gamma (CE weight)", str(cfg.gamma)),
-                 ("whitening (eqs. 8-9)", str(cfg.method.whitening))]
-    rows += [("data", _data(cfg)), ("learning rate", str(cfg.method.lr)), ("optimizer steps", str(steps)),
-             ("seed", str(cfg.seed))]
+        rows += [("alpha (diversity weight, eq. 7)", str(m.alpha)), ("gamma (CE weight)", str(m.gamma)),
+                 ("whitening (eqs. 8-9)", str(m.whitening))]
+    rows += [("data", _data(settings)), ("learning rate", str(settings.optim.lr)), ("optimizer steps", str(steps)),
+             ("seed", str(settings.seed))]
     for name in FINAL_METRICS:
         if name in metrics:
             rows.append((f"final {name}", f"{metrics[name]:.4f}"))
     rows.append(("library", f"ebft {ebft.__version__}"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    base = str(cfg.model.name)
+    base = str(settings.model.name)
     front = ["---", "library_name: transformers", "pipeline_tag: text-generation",
              f"tags: [{', '.join(sorted({'ebft', method}))}]"] + ([f"base_model: {base}"] if base.count("/") == 1 and
                                             not Path(base).exists() else []) + ["---"]
@@ -89,13 +92,12 @@ Reproduce (the resolved config is `{CONFIG}` beside this card):
 """
 
 
-def write_card(directory: str | Path, cfg: DictConfig, metrics: dict[str, float], steps: int) -> Path:
-    """Write ``README.md`` and ``config.yaml`` into the saved model's ``directory``; return the card."""
+def write_card(directory: str | Path, settings: TrainSettings, metrics: dict[str, float], steps: int) -> Path:
+    """Write ``README.md`` and ``config.yaml`` (the run's resolved config, ``settings.record``) into the
+    saved model's ``directory``; return the card."""
     directory = Path(directory)
-    OmegaConf.save(cfg, directory / CONFIG, resolve=True)
-    card = directory / CARD
-    card.write_text(model_card(cfg, metrics, steps, reproduce_command(cfg)))
-    return card
+    write_text(directory / CONFIG, OmegaConf.to_yaml(OmegaConf.create(dict(settings.record))))
+    return write_text(directory / CARD, model_card(settings, metrics, steps, reproduce_command()))
 
 
 def push(directory: str | Path, repo_id: str, private: bool = False) -> str:

@@ -27,7 +27,7 @@ from lightning.pytorch.strategies.launchers.subprocess_script import _Subprocess
 from torch import nn
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-from ebft.config import ConfigError
+from ebft.config import ConfigError, TrainerSettings
 
 GIB = 1024 ** 3
 
@@ -54,21 +54,20 @@ def gradient_accumulation(global_batch: int, micro_batch: int, world_size: int) 
     return global_batch // per_pass
 
 
-def apply_global_batch(trainer: L.Trainer, cfg) -> None:
+def apply_global_batch(trainer: L.Trainer, settings: TrainerSettings, micro_batch: int) -> None:
     """Set the Trainer's gradient accumulation from ``global_batch`` (when set) and keep
     ``trainer.val_check_interval`` counted in optimizer steps (Lightning counts micro-batches).
 
     The Trainer resolves the device count (``devices=auto``, Slurm, several nodes), so this runs on
     the constructed Trainer, before ``fit``.
     """
-    global_batch = cfg.get("global_batch")
+    global_batch = settings.global_batch
     if global_batch is not None:
-        if int(cfg.trainer.get("accumulate_grad_batches", 1)) != 1:
-            raise ConfigError(f"global_batch={global_batch} and trainer.accumulate_grad_batches="
-                              f"{cfg.trainer.accumulate_grad_batches} both set the accumulation; "
-                              "keep global_batch and drop the other")
-        trainer.accumulate_grad_batches = gradient_accumulation(
-            int(global_batch), int(cfg.method.batch_size), trainer.world_size)
+        accumulate = settings.kwargs.get("accumulate_grad_batches", 1)
+        if int(accumulate) != 1:
+            raise ConfigError(f"global_batch={global_batch} and trainer.accumulate_grad_batches={accumulate} both "
+                              "set the accumulation; keep global_batch and drop the other")
+        trainer.accumulate_grad_batches = gradient_accumulation(global_batch, micro_batch, trainer.world_size)
     if isinstance(trainer.val_check_interval, int):
         trainer.val_check_interval *= trainer.accumulate_grad_batches
 

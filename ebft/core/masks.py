@@ -39,7 +39,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from ebft.rollout.layout import StridedLayout
+from ebft.core.layout import StridedLayout
 
 IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 BANDED_SDPA = "cpu"          # "cpu" | "always" | "never": see the module docstring
