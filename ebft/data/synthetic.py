@@ -93,6 +93,36 @@ class HiddenMarkovProcess:
             belief /= belief.sum(axis=1, keepdims=True)
         return belief
 
+    def log_likelihood_steps(self, symbols: np.ndarray) -> np.ndarray:
+        """``log P(x_t | x_1..x_{t-1})`` (B, L) of sequences ``symbols`` (B, L) under the process (forward
+        algorithm; the first step is ``log P(x_1)`` from the initial law). Symbol ids outside the
+        alphabet (EOS, any other token) have probability 0: ``-inf`` there and at every later step."""
+        symbols = np.asarray(symbols)
+        B, L = symbols.shape
+        inside = (symbols >= 0) & (symbols < self.vocab)
+        ids = np.where(inside, symbols, 0)
+        out = np.empty((B, L))
+        belief = np.broadcast_to(self.initial, (B, len(self.initial))).copy()
+        dead = np.zeros(B, dtype=bool)
+        for t in range(L):
+            if t:
+                belief = belief @ self.transition
+            joint = belief * self.emission[:, ids[:, t]].T
+            mass = joint.sum(axis=1)
+            dead |= ~inside[:, t]
+            with np.errstate(divide="ignore"):
+                out[:, t] = np.where(dead, -np.inf, np.log(mass))
+            belief = joint / np.where(mass > 0, mass, 1.0)[:, None]
+        return out
+
+    def continuation_steps(self, contexts: np.ndarray, continuations: np.ndarray) -> np.ndarray:
+        """``log p(y_t | c, y_<t)`` (B, m, G) of continuations ``y`` (B, m, G) of contexts ``c`` (B, c): the
+        forward algorithm's steps over the continuation; their sum is ``log p(y | c)``."""
+        contexts, continuations = np.asarray(contexts), np.asarray(continuations)
+        B, m, G = continuations.shape
+        rows = np.concatenate([np.repeat(contexts, m, axis=0), continuations.reshape(B * m, G)], axis=1)
+        return self.log_likelihood_steps(rows)[:, contexts.shape[1]:].reshape(B, m, G)
+
     def continuation_frequencies(self, posterior: np.ndarray, horizons) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """Exact expected statistics of the first ``G`` continuation symbols, for each ``G``:
         ``{G: (unigram (B, V), pairs (B, V, V))}`` with ``f_a = (1/G) sum_{t<=G} 1[x_{c+t} = a]`` and
@@ -178,6 +208,29 @@ def make_process(vocab: int = 16, regimes: int = 4, states: int = 2, stay: float
             transition[np.ix_(block, outside)] += (1 - regime_stay) / len(outside)
     emission = rng.dirichlet(np.full(vocab, concentration), size=K)
     return HiddenMarkovProcess(stationary(transition), transition, emission)
+
+
+def mixture(processes: list[HiddenMarkovProcess], weights) -> HiddenMarkovProcess:
+    """The process that draws one component ``i`` with probability ``weights[i]`` and then runs it: one
+    hidden Markov model with the components' states side by side (a block-diagonal transition
+    matrix, no switching between components) and initial law ``weights[i] * initial_i``. All
+    components share the alphabet."""
+    weights = np.asarray(weights, dtype=float)
+    if len(processes) != len(weights) or len(processes) < 1 or (weights < 0).any() or weights.sum() <= 0:
+        raise DataConfigError(f"a mixture needs one weight >= 0 per component (and some > 0), got {weights.tolist()} "
+                              f"for {len(processes)} components")
+    vocab = {p.vocab for p in processes}
+    if len(vocab) != 1:
+        raise DataConfigError(f"the components of a mixture must share one alphabet, got vocab sizes {sorted(vocab)}")
+    weights = weights / weights.sum()
+    sizes = [len(p.initial) for p in processes]
+    transition = np.zeros((sum(sizes), sum(sizes)))
+    at = 0
+    for p, k in zip(processes, sizes):
+        transition[at:at + k, at:at + k] = p.transition
+        at += k
+    initial = np.concatenate([w * p.initial for w, p in zip(weights, processes)])
+    return HiddenMarkovProcess(initial, transition, np.concatenate([p.emission for p in processes]))
 
 
 def process_from_config(cfg: Mapping | None) -> HiddenMarkovProcess:

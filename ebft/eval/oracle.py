@@ -19,6 +19,20 @@ With ``m`` model rollouts ``y_1..y_m`` from ``c`` and the exact expectation ``F 
 
 CFM compares the model with one sampled continuation through a learned feature network; the oracle
 compares it with the exact continuation law through features whose meaning is known.
+
+The exact truth metrics compare whole continuations, through the process's own likelihood
+(:meth:`~ebft.data.synthetic.HiddenMarkovProcess.continuation_steps`, the forward filter):
+
+- ``reverse`` KL of ``G``-token rollouts, ``E_{y ~ p_theta(.|c)}[log p_theta(y|c) - log p(y|c)]``: the
+  mean over rollouts of the model of their log-likelihood ratio; what a model puts where the
+  process does not (mode-seeking). Its estimate from the process's own samples is exactly 0;
+- ``forward`` KL, ``E_{y ~ p(.|c)}[log p(y|c) - log p_theta(y|c)]``: the model's cross-entropy on the
+  process's continuations minus the process's conditional entropy, on the same continuations.
+
+Both per context (paired comparisons over the same contexts and random numbers), for every horizon
+``G`` (the first ``G`` tokens of 32-token continuations). The model's law here is its distribution
+over the process's ``V`` symbols (logits of other tokens, e.g. EOS between packed rows, left out and
+the rest renormalised), so that every rollout is a sequence the process can score.
 """
 
 from __future__ import annotations
@@ -34,6 +48,7 @@ from ebft.core.layout import StridedLayout
 from ebft.rollout.sampler import sample_strided
 
 STATISTICS = ("unigram", "pairs")
+KL = ("reverse", "forward")
 
 
 def ngram_frequencies(tokens: np.ndarray, vocab: int, horizons) -> dict[int, dict[str, np.ndarray]]:
@@ -108,3 +123,72 @@ def model_rollouts(model, contexts: torch.Tensor, num: int, length: int, tempera
         ids = torch.cat([ctx, ctx.new_zeros(len(ctx), length)], dim=1)  # placeholders, never attended to
         out.append(sample_strided(model, ids, layout, temperature=temperature, generator=generator)[:, 0, 0].cpu())
     return torch.cat(out).reshape(len(contexts), num, length).numpy()
+
+
+def _symbol_logprobs(model, ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Log-probabilities (B, L, V) of the next symbol at every position of ``ids`` (B, L): the model's
+    logits over the process's ``vocab`` symbols, renormalised (temperature 1)."""
+    return model(input_ids=ids).logits[..., :vocab].float().log_softmax(-1)
+
+
+@torch.no_grad()
+def symbol_rollouts(model, contexts: torch.Tensor, num: int, length: int, vocab: int,
+                    seed: int = 43) -> tuple[np.ndarray, np.ndarray]:
+    """``num`` rollouts of ``length`` symbols from every context (B, c) under the model's symbol law, and
+    their per-step log-probabilities: ``(tokens (B, num, length), logp (B, num, length))``. One torch
+    generator seeded with ``seed``: the same contexts and seed draw the same random numbers for every
+    model (paired comparisons)."""
+    device = get_lm_head(model).weight.device if hasattr(model, "get_output_embeddings") else contexts.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    ids = contexts.to(device).repeat_interleave(num, dim=0)
+    tokens, logps = [], []
+    for _ in range(length):
+        logp = _symbol_logprobs(model, ids, vocab)[:, -1]
+        u = torch.rand(len(ids), 1, generator=generator, device=device)
+        nxt = torch.searchsorted(logp.exp().cumsum(-1), u * logp.exp().sum(-1, keepdim=True)).clamp_(max=vocab - 1)
+        tokens.append(nxt[:, 0])
+        logps.append(logp.gather(-1, nxt)[:, 0])
+        ids = torch.cat([ids, nxt], dim=1)
+    shape = (len(contexts), num, length)
+    return torch.stack(tokens, 1).reshape(shape).cpu().numpy(), torch.stack(logps, 1).reshape(shape).cpu().numpy()
+
+
+@torch.no_grad()
+def symbol_logprobs(model, contexts: torch.Tensor, continuations: np.ndarray, vocab: int,
+                    batch_size: int = 512) -> np.ndarray:
+    """Per-step ``log p_theta(y_t | c, y_<t)`` (B, m, G) of continuations (B, m, G) under the model's symbol
+    law (one causal forward of ``[c, y]`` per row)."""
+    B, m, G = continuations.shape
+    c = contexts.shape[1]
+    device = get_lm_head(model).weight.device if hasattr(model, "get_output_embeddings") else contexts.device
+    rows = torch.cat([contexts.repeat_interleave(m, dim=0), torch.from_numpy(continuations.reshape(B * m, G))], 1)
+    out = []
+    for start in range(0, len(rows), batch_size):
+        ids = rows[start:start + batch_size].to(device)
+        logp = _symbol_logprobs(model, ids[:, :-1], vocab)[:, c - 1:]             # predicts positions c..c+G-1
+        out.append(logp.gather(-1, ids[:, c:, None])[..., 0].cpu())
+    return torch.cat(out).reshape(B, m, G).numpy()
+
+
+def exact_kl(model, process, contexts: np.ndarray, horizons, num: int = 8, seed: int = 43,
+             rng_seed: int = 2043) -> dict[int, dict[str, np.ndarray]]:
+    """The exact truth metrics of the module docstring, per context: ``{G: {"reverse": (B,), "forward": (B,)}}``.
+
+    ``contexts`` (B, c) symbol ids; ``num`` rollouts of the model per context (drawn with ``seed``) and
+    ``num`` continuations of the process (drawn with ``rng_seed``), each ``max(horizons)`` long."""
+    horizons = sorted(set(int(g) for g in horizons))
+    length = horizons[-1]
+    ctx = torch.from_numpy(np.asarray(contexts))
+    tokens, model_steps = symbol_rollouts(model, ctx, num, length, process.vocab, seed)
+    truth_steps = process.continuation_steps(contexts, tokens)
+    truth_samples = process.continue_from(process.filter(np.asarray(contexts)), length, num,
+                                          np.random.default_rng(rng_seed))
+    truth_of_truth = process.continuation_steps(contexts, truth_samples)
+    model_of_truth = symbol_logprobs(model, ctx, truth_samples, process.vocab)
+    out = {}
+    for g in horizons:
+        reverse = (model_steps[..., :g] - truth_steps[..., :g]).sum(-1).mean(-1)
+        forward = (truth_of_truth[..., :g] - model_of_truth[..., :g]).sum(-1).mean(-1)
+        out[g] = {"reverse": reverse, "forward": forward}
+    return out
+
