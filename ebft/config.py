@@ -759,7 +759,7 @@ def recorded_config(cfg: DictConfig) -> dict:
     """The resolved config as a run records it (``hparams.yaml``, checkpoints, ``hf_model/config.yaml``):
     the run directory relative to the working directory when it lies inside it, so that a run's
     record names no path of the machine it ran on."""
-    record = OmegaConf.to_container(cfg, resolve=True)
+    record = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     out, cwd = Path(str(record.get("output_dir", ""))), Path.cwd()
     if out.is_absolute() and out.is_relative_to(cwd):
         record["output_dir"] = str(out.relative_to(cwd))

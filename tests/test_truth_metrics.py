@@ -97,3 +97,18 @@ def test_a_mixture_runs_one_component_drawn_by_weight():
     np.testing.assert_allclose(probability, expected, rtol=1e-8)
     states = half.sample(50, 30, np.random.default_rng(4))[1]
     assert ((states < len(a.initial)).all(1) | (states >= len(a.initial)).all(1)).all()   # no switching
+
+
+def test_a_mixture_from_the_data_config():
+    from ebft.config import DataConfigError
+    from ebft.data.synthetic import process_from_config
+
+    spec = {"vocab": 4, "components": [{"seed": 1}, {"seed": 2}], "weights": [3, 1]}
+    expected = mixture([make_process(vocab=4, seed=1), make_process(vocab=4, seed=2)], [0.75, 0.25])
+    got = process_from_config(spec)
+    np.testing.assert_allclose(got.initial, expected.initial)
+    np.testing.assert_allclose(got.transition, expected.transition)
+    with pytest.raises(DataConfigError, match="one weight >= 0 per component"):
+        process_from_config({**spec, "weights": [1]})
+    with pytest.raises(DataConfigError, match="weights needs data.process.components"):
+        process_from_config({"weights": [1, 1]})

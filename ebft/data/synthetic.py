@@ -39,7 +39,7 @@ import numpy as np
 from ebft.config import DataConfigError
 
 EOS = "<eos>"
-PROCESS_KEYS = {"vocab", "regimes", "states", "stay", "regime_stay", "concentration", "seed"}
+PROCESS_KEYS = {"vocab", "regimes", "states", "stay", "regime_stay", "concentration", "seed", "components", "weights"}
 DEFAULT_PROCESS = {"vocab": 16, "regimes": 4, "states": 2, "stay": 0.8, "regime_stay": 0.995,
                    "concentration": 0.3, "seed": 0}
 
@@ -234,12 +234,20 @@ def mixture(processes: list[HiddenMarkovProcess], weights) -> HiddenMarkovProces
 
 
 def process_from_config(cfg: Mapping | None) -> HiddenMarkovProcess:
-    """:func:`make_process` from ``data.process`` (missing keys take :data:`DEFAULT_PROCESS`)."""
+    """:func:`make_process` from ``data.process`` (missing keys take :data:`DEFAULT_PROCESS`), or with
+    ``components`` (a list of such specs, each on top of the other keys) and ``weights`` their
+    :func:`mixture`."""
     cfg = dict(cfg or {})
     unknown = sorted(set(cfg) - PROCESS_KEYS)
     if unknown:
         raise DataConfigError(f"unknown data.process key(s) {unknown}; known keys: {sorted(PROCESS_KEYS)}")
-    return make_process(**{**DEFAULT_PROCESS, **cfg})
+    components, weights = cfg.pop("components", None), cfg.pop("weights", None)
+    if components is None:
+        if weights is not None:
+            raise DataConfigError("data.process.weights needs data.process.components (one weight per component)")
+        return make_process(**{**DEFAULT_PROCESS, **cfg})
+    parts = [process_from_config({**cfg, **dict(c)}) for c in components]
+    return mixture(parts, [1.0] * len(parts) if weights is None else list(weights))
 
 
 def synthetic_rows(cfg: Mapping) -> list[dict]:

@@ -1,17 +1,22 @@
-"""The synthetic testbed: SFT vs EBFT on a known process, with an exact oracle calibration error.
+"""The known-answer bench: EBFT against SFT where the truth is exact (``python -m experiments.synthetic``).
 
-``python -m experiments.synthetic`` (settings in ``conf/experiment/synthetic.yaml``, section
-``synthetic``) runs, each stage skipping what is already on disk:
+A tiny Llama is pretrained by CE on a broad process (a mixture of seeded hidden Markov models,
+:func:`ebft.data.synthetic.mixture`) and fine-tuned on a small set of a task process built from its
+components; every model is tested with exact truth metrics (:func:`ebft.eval.oracle.exact_kl`: the
+reverse KL of its rollouts and the forward KL, through the process's forward filter), CE and CFM.
+Stages (each read back from ``--runs`` when done; settings in ``settings.yaml``):
 
-1. ``init``: the random tiny Llama over the process's symbols and its tokenizer (``model.name``);
-2. ``base``: the "pretrained" base, CE on the process from the random init (``train.py method=sft``);
-   it is the frozen feature network of every later run and of the evaluation;
-3. ``lr``: per method, short runs over its lr grid from the base (seed 43), the lr with the lowest
-   final validation CFM (validation split of the training rows) is kept;
-4. ``runs``: every variant (SFT, EBFT with / without whitening, alpha 0 / 1) and seed at its method's
-   lr, the same data, batch and number of steps (``train.py``);
-5. ``test``: every model on fresh rows of the process (another ``data.seed``) with ``evaluate.py``'s
-   calibration (CE per chunk, CFM per context, FM profile), and the oracle calibration error
-   (:mod:`ebft.eval.oracle`) of rollouts from fresh contexts at horizons G = 1..32;
-6. ``report``: ``README.md``, csv tables and plots with paired 95% intervals over held-out contexts.
+1. ``pretrain``: the base to its validation plateau (fresh data every step); the yardstick, the base
+   fine-tuned by SFT on plenty of task data;
+2. ``finite data``: for each training-set size and seed, SFT early-stopped on validation CE against
+   EBFT from the base (checkpoint chosen by the same rule), EBFT warm-started from SFT's checkpoint and
+   the CE-only ablation (``rl_coef = 0``); lrs chosen per method and size on the first seed's
+   validation CE; ablations of EBFT (gamma, whitening, alpha) at one size;
+3. ``controls``: the converged null (more SFT vs EBFT from the yardstick on fresh data) and the
+   positive control (the yardstick's logits scaled down, then EBFT with gamma = 0);
+4. ``report``: ``README.md`` with the figure, paired tables (intervals over seeds and over test
+   units), the design check and a verdict (:mod:`experiments.synthetic.report`).
+
+The runs use the fast harness (:mod:`experiments.synthetic.harness`): the library's update in a plain
+loop, many runs per process.
 """

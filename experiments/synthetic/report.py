@@ -1,155 +1,200 @@
-"""Tables, plots, the claimed orderings and ``README.md`` of the synthetic testbed.
+"""The known-answer bench's report: one figure (exact KLs against training-set size), paired tables with
+intervals over seeds and over test units, the controls, the design check, the ablations and a verdict.
 
-Every comparison is paired over held-out units with :func:`ebft.eval.paired.paired_difference`: test
-chunks for CE and CFM (the blocks of one chunk share text, so a chunk's contexts are averaged first),
-oracle contexts (independent draws of the process) for the oracle error. A variant's per-unit value is
-its mean over the seeds, so the interval is over held-out contexts at the seeds run.
+Every comparison is paired: all models are tested on the same contexts and chunks with the same
+random numbers. For a variant against SFT at one size, each seed gives a paired mean difference over
+the test units; the table shows the mean over seeds with a 95% t-interval over the seeds (the
+training-set draw is the noise a user meets) and, beside it, the interval over all units pooled.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
+import math
 from pathlib import Path
 
 import numpy as np
 
-from ebft import files
 from ebft.eval.paired import paired_difference
+from ebft.files import write_csv, write_json, write_text
+from ebft.reporting import Line, Panel, cell, line_panels, markdown_table
 
-STATS = ("pairs", "unigram")
+METRICS = ("reverse_kl/G8", "reverse_kl/G16", "forward_kl/G16", "ce", "cfm")
+HEADLINE = ("reverse_kl/G16", "forward_kl/G16")
+VARIANTS = ("sft", "ebft", "ebft_ws", "ce_only")
+NAMES = {"sft": "SFT (early-stopped)", "ebft": "EBFT from the base", "ebft_ws": "EBFT warm-started",
+         "ce_only": "CE-only (EBFT, rl_coef 0)"}
 CLAIMS_FILE = "claims.json"
+"""The orderings whose 95% interval excludes 0 (``sign``: lower or higher), replayed by the slow test."""
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}
 
 
-def per_chunk(values) -> np.ndarray:
-    """(chunks, blocks) nested list -> per-chunk means; a flat list is already per chunk."""
-    array = np.asarray(values, dtype=np.float64)
-    return array.mean(axis=-1) if array.ndim == 2 else array
+def seed_interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and 95% t-interval of per-seed values (a single seed: no interval)."""
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return float(v.mean()), math.nan, math.nan
+    half = T95.get(len(v) - 1, 1.96) * v.std(ddof=1) / math.sqrt(len(v))
+    return float(v.mean()), float(v.mean() - half), float(v.mean() + half)
 
 
-def units(record: dict) -> dict[str, np.ndarray]:
-    """The per-unit arrays of one test record: ``ce``, ``cfm``, ``oracle/<stat>/G<g>`` (l2)."""
-    out = {"ce": per_chunk(record["units"]["ce"]), "cfm": per_chunk(record["units"]["cfm"])}
-    for g, per in record["oracle"].items():
-        for stat in STATS:
-            out[f"oracle/{stat}/G{g}"] = np.asarray(per[stat]["l2"])
-            out[f"tv/{stat}/G{g}"] = np.asarray(per[stat]["tv"])
-    for g, values in record["units"]["profile"].items():
-        out[f"profile/G{g}"] = per_chunk(values)
-    return out
+def paired(tests: dict, a: str, b: str, metric: str) -> dict:
+    """``a - b`` on ``metric``: per-seed paired means, their t-interval, and the pooled unit-level interval."""
+    per_seed = [float(np.mean(np.subtract(x[metric], y[metric]))) for x, y in zip(tests[a], tests[b])]
+    mean, low, high = seed_interval(per_seed)
+    pooled = paired_difference(np.concatenate([x[metric] for x in tests[a]]),
+                               np.concatenate([y[metric] for y in tests[b]]), n_permutations=0)
+    return {"variant": a, "reference": b, "metric": metric, "mean": mean, "seeds_low": low, "seeds_high": high,
+            "units_low": pooled.ci_low, "units_high": pooled.ci_high, "per_seed": per_seed}
 
 
-def seed_mean(records: list[dict]) -> dict[str, np.ndarray]:
-    """Per-unit values averaged over the seeds' records (same units in every record)."""
-    per_seed = [units(r) for r in records]
-    return {k: np.mean([u[k] for u in per_seed], axis=0) for k in per_seed[0]}
+def verdict_of(row: dict) -> str:
+    low, high = (row["seeds_low"], row["seeds_high"]) if not math.isnan(row["seeds_low"]) else \
+        (row["units_low"], row["units_high"])
+    if high < 0:
+        return "lower"
+    if low > 0:
+        return "higher"
+    return f"within noise (interval width {high - low:.4f})"
 
 
-def paired_rows(tests: dict[str, list[dict]], reference: str, keys: list[str]) -> list[dict]:
-    """``variant - reference`` for every other variant and key (seed means, paired over units); a
-    reference with one record (the base) is every seed's reference."""
-    ref = seed_mean(tests[reference])
-    rows = []
-    for name, records in tests.items():
-        if name == reference:
-            continue
-        mean = seed_mean(records)
-        for key in keys:
-            d = paired_difference(mean[key], ref[key], n_permutations=10_000, seed=0)
-            per_seed = [float(np.mean(units(r)[key] - units(q)[key]))
-                        for r, q in zip(records, itertools.cycle(tests[reference]))]
-            rows.append({"variant": name, "reference": reference, "metric": key, "mean": d.mean, "se": d.se,
-                         "ci_low": d.ci_low, "ci_high": d.ci_high, "p_value": d.p_value, "n": d.n,
-                         "per_seed": per_seed})
-    return rows
+def level(tests: dict, name: str, metric: str) -> tuple[float, float, float]:
+    return seed_interval([float(np.mean(t[metric])) for t in tests[name]])
 
 
-def claims_of(rows: list[dict]) -> list[dict]:
-    """The orderings the report claims: every comparison whose 95% interval excludes 0 and whose
-    difference has that sign at every seed, with its sign."""
-    def holds(r):
-        lower, higher = r["ci_high"] < 0, r["ci_low"] > 0
-        return (lower and all(v < 0 for v in r["per_seed"])) or (higher and all(v > 0 for v in r["per_seed"]))
-
-    return [{"variant": r["variant"], "reference": r["reference"], "metric": r["metric"],
-             "sign": "lower" if r["ci_high"] < 0 else "higher"} for r in rows if holds(r)]
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    """``rows`` as CSV (list cells as JSON), atomically."""
-    files.write_csv(path, list(rows[0]), [[json.dumps(v) if isinstance(v, list) else v for v in row.values()]
-                                          for row in rows])
-
-
-def summary_rows(tests: dict[str, list[dict]], truth: dict, horizons: list[int]) -> list[dict]:
-    """One row per model (seed mean): test CE, CFM, oracle l2 (pairs) at each horizon; and the truth."""
-    rows = []
-    for name, records in tests.items():
-        mean = seed_mean(records)
-        row = {"model": name, "seeds": len(records), "ce": mean["ce"].mean(), "cfm": mean["cfm"].mean()}
-        for g in horizons:
-            row[f"oracle_pairs_G{g}"] = mean[f"oracle/pairs/G{g}"].mean()
-        for g in horizons:
-            row[f"tv_pairs_G{g}"] = mean[f"tv/pairs/G{g}"].mean()
-        rows.append(row)
-    row = {"model": "true process", "seeds": 0, "ce": float("nan"), "cfm": float("nan")}
-    for g in horizons:
-        row[f"oracle_pairs_G{g}"] = float(np.mean(truth[str(g)]["pairs"]["l2"]))
-    for g in horizons:
-        row[f"tv_pairs_G{g}"] = float(np.mean(truth[str(g)]["pairs"]["tv"]))
-    rows.append(row)
-    return rows
+def write(out: Path, s, tests: dict, records: dict, chosen: dict, timings: dict, machine: dict) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = [int(n) for n in s.finite.sizes]
+    rows = [paired(tests, f"{v}@{n}", f"sft@{n}", m) for n in sizes for v in VARIANTS[1:] for m in METRICS]
+    ablation = [paired(tests, name, f"ebft@{s.ablations.size}", m) for name in tests
+                if name.startswith("ebft_") and name.endswith(f"@{s.ablations.size}") and not name.startswith("ebft_ws")
+                for m in METRICS]
+    controls = [paired(tests, "null: EBFT", "null: more SFT", m) for m in METRICS] + \
+               [paired(tests, "positive: EBFT gamma 0", "positive: start", m) for m in METRICS] + \
+               [paired(tests, "positive: EBFT gamma 0", "positive: SFT", m) for m in METRICS]
+    smallest = f"sft@{sizes[0]}"
+    design = [paired(tests, "yardstick", smallest, m) for m in ("cfm", "ce", "reverse_kl/G16")]
+    header = ["variant", "reference", "metric", "mean", "seeds_low", "seeds_high", "units_low", "units_high"]
+    for name, table in (("paired_vs_sft.csv", rows), ("ablations.csv", ablation), ("controls.csv", controls),
+                        ("design_check.csv", design)):
+        write_csv(out / name, header + ["per_seed"], [[r[k] for k in header] + [" ".join(f"{x:.5f}" for x in
+                                                                                         r["per_seed"])] for r in table])
+    levels = [[name, m, *level(tests, name, m)] for name in tests for m in METRICS]
+    write_csv(out / "levels.csv", ["model", "metric", "mean", "seeds_low", "seeds_high"], levels)
+    figure(out / "kl_vs_size.png", tests, sizes)
+    claims = [{"variant": r["variant"], "reference": r["reference"], "metric": r["metric"], "sign": verdict_of(r)}
+              for r in rows + controls + ablation if verdict_of(r) in ("lower", "higher")]
+    write_json(claims, out / CLAIMS_FILE)
+    text = readme(s, tests, rows, ablation, controls, design, records, chosen, timings, machine, sizes)
+    write_text(out / "README.md", text)
+    return {"paired": rows, "controls": controls, "design": design, "claims": claims}
 
 
-def plot_curves(path: Path, curves: dict[str, list[dict]]) -> None:
-    """Validation CE and CFM over training steps, one line per variant (mean over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, key in zip(axes, ("val/cfm", "val/ce")):
-        for name, runs in curves.items():
-            steps = [s for s, _ in runs[0][key]]
-            values = np.mean([[v for _, v in run[key]] for run in runs], axis=0)
-            ax.plot(steps, values, marker="o", label=name)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(key + " (validation split)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def figure(path: Path, tests: dict, sizes: list[int]) -> None:
+    panels = []
+    for metric in HEADLINE:
+        lines = []
+        for v in VARIANTS:
+            pts = [(n, level(tests, f"{v}@{n}", metric)[0]) for n in sizes]
+            lines.append(Line(pts, NAMES[v], {"marker": "o"}))
+            for n in sizes:
+                _, low, high = level(tests, f"{v}@{n}", metric)
+                if not math.isnan(low):
+                    lines.append(Line([(n, low), (n, high)], None, {"color": "grey", "linewidth": 0.8}))
+        for fixed, style in (("base", {"linestyle": ":", "color": "black"}),
+                             ("yardstick", {"linestyle": "--", "color": "black"})):
+            value = level(tests, fixed, metric)[0]
+            lines.append(Line([(sizes[0], value), (sizes[-1], value)], fixed, style))
+        panels.append(Panel(f"test {metric.replace('_kl/', ' KL, ')}", lines, "training chunks", "nats"))
+    line_panels(panels, path, legend_columns=3)
 
 
-def plot_horizons(path: Path, tests: dict[str, list[dict]], horizons: list[int], truth: dict) -> None:
-    """Oracle error (pairs and unigram, l2) and the CFM profile against the horizon G."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    for name, records in tests.items():
-        mean = seed_mean(records)
-        for ax, stat in zip(axes[:2], STATS):
-            ax.plot(horizons, [mean[f"oracle/{stat}/G{g}"].mean() for g in horizons], marker="o", label=name)
-        lengths = sorted(int(k[len("profile/G"):]) for k in mean if k.startswith("profile/G"))
-        axes[2].plot(lengths, [mean[f"profile/G{g}"].mean() for g in lengths], marker="o", label=name)
-    for ax, stat in zip(axes[:2], STATS):
-        ax.plot(horizons, [np.mean(truth[str(g)][stat]["l2"]) for g in horizons], "k--", label="true process")
-        ax.set_title(f"oracle error ({stat}), squared L2")
-    axes[2].set_title("CFM profile (feature network of the base)")
-    for ax in axes:
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("horizon G (tokens)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _table(rows: list[dict], label) -> str:
+    return markdown_table(
+        ["comparison", "metric", "mean", "95% interval over seeds", "95% interval over units", "per seed"],
+        [[label(r), r["metric"], cell(r["mean"], 4), f"[{cell(r['seeds_low'], 4)}, {cell(r['seeds_high'], 4)}]",
+          f"[{cell(r['units_low'], 4)}, {cell(r['units_high'], 4)}]", " ".join(f"{x:+.4f}" for x in r["per_seed"])]
+         for r in rows])
 
 
-def write_claims(out: Path, claims: list[dict]) -> None:
-    files.write_text(out / CLAIMS_FILE, json.dumps(claims, indent=1) + "\n")
+def readme(s, tests, rows, ablation, controls, design, records, chosen, timings, machine, sizes) -> str:
+    seeds = len(s.finite.seeds)
+    main_rows = [r for r in rows if r["metric"] in HEADLINE + ("ce", "cfm")]
+    verdicts = []
+    for n in sizes:
+        for v in VARIANTS[1:]:
+            parts = [f"{m}: {verdict_of(r)} ({r['mean']:+.4f})" for r in rows
+                     if r["variant"] == f"{v}@{n}" and (m := r["metric"]) in HEADLINE]
+            verdicts.append(f"- {n} chunks, {NAMES[v]} vs SFT: " + "; ".join(parts))
+    levels = markdown_table(["model"] + list(METRICS),
+                            [[name] + [cell(level(tests, name, m)[0], 4) for m in METRICS] for name in tests])
+    cfm, ce = design[0], design[1]
+    cost = sum(r["cpu_seconds"] for r in records.values())
+    lines = [
+        "# Known-answer bench: EBFT against SFT where the truth is exact",
+        "",
+        "`python -m experiments.synthetic` (settings: `experiments/synthetic/settings.yaml`). A tiny Llama "
+        f"({s.model.layers} layers, hidden {s.model.hidden}) is pretrained by CE on a broad process (a mixture of "
+        f"{len(s.process.seeds)} seeded hidden Markov models over {s.process.component.vocab} symbols) and then "
+        f"fine-tuned on a small set of a task process made of two of the same components reweighted "
+        f"({list(s.process.task_weights)}). The truth metrics are exact: the reverse KL of the model's G-token "
+        "rollouts to the process and the forward KL (CE minus the process's conditional entropy on the process's "
+        f"own continuations), through the process's forward filter, on {s.test.contexts} fresh test contexts with "
+        f"{s.test.rollouts} rollouts each; CE on {s.test.ce_chunks} fresh test chunks; CFM at G = 8 under the "
+        "base's features (the feature network of every EBFT run). All models share the test units and random numbers.",
+        "",
+        f"Training-set sizes {sizes} chunks of {s.chunk} symbols, {seeds} seeds each (a seed redraws the training "
+        "and validation sets). SFT stops early on validation CE; EBFT from the base is chosen by the same rule; "
+        "EBFT warm-started continues from SFT's chosen checkpoint; CE-only is EBFT's update with rl_coef = 0 "
+        "(only gamma x CE, with EBFT's lr and step budget: EBFT - CE-only is the reward's own contribution; under "
+        "AdamW the scale gamma cancels, so CE-only is SFT with EBFT's budget). EBFT: alpha {s.ebft.alpha}, gamma {s.ebft.gamma}, "
+        f"whitening {s.ebft.whitening}, n = {s.ebft.num_samples}, C = s = {s.ebft.stride}, G = {s.ebft.gen_len}, "
+        f"temperature {s.ebft.temperature}. Learning rates chosen on the first seed's validation CE: "
+        + ", ".join(f"{m} {lr:g} at {n}" for (n, m), lr in sorted(chosen.items())) + ".",
+        "",
+        "![exact KLs against training-set size](kl_vs_size.png)",
+        "",
+        "## Verdict",
+        "",
+        *verdicts,
+        "",
+        "A difference is called lower or higher only when its 95% interval over seeds excludes 0.",
+        "",
+        "## Paired differences against SFT (variant - SFT; negative = closer to the truth)",
+        "",
+        _table(main_rows, lambda r: f"{r['variant']} - {r['reference']}"),
+        "",
+        "## Controls",
+        "",
+        "The converged null: from the yardstick (the base fine-tuned on plenty of task data), more SFT vs EBFT on "
+        "fresh task data. The positive control: the yardstick's logits scaled by "
+        f"{s.controls.positive_scale} (too flat), then EBFT with gamma = 0 for {s.controls.positive_steps} steps, "
+        "against the start and against SFT from the same start (one seed; intervals over test units).",
+        "",
+        _table(controls, lambda r: f"{r['variant']} - {r['reference']}"),
+        "",
+        "## Design check: do the base's features separate a good task model from a poor one?",
+        "",
+        f"Yardstick - SFT at {sizes[0]} chunks: CFM {cfm['mean']:+.4f} [{cell(cfm['units_low'], 4)}, "
+        f"{cell(cfm['units_high'], 4)}], CE {ce['mean']:+.4f} [{cell(ce['units_low'], 4)}, {cell(ce['units_high'], 4)}] "
+        f"nats (intervals over units). "
+        + ("The base's features rank the yardstick clearly above small-data SFT (the interval excludes 0)."
+           if cfm["units_high"] < 0 else
+           "The base's features do NOT rank the yardstick clearly above small-data SFT, so this regime cannot "
+           "show an effect of the feature network: the reward cannot tell the models apart."),
+        "",
+        "## Ablations (EBFT variants at %d chunks, variant - EBFT)" % int(s.ablations.size),
+        "",
+        _table(ablation, lambda r: f"{r['variant']} - {r['reference']}"),
+        "",
+        "## Levels (mean over seeds)",
+        "",
+        levels,
+        "",
+        "## Cost",
+        "",
+        f"Stages started at (wall minutes): " + ", ".join(f"{k} {v[0] / 60:.1f}" for k, v in timings.items())
+        + f"; training CPU time of all runs {cost / 60:.1f} min; {len(records)} runs. Python {machine['python']}, "
+        f"torch {machine['torch']}, {machine['threads']} threads.",
+        "",
+    ]
+    return "\n".join(lines)
