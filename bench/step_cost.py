@@ -283,13 +283,13 @@ class Bench:
 
     def ablations(self, meter, ids, row, advantages, record):
         """The variants the step avoids, each timed like the piece it replaces."""
-        a, layout, model = self.args, self.layout, self.generator
+        a, layout, model, m = self.args, self.layout, self.generator, self.method
         which = set(a.ablations)
 
         def actor(name):
             with self.autocast(), meter.time(name, record):
                 self.opt.zero_grad(set_to_none=True)
-                loss, _, _ = actor_loss(model, layout, row, advantages, temperature=self.method.sampling.temperature, gamma=self.method.gamma)
+                loss, _, _ = actor_loss(model, layout, row, advantages, temperature=m.sampling.temperature, gamma=m.gamma)
                 loss.backward()
 
         def sample(name):
@@ -302,7 +302,7 @@ class Bench:
 
         if "nocache" in which:
             with self.autocast(), meter.time("abl: sampling without KV cache (G full-row forwards)", record):
-                sample_strided_nocache(model, ids, layout, temperature=self.method.sampling.temperature, generator=self.rng)
+                sample_strided_nocache(model, ids, layout, temperature=m.sampling.temperature, generator=self.rng)
         if "multinomial" in which:
             with _patched(sampler_module, "sample_from_logits", _multinomial_sample_from_logits):
                 sample("abl: sampling, torch.multinomial draws")
@@ -318,7 +318,7 @@ class Bench:
             adv = advantages.flatten(0, 1).unsqueeze(1)
             with self.autocast(), meter.time("abl: actor fwd+bwd, n copies of the chunk", record):
                 self.opt.zero_grad(set_to_none=True)
-                loss, _, _ = actor_loss(model, single, copies, adv, temperature=self.method.sampling.temperature, gamma=self.method.gamma)
+                loss, _, _ = actor_loss(model, single, copies, adv, temperature=m.sampling.temperature, gamma=m.gamma)
                 loss.backward()
             features("abl: features, n copies of the chunk", single, copies)
         if "full_features" in which:
@@ -391,13 +391,16 @@ def _multinomial_sample_from_logits(logits, temperature, top_p, generator):
 
 
 def _checkpointed_token_logprobs(hidden, lm_head_weight, targets, temperature=1.0, chunk_size=1024,
-                                 lm_head_bias=None):
+                                 lm_head_bias=None, softcap=None):
     """Log-probs by plain autograd ops under activation checkpointing per chunk: the previous
     implementation (same values; the backward recomputes the chunk's whole autograd graph)."""
     from torch.utils.checkpoint import checkpoint
 
     def chunk(h, w, b, t):
-        logits = torch.nn.functional.linear(h, w, b).float() / temperature
+        logits = torch.nn.functional.linear(h, w, b).float()
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        logits = logits / temperature
         return logits.log_softmax(-1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
 
     flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)

@@ -57,9 +57,10 @@ SAMPLES = "samples per context (or prompt, or problem) are `num_samples` everywh
 RENAMED = {"model.feature_network": ("feature_network.name", FEATURE_NETWORK),
            "method.features.": ("feature_network.", FEATURE_NETWORK),
            "n_samples": ("num_samples", SAMPLES), "eval.n_samples": ("eval.num_samples", SAMPLES),
-           "eval.cfm_samples": ("eval.cfm_num_samples", SAMPLES), "eval.reward.samples": ("eval.reward.num_samples", SAMPLES),
-           "model.lora.alpha": ("model.lora.lora_alpha", "LoRA's scale is peft's `lora_alpha`, apart from the diversity "
-                                                         "weight `alpha`")}
+           "eval.cfm_samples": ("eval.cfm_num_samples", SAMPLES),
+           "eval.reward.samples": ("eval.reward.num_samples", SAMPLES),
+           "model.lora.alpha": ("model.lora.lora_alpha",
+                                "LoRA's scale is peft's `lora_alpha`, apart from the diversity weight `alpha`")}
 """Keys of earlier versions: ``old -> (new, why)``; an ``old`` ending in ``.`` renames a whole group."""
 
 
@@ -92,7 +93,8 @@ def check_alpha(alpha) -> float:
     """The diversity weight ``alpha`` of eq. 67 as a float: a finite number in [0, 1] (paper App. C: 1 is the
     proper scoring rule, smaller values bias towards alignment). The one check of ``alpha``, used by the
     settings and by the reward functions."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or not 0 <= alpha <= 1:
+    number = isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
+    if not number or not math.isfinite(alpha) or not 0 <= alpha <= 1:
         raise ConfigError(f"alpha={alpha!r} must be a number in [0, 1] (paper App. C; the paper sweeps 0, 0.5, 1); "
                           "use alpha=1 for the proper scoring rule")
     return float(alpha)

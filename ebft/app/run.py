@@ -27,11 +27,12 @@ from ebft.config import ConfigError, TrainSettings
 from ebft.data.sources import check_data_record
 from ebft.eval.callback import CalibrationCallback
 from ebft.execution.sandbox import require_isolation
+from ebft.files import directory_lock, disk_full_names
 from ebft.models import lora as lora_module
 from ebft.models.loading import HF_SUBDIR, ModelSourceError, load_tokenizer, resolve_source
-from ebft.files import directory_lock, disk_full_names
 
 log = logging.getLogger(__name__)
+
 
 def validate(settings: TrainSettings) -> None:
     """The checks of the settings (:func:`ebft.config.train_settings`) that read files: model sources,
