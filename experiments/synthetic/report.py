@@ -38,18 +38,29 @@ def seed_interval(values: list[float]) -> tuple[float, float, float]:
 
 
 def paired(tests: dict, a: str, b: str, metric: str) -> dict:
-    """``a - b`` on ``metric``: per-seed paired means, their t-interval, and the pooled unit-level interval."""
-    per_seed = [float(np.mean(np.subtract(x[metric], y[metric]))) for x, y in zip(tests[a], tests[b])]
+    """``a - b`` on ``metric``: per-seed paired means, their t-interval, and the pooled unit-level interval.
+    A model with one run (the base, the yardstick) is paired with every seed of the other."""
+    left, right = tests[a], tests[b]
+    left, right = left * (len(right) if len(left) == 1 else 1), right * (len(left) if len(right) == 1 else 1)
+    per_seed = [float(np.mean(np.subtract(x[metric], y[metric]))) for x, y in zip(left, right)]
     mean, low, high = seed_interval(per_seed)
-    pooled = paired_difference(np.concatenate([x[metric] for x in tests[a]]),
-                               np.concatenate([y[metric] for y in tests[b]]), n_permutations=0)
+    pooled = paired_difference(np.concatenate([x[metric] for x in left]),
+                               np.concatenate([y[metric] for y in right]), n_permutations=0)
     return {"variant": a, "reference": b, "metric": metric, "mean": mean, "seeds_low": low, "seeds_high": high,
             "units_low": pooled.ci_low, "units_high": pooled.ci_high, "per_seed": per_seed}
 
 
+NEGLIGIBLE = 1e-3
+"""Nats: a difference whose interval excludes 0 but is smaller than this is called negligible."""
+
+
 def verdict_of(row: dict) -> str:
+    """``lower`` / ``higher`` when the 95% interval over seeds (over units with one seed) excludes 0 and the
+    difference is at least :data:`NEGLIGIBLE`, else why not."""
     low, high = (row["seeds_low"], row["seeds_high"]) if not math.isnan(row["seeds_low"]) else \
         (row["units_low"], row["units_high"])
+    if (high < 0 or low > 0) and abs(row["mean"]) < NEGLIGIBLE:
+        return f"negligible (|difference| < {NEGLIGIBLE})"
     if high < 0:
         return "lower"
     if low > 0:
@@ -128,6 +139,8 @@ def readme(s, tests, rows, ablation, controls, design, records, chosen, timings,
     levels = markdown_table(["model"] + list(METRICS),
                             [[name] + [cell(level(tests, name, m)[0], 4) for m in METRICS] for name in tests])
     cfm, ce = design[0], design[1]
+    cfm_low, cfm_high = (cfm["seeds_low"], cfm["seeds_high"]) if not math.isnan(cfm["seeds_low"]) else \
+        (cfm["units_low"], cfm["units_high"])
     cost = sum(r["cpu_seconds"] for r in records.values())
     lines = [
         "# Known-answer bench: EBFT against SFT where the truth is exact",
@@ -146,18 +159,23 @@ def readme(s, tests, rows, ablation, controls, design, records, chosen, timings,
         "and validation sets). SFT stops early on validation CE; EBFT from the base is chosen by the same rule; "
         "EBFT warm-started continues from SFT's chosen checkpoint; CE-only is EBFT's update with rl_coef = 0 "
         "(only gamma x CE, with EBFT's lr and step budget: EBFT - CE-only is the reward's own contribution; under "
-        "AdamW the scale gamma cancels, so CE-only is SFT with EBFT's budget). EBFT: alpha {s.ebft.alpha}, gamma {s.ebft.gamma}, "
+        f"AdamW the scale gamma cancels, so CE-only is SFT with EBFT's budget). EBFT: alpha {s.ebft.alpha}, "
+        f"gamma {s.ebft.gamma}, "
         f"whitening {s.ebft.whitening}, n = {s.ebft.num_samples}, C = s = {s.ebft.stride}, G = {s.ebft.gen_len}, "
         f"temperature {s.ebft.temperature}. Learning rates chosen on the first seed's validation CE: "
         + ", ".join(f"{m} {lr:g} at {n}" for (n, m), lr in sorted(chosen.items())) + ".",
         "",
         "![exact KLs against training-set size](kl_vs_size.png)",
         "",
+        "Means over seeds with 95% intervals over seeds (grey); SFT's line lies under CE-only's.",
+        "",
         "## Verdict",
         "",
         *verdicts,
         "",
-        "A difference is called lower or higher only when its 95% interval over seeds excludes 0.",
+        f"A difference is called lower or higher only when its 95% interval over seeds excludes 0 (and it is at "
+        f"least {NEGLIGIBLE} nats). A per-seed difference of exactly 0 for the warm start means it never improved "
+        "on SFT's validation CE, so its chosen checkpoint is SFT's.",
         "",
         "## Paired differences against SFT (variant - SFT; negative = closer to the truth)",
         "",
@@ -174,11 +192,11 @@ def readme(s, tests, rows, ablation, controls, design, records, chosen, timings,
         "",
         "## Design check: do the base's features separate a good task model from a poor one?",
         "",
-        f"Yardstick - SFT at {sizes[0]} chunks: CFM {cfm['mean']:+.4f} [{cell(cfm['units_low'], 4)}, "
-        f"{cell(cfm['units_high'], 4)}], CE {ce['mean']:+.4f} [{cell(ce['units_low'], 4)}, {cell(ce['units_high'], 4)}] "
-        f"nats (intervals over units). "
+        f"Yardstick - SFT at {sizes[0]} chunks: CFM {cfm['mean']:+.4f} [{cell(cfm_low, 4)}, {cell(cfm_high, 4)}], "
+        f"CE {ce['mean']:+.4f} [{cell(ce['seeds_low'], 4)}, {cell(ce['seeds_high'], 4)}] nats (intervals over "
+        "seeds). "
         + ("The base's features rank the yardstick clearly above small-data SFT (the interval excludes 0)."
-           if cfm["units_high"] < 0 else
+           if cfm_high < 0 else
            "The base's features do NOT rank the yardstick clearly above small-data SFT, so this regime cannot "
            "show an effect of the feature network: the reward cannot tell the models apart."),
         "",
@@ -192,9 +210,10 @@ def readme(s, tests, rows, ablation, controls, design, records, chosen, timings,
         "",
         "## Cost",
         "",
-        f"Stages started at (wall minutes): " + ", ".join(f"{k} {v[0] / 60:.1f}" for k, v in timings.items())
-        + f"; training CPU time of all runs {cost / 60:.1f} min; {len(records)} runs. Python {machine['python']}, "
-        f"torch {machine['torch']}, {machine['threads']} threads.",
+        f"Training CPU time of all {len(records)} runs: {cost / 60:.1f} min (each run's own, from its record). "
+        "This call's stages started at (wall minutes, runs read back from disk cost nothing): "
+        + ", ".join(f"{k} {v[0] / 60:.1f}" for k, v in timings.items())
+        + f". Python {machine['python']}, torch {machine['torch']}, {machine['threads']} thread(s).",
         "",
     ]
     return "\n".join(lines)
