@@ -50,6 +50,8 @@ NORMALISATION = ("joint", "per_layer")                # ebft.models.features
 REDUCTIONS = ("token_mean", "sequence_sum")           # ebft.objectives.losses
 SCALE_REWARDS = ("none", "group", "batch")            # ebft.objectives.baselines (GRPO)
 BASELINES = ("rloo_corrected", "rloo", "group_norm", "reinforce")   # ebft.objectives.baselines (EBFT)
+ANCHORS = ("all", "answer")                           # ebft.core.anchors: which blocks are trained on / scored
+ANSWER_TURNS = ("all", "last")                        # ebft.core.anchors: which assistant turns of a chat are answers
 LOGGERS = ("csv", "tensorboard", "wandb")
 
 FEATURE_NETWORK = "the feature network of training and evaluation is one group, `feature_network`"
@@ -143,13 +145,17 @@ class TaskSettings:
 @dataclass(frozen=True)
 class DataSettings:
     """``data``: where the rows of ``task`` come from (``source``: the resolved ``data`` node, as
-    :func:`ebft.data.sources.load_rows` reads it) and the held-out split (``val_size`` rows, ``seed``)."""
+    :func:`ebft.data.sources.load_rows` reads it) and the held-out split (``val_size`` rows, ``seed``);
+    ``chat_template``: rows rendered with the tokenizer's chat template; ``document_mask``: in every
+    strided pass (and plain causal pass over a chunk) a token attends only to tokens of its own example,
+    with position ids restarting at each example (:mod:`ebft.core.documents`)."""
 
     task: str
     source: Mapping[str, Any]
     val_size: int = 1000
     seed: int = 43
     chat_template: bool = False
+    document_mask: bool = False
 
     def __post_init__(self):
         _require(self.val_size >= 0, f"data.val_size={self.val_size} must be >= 0")
@@ -277,7 +283,14 @@ class SFTSettings:
 @dataclass(frozen=True)
 class EBFTSettings:
     """``method=ebft`` (paper §2, Algorithm 1): rewards ``r = AT - alpha DT`` (eq. 7; ``alpha``, ``gamma``:
-    the top-level keys), whitening (eqs. 8-9), loss ``rl_coef * PG + gamma * CE``."""
+    the top-level keys), whitening (eqs. 8-9), loss ``rl_coef * PG + gamma * CE``.
+
+    ``anchors``: ``all`` blocks of a chunk (the paper's), or only ``answer`` blocks, whose G ground-truth
+    tokens lie in one example's answer after ``min_answer_prefix`` answer tokens, with the example's whole
+    prompt in the context (``ebft.core.anchors``); ``answer_turns``: every assistant turn of a chat is an
+    answer (``all``) or only the ``last`` one. ``ce_on`` None follows the anchors (answer tokens for
+    answer anchors, else all tokens). ``skip_flat_groups``: a block whose n rewards are all equal is left
+    out of the policy gradient (``ebft.objectives.baselines.flat_groups``)."""
 
     sampling: SamplingSettings
     alpha: float = 1.0
@@ -285,11 +298,26 @@ class EBFTSettings:
     whitening: str = "reference"
     loss_reduction: str = "token_mean"
     rl_coef: float = 1.0
-    ce_on: str = "all"
+    ce_on: str | None = None
     baseline: str = "rloo_corrected"
+    anchors: str = "all"
+    min_answer_prefix: int = 0
+    answer_turns: str = "all"
+    skip_flat_groups: bool = False
     name: str = field(default="ebft", init=False)
 
     def __post_init__(self):
+        _choice("method.anchors", self.anchors, ANCHORS)
+        _choice("method.answer_turns", self.answer_turns, ANSWER_TURNS)
+        prefix = self.min_answer_prefix
+        _require(isinstance(prefix, int) and not isinstance(prefix, bool) and prefix >= 0,
+                 f"method.min_answer_prefix={prefix!r} must be a whole number of answer tokens >= 0")
+        _require(self.anchors == "answer" or (prefix == 0 and self.answer_turns == "all"),
+                 f"method.min_answer_prefix={prefix} and method.answer_turns={self.answer_turns} choose among answer "
+                 "blocks, but method.anchors=all trains on every block; set method.anchors=answer, or leave them at "
+                 "0 and all")
+        if self.ce_on is None:
+            object.__setattr__(self, "ce_on", "answer" if self.anchors == "answer" else "all")
         alpha, n = check_alpha(self.alpha), self.sampling.num_samples
         _require(self.gamma >= 0, f"gamma={self.gamma} must be >= 0 (weight of the CE term)")
         _require(n >= 1, f"method.num_samples={n} must be >= 1")
@@ -298,6 +326,9 @@ class EBFTSettings:
                  f"method.num_samples=1: method.baseline={self.baseline} needs n >= 2 samples per context (the "
                  "leave-one-out of paper eq. 94 has no other sample); set method.num_samples>=2, or ask for plain "
                  "REINFORCE without a baseline with method.baseline=reinforce alpha=0")
+        _require(not (n == 1 and self.skip_flat_groups),
+                 "method.skip_flat_groups=true with method.num_samples=1: the one reward of a group is always "
+                 "'all equal', so every block would be skipped; set method.num_samples>=2")
         _require(not (n == 1 and alpha > 0),
                  f"method.num_samples=1 with alpha={alpha}: the diversity term needs n >= 2 samples; "
                  "set method.num_samples>=2 or alpha=0")
@@ -585,8 +616,8 @@ def _get(cfg, key: str):
 NUMBERS = {"alpha": float, "gamma": float, "seed": int, "global_batch": int, "method.lr": float,
            "method.batch_size": int, "method.warmup_ratio": float, "method.weight_decay": float,
            "method.num_samples": int, "method.temperature": float, "method.top_p": float,
-           "method.max_new_tokens": int, "task.seq_len": int, "task.context_len": int, "task.stride": int,
-           "task.gen_len": int, "trainer.max_steps": int}
+           "method.max_new_tokens": int, "method.min_answer_prefix": int, "task.seq_len": int,
+           "task.context_len": int, "task.stride": int, "task.gen_len": int, "trainer.max_steps": int}
 
 
 def validate_numbers(cfg: DictConfig) -> None:
@@ -619,7 +650,7 @@ def task_settings(task: DictConfig) -> TaskSettings:
 def data_settings(cfg: DictConfig) -> DataSettings:
     data = cfg.data
     return DataSettings(str(cfg.task.name), _plain(data), int(data.get("val_size", 1000)), int(data.get("seed", 43)),
-                        bool(data.get("chat_template", False)))
+                        bool(data.get("chat_template", False)), bool(data.get("document_mask", False)))
 
 
 def feature_network_spec(node: DictConfig) -> FeatureNetworkSettings:
@@ -682,8 +713,12 @@ def method_settings(cfg: DictConfig) -> MethodSettings:
         return SFTSettings(str(m.get("loss_on", "answer")))
     if name == "ebft":
         _require(int(m.num_samples) >= 1, f"method.num_samples={m.num_samples} must be >= 1")
+        ce_on = m.get("ce_on")
         return EBFTSettings(_rollout(m), float(cfg.alpha), float(cfg.gamma), str(m.whitening), str(m.loss_reduction),
-                            float(m.rl_coef), str(m.ce_on), str(m.get("baseline", "rloo_corrected")))
+                            float(m.rl_coef), None if ce_on is None else str(ce_on),
+                            str(m.get("baseline", "rloo_corrected")), str(m.get("anchors", "all")),
+                            int(m.get("min_answer_prefix", 0)), str(m.get("answer_turns", "all")),
+                            bool(m.get("skip_flat_groups", False)))
     if name == "rlvr":
         _require(bool(cfg.task.get("verifiable", False)),
                  f"method=rlvr needs a verifiable reward, and task={cfg.task.name} has no verifier "
@@ -732,9 +767,25 @@ def train_settings(cfg: DictConfig) -> TrainSettings:
         _require("fsdp" not in str(strategy).lower(),
                  "model.lora with trainer=fsdp is not supported (the merged export reads the live, sharded weights); "
                  "use trainer=ddp: with adapters every device holds one frozen bf16 copy and small trainable state")
+    if isinstance(method, EBFTSettings):
+        check_anchor_geometry(task, method.anchors, method.min_answer_prefix, "method.")
     return TrainSettings(method, optim, model, task, data_settings(cfg), feature_network_spec(cfg.feature_network),
                          eval_settings(cfg), in_training_eval(cfg), int(cfg.seed), device_kind(cfg.trainer),
                          recorded_config(cfg) if _output_dir(cfg) is not None else {}, run_settings(cfg))
+
+
+def check_anchor_geometry(task: TaskSettings, anchors: str, min_answer_prefix: int, prefix: str) -> None:
+    """Refuse answer anchors whose ``min_answer_prefix`` leaves no block in any chunk: a block's context
+    ``x[0 : C + k*s]`` must hold at least one prompt token and ``min_answer_prefix`` answer tokens, and the
+    longest context is that of the last block, ``C + (NB - 1)*s`` tokens."""
+    if anchors != "answer":
+        return
+    T, C, s, G = task.geometry
+    longest = C + (T - G - C) // s * s
+    _require(min_answer_prefix <= longest - 1,
+             f"{prefix}min_answer_prefix={min_answer_prefix} leaves no block in any chunk: the longest context "
+             f"(C + (NB-1)*s = {longest} tokens of task.seq_len={T}) must hold at least one prompt token and "
+             f"{min_answer_prefix} answer tokens; use {prefix}min_answer_prefix <= {longest - 1} or raise task.seq_len")
 
 
 def _output_dir(cfg: DictConfig) -> str | None:

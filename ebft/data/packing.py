@@ -12,13 +12,17 @@ chunk is a real token of the stream. Contexts cross example boundaries.
 
 Per chunk there is also an answer mask (True on answer tokens, i.e. completions
 and assistant turns, and on the EOS that ends each example, so a model trained
-on answers learns to stop; False on question / prompt tokens) and the document
-id of every token (the index of its row).
+on answers learns to stop; False on question / prompt tokens), the mask of each
+example's last answer (its last run of answer tokens: the last assistant turn
+and the EOS), the document id of every token (the index of its row) and its
+position in its example (0 on the example's first token, wherever the chunk
+starts: a chunk whose first token has a position > 0 continues an example of
+the previous chunk).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from itertools import chain
 
 import numpy as np
@@ -32,14 +36,26 @@ TOKENIZE_BATCH = 1024
 
 @dataclass
 class PackedChunks:
-    """``input_ids`` (N, T) long, ``answer_mask`` (N, T) bool, ``doc_ids`` (N, T) long (row index)."""
+    """``input_ids`` (N, T) long, ``answer_mask`` (N, T) bool, ``doc_ids`` (N, T) long (row index),
+    ``doc_pos`` (N, T) long (position in the example), ``last_answer_mask`` (N, T) bool (the example's
+    last answer)."""
 
     input_ids: torch.Tensor
     answer_mask: torch.Tensor
     doc_ids: torch.Tensor
+    doc_pos: torch.Tensor
+    last_answer_mask: torch.Tensor
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def select(self, index: torch.Tensor) -> PackedChunks:
+        """The chunks at ``index`` (a long tensor), every field alike."""
+        return PackedChunks(*(getattr(self, f.name)[index] for f in fields(self)))
+
+    def item(self, i: int) -> dict[str, torch.Tensor]:
+        """Chunk ``i`` as a training item: every field by name."""
+        return {f.name: getattr(self, f.name)[i] for f in fields(self)}
 
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -59,8 +75,9 @@ def leading_special_ids(tokenizer) -> list[int]:
 
 
 def _pack_batch(rows: list[dict], first_doc: int, tokenizer, eos: int,
-                chat_template: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Stream tokens, answer mask and document ids of consecutive rows."""
+                chat_template: bool) -> tuple[np.ndarray, ...]:
+    """Stream tokens, answer mask, document ids, positions in the document and last-answer mask of
+    consecutive rows."""
     segments = [row_segments(r, tokenizer, chat_template) for r in rows]
     encoded = iter(_encode(tokenizer, [text for segs in segments for text, _ in segs]))
     lead = () if chat_template else tuple(leading_special_ids(tokenizer))
@@ -79,8 +96,12 @@ def _pack_batch(rows: list[dict], first_doc: int, tokenizer, eos: int,
     lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
     tokens = np.fromiter(chain.from_iterable(pieces), dtype=np.int64, count=int(lengths.sum()))
     mask = np.repeat(np.array(answer, dtype=bool), lengths)
-    docs = np.repeat(np.arange(first_doc, first_doc + len(rows), dtype=np.int64), row_len)
-    return tokens, mask, docs
+    local = np.repeat(np.arange(len(rows)), row_len)
+    index = np.arange(len(tokens))
+    positions = index - (np.cumsum(row_len) - row_len)[local]
+    last_prompt = np.full(len(rows), -1)
+    np.maximum.at(last_prompt, local[~mask], index[~mask])
+    return tokens, mask, local + first_doc, positions, mask & (index > last_prompt[local])
 
 
 def pack_rows(rows: list[dict], tokenizer, seq_len: int, max_chunks: int | None = None,
@@ -109,5 +130,5 @@ def pack_rows(rows: list[dict], tokenizer, seq_len: int, max_chunks: int | None 
             f"T={seq_len} is longer than all the data ({have} tokens from {len(rows)} rows): "
             "lower task.seq_len or add data")
     keep = n_chunks * seq_len
-    tokens, mask, docs = (np.concatenate([p[i] for p in parts])[:keep].reshape(n_chunks, seq_len) for i in range(3))
-    return PackedChunks(torch.from_numpy(tokens), torch.from_numpy(mask), torch.from_numpy(docs))
+    return PackedChunks(*(torch.from_numpy(np.concatenate([p[i] for p in parts])[:keep].reshape(n_chunks, seq_len))
+                          for i in range(len(parts[0]))))

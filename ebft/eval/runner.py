@@ -150,8 +150,7 @@ def held_out(data: DataSettings, tokenizer, seq_len: int) -> HeldOut:
 def subset(chunks: PackedChunks, limit: int | None, seed: int, skip: int = 0) -> PackedChunks:
     """A fixed random subset of ``limit`` chunks after the first ``skip`` of the fixed order
     (:func:`~ebft.eval.calibration.fixed_subset`)."""
-    idx = fixed_subset(len(chunks), limit, seed, skip)
-    return PackedChunks(chunks.input_ids[idx], chunks.answer_mask[idx], chunks.doc_ids[idx])
+    return chunks.select(fixed_subset(len(chunks), limit, seed, skip))
 
 
 def device_of(evaluation: EvalSettings) -> str:

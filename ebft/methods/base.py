@@ -72,6 +72,11 @@ class FineTuneModule(L.LightningModule):
         return ChunkDataModule(settings.data, tokenizer, settings.task.seq_len, settings.optim.batch_size,
                                settings.seed)
 
+    @classmethod
+    def check_data(cls, settings: TrainSettings, datamodule) -> None:
+        """Checks of the settings against the loaded training data, run before any model is loaded;
+        raise :class:`ebft.config.ConfigError`. None by default."""
+
     # ----------------------------------------------------------------- model
     def load_generator(self):
         """The trainable model, in fp32 weights (Lightning's bf16-mixed autocasts on GPU). With
