@@ -769,7 +769,9 @@ def train_settings(cfg: DictConfig) -> TrainSettings:
                  "use trainer=ddp: with adapters every device holds one frozen bf16 copy and small trainable state")
     if isinstance(method, EBFTSettings):
         check_anchor_geometry(task, method.anchors, method.min_answer_prefix, "method.")
-    return TrainSettings(method, optim, model, task, data_settings(cfg), feature_network_spec(cfg.feature_network),
+    data = data_settings(cfg)
+    check_document_mask(data, model)
+    return TrainSettings(method, optim, model, task, data, feature_network_spec(cfg.feature_network),
                          eval_settings(cfg), in_training_eval(cfg), int(cfg.seed), device_kind(cfg.trainer),
                          recorded_config(cfg) if _output_dir(cfg) is not None else {}, run_settings(cfg))
 
@@ -786,6 +788,14 @@ def check_anchor_geometry(task: TaskSettings, anchors: str, min_answer_prefix: i
              f"{prefix}min_answer_prefix={min_answer_prefix} leaves no block in any chunk: the longest context "
              f"(C + (NB-1)*s = {longest} tokens of task.seq_len={T}) must hold at least one prompt token and "
              f"{min_answer_prefix} answer tokens; use {prefix}min_answer_prefix <= {longest - 1} or raise task.seq_len")
+
+
+def check_document_mask(data: DataSettings, model: ModelSettings) -> None:
+    """Document masking needs an attention backend that takes a custom mask (sdpa, eager, flex)."""
+    _require(not (data.document_mask and model.attn_implementation.startswith("flash")),
+             f"data.document_mask=true needs a custom attention mask, which model.attn_implementation="
+             f"{model.attn_implementation} cannot take; use model.attn_implementation=auto (sdpa, or flex for "
+             "strided rows on CUDA), sdpa or eager")
 
 
 def _output_dir(cfg: DictConfig) -> str | None:

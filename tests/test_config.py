@@ -72,6 +72,8 @@ def test_unknown_group_option_lists_the_choices(group, name):
      "method.min_answer_prefix=24 leaves no block in any chunk: the longest context (C + (NB-1)*s = 24 tokens"),
     (["method.num_samples=1", "method.baseline=reinforce", "alpha=0", "method.skip_flat_groups=true"],
      "every block would be skipped"),
+    (["data.document_mask=true", "model.attn_implementation=flash_attention_2"],
+     "data.document_mask=true needs a custom attention mask"),
 ])
 def test_bad_values_are_refused_with_the_key(overrides, fragment):
     with pytest.raises(ConfigError, match=None) as err:

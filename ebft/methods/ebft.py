@@ -28,6 +28,7 @@ import torch
 
 from ebft.config import ConfigError, TrainSettings
 from ebft.core.anchors import anchored_blocks, answer_tokens
+from ebft.core.documents import StridedDocuments
 from ebft.core.layout import StridedLayout
 from ebft.data.formats import chat_turns
 from ebft.methods.base import FineTuneModule, generator_source
@@ -75,27 +76,29 @@ class EBFTModule(FineTuneModule):
         log.info("method.anchors=answer: %d of %d blocks of the training chunks are used (%.1f%%)",
                  int(used.sum()), used.numel(), 100 * used.float().mean().item())
 
-    def rollout(self, ids: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        """Sampled tokens (batch, n, NB, G) from the current policy."""
+    def rollout(self, ids: torch.Tensor, batch_idx: int, documents: StridedDocuments | None = None) -> torch.Tensor:
+        """Sampled tokens (batch, n, NB, G) from the current policy (within ``documents`` when given)."""
         s = self.method.sampling
         return sample_strided(self.generator, ids, self.layout, temperature=s.temperature, top_p=s.top_p,
-                              generator=self.sampling_generator(batch_idx))
+                              generator=self.sampling_generator(batch_idx), documents=documents)
 
     def training_step(self, batch, batch_idx):
         ids, m = batch["input_ids"], self.method
         layout = self.layout.to(ids.device)
         used = anchored_blocks(layout, batch, m.anchors, m.min_answer_prefix, m.answer_turns)   # (B, NB) or None
+        doc_ids = self.doc_ids(batch)
+        docs = None if doc_ids is None else StridedDocuments(layout, doc_ids)
         t0 = time.perf_counter()
         # 1. n samples of G tokens for every context, written into the strided row after the chunk
-        tokens = self.rollout(ids, batch_idx)                                        # (B, n, NB, G)
+        tokens = self.rollout(ids, batch_idx, docs)                                  # (B, n, NB, G)
         row = layout.scatter_generated(ids, tokens)                                  # (B, T + n*NB*G)
         t1 = time.perf_counter()
         # 2. features of the generated and ground-truth windows (frozen feature network, one pass)
-        gen_f, gt_f = self.feature_network.strided_features(row, layout)            # (B, NB, n, D), (B, NB, D)
+        gen_f, gt_f = self.feature_network.strided_features(row, layout, docs)      # (B, NB, n, D), (B, NB, D)
         t2 = time.perf_counter()
         # 3-4. rewards, advantages and the loss from one forward of the generator (backward: Lightning)
         loss, stats = ebft_update(self.generator, layout, row, tokens, gen_f, gt_f, m,
-                                  answer_tokens(batch, m.answer_turns), used)
+                                  answer_tokens(batch, m.answer_turns), used, docs)
         bs = ids.shape[0]
         self.log_dict({**stats.metrics(), "perf/sample_s": t1 - t0, "perf/features_s": t2 - t1,
                        "perf/rollout_tokens_per_s": tokens.numel() / max(t1 - t0, 1e-9)}, batch_size=bs)

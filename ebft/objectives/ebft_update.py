@@ -8,6 +8,7 @@ Shapes (B chunks, n samples per context, NB blocks, G generated tokens, D featur
     gen_features  (B, NB, n, D)     phi(c_k : y_hat_jk), the feature network's (paper eq. 4)
     gt_features   (B, NB, D)        phi(c_k : y_k)
     block_used    (B, NB)           the blocks trained on (``method.anchors``; None: all of them)
+    documents     StridedDocuments  document masking of the rows (``data.document_mask``; None: off)
     rewards       (B, NB, n)        r_j = AT_j - alpha * DT_j (eqs. 7, 9, 67; whitening per settings)
     advantages    (B, n, NB)        r_j - b_j, b_j of eq. 94 (or the ``baseline`` setting's)
     loss          ()                rl_coef * PG + gamma * CE
@@ -33,6 +34,7 @@ from torch import Tensor
 
 from ebft.config import EBFTSettings
 from ebft.core.compat import lm_head
+from ebft.core.documents import StridedDocuments
 from ebft.core.layout import StridedLayout
 from ebft.core.strided import strided_hidden
 from ebft.objectives.baselines import flat_groups, fm_advantages
@@ -42,7 +44,8 @@ from ebft.objectives.rewards import FMRewards, cfm_estimate, feature_matching_re
 
 def actor_loss(model, layout: StridedLayout, row: Tensor, advantages: Tensor, temperature: float,
                gamma: float, rl_coef: float = 1.0, reduction: str = "token_mean",
-               ce_mask: Tensor | None = None, pg_blocks: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+               ce_mask: Tensor | None = None, pg_blocks: Tensor | None = None,
+               documents: StridedDocuments | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(loss, pg, ce)`` of the actor update from ONE forward of ``model`` over the strided rows.
 
     ``row`` (B, T + n*NB*G); ``advantages`` (B, n, NB). The LM head runs only on the ``n*NB*G``
@@ -50,9 +53,10 @@ def actor_loss(model, layout: StridedLayout, row: Tensor, advantages: Tensor, te
     of the chunk: full-length logits are never formed. The head is the model's own (bias and final
     soft-cap included, ``ebft.core.compat.lm_head``). ``ce_mask`` (B, T) marks the CE's target tokens
     (None: all); ``pg_blocks`` (B, NB) the blocks whose tokens the policy gradient counts (None: all).
+    ``documents``: the forward attends within documents (``ebft.core.documents``).
     """
     layout = layout.to(row.device)
-    hidden = strided_hidden(model, row, layout)                          # (B, T + n*NB*G, H)
+    hidden = strided_hidden(model, row, layout, documents)               # (B, T + n*NB*G, H)
     head = lm_head(model)
     targets = row[:, layout.token_index]                                 # (B, n, NB, G)
     logprobs = token_logprobs(hidden[:, layout.score_index], head.weight, targets, temperature=temperature,
@@ -118,7 +122,8 @@ class EBFTStatistics:
 
 def ebft_update(generator, layout: StridedLayout, row: Tensor, tokens: Tensor, gen_features: Tensor,
                 gt_features: Tensor, method: EBFTSettings, answer_mask: Tensor | None = None,
-                block_used: Tensor | None = None) -> tuple[Tensor, EBFTStatistics]:
+                block_used: Tensor | None = None,
+                documents: StridedDocuments | None = None) -> tuple[Tensor, EBFTStatistics]:
     """The loss of one EBFT update (shapes in the module docstring) and its statistics.
 
     Rewards ``r_j = AT_j - alpha * DT_j`` with ``method.whitening`` (eqs. 7-9, 67), zero on the blocks
@@ -126,7 +131,8 @@ def ebft_update(generator, layout: StridedLayout, row: Tensor, tokens: Tensor, g
     zero advantages under every baseline); then ``method.rl_coef * PG + method.gamma * CE`` with the
     policy gradient's log-probs at ``method.sampling.temperature`` reduced by ``method.loss_reduction``
     over the tokens of the used (and, with ``method.skip_flat_groups``, not flat) blocks, and the CE over
-    all chunk tokens or, with ``method.ce_on == "answer"``, those ``answer_mask`` marks.
+    all chunk tokens or, with ``method.ce_on == "answer"``, those ``answer_mask`` marks; the generator's
+    forward attends within ``documents`` when given (document masking).
     """
     rewards = feature_matching_rewards(gen_features, gt_features, method.alpha, method.whitening)   # (B, NB, n)
     if block_used is not None:
@@ -141,7 +147,7 @@ def ebft_update(generator, layout: StridedLayout, row: Tensor, tokens: Tensor, g
     ce_mask = answer_mask if method.ce_on == "answer" else None
     loss, pg, ce = actor_loss(generator, layout, row, advantages, temperature=method.sampling.temperature,
                               gamma=method.gamma, rl_coef=method.rl_coef, reduction=method.loss_reduction,
-                              ce_mask=ce_mask, pg_blocks=trained)
+                              ce_mask=ce_mask, pg_blocks=trained, documents=documents)
     if layout.num_samples > 1:
         per_block = cfm_estimate(gen_features, gt_features)
         cfm = (per_block if block_used is None else per_block[block_used]).mean()
