@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from ebft.core.anchors import anchored_blocks, answer_span_start, block_used
+from ebft.core.anchors import anchored_blocks, answer_span_start, answer_tokens, block_used
 from ebft.core.layout import StridedLayout
 from ebft.data.packing import pack_rows
 
@@ -150,3 +150,43 @@ def test_packing_gives_positions_and_last_answers(tokenizer):
     # the chunk that starts inside an example knows it: its first token's position is > 0
     chunks = pack_rows(rows, tokenizer, 5)
     assert chunks.doc_pos[1, 0] == 5 and chunks.doc_pos[0, 0] == 0
+
+
+CHAT_ROW = {"question": "", "answer": "", "messages": [
+    {"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "An apple, a round fruit."},
+    {"role": "user", "content": "And a colour?"}, {"role": "assistant", "content": "Green, like the grass."},
+    {"role": "user", "content": "A number?"}, {"role": "assistant", "content": "Seven, which is a prime."}]}
+
+
+@pytest.mark.parametrize("chat_template", [False, True])
+@pytest.mark.parametrize("turns", ["all", "last"])
+def test_packed_chat_turns_are_answers_with_the_earlier_turns_in_context(tokenizer, chat_template, turns):
+    """A packed three-exchange chat (raw or through the tokenizer's chat template): every used block's
+    ground truth lies in one assistant turn (each turn has used blocks; only the last with
+    answer_turns=last), and its context holds every earlier turn."""
+    first = pack_rows([CHAT_ROW], tokenizer, 1, chat_template=chat_template)
+    total = len(first)                                                   # the chat's tokens, one per "chunk"
+    chunk = pack_rows([CHAT_ROW, CHAT_ROW], tokenizer, total, chat_template=chat_template).select(T_([0]))
+    layout = StridedLayout(total, 1, 1, 2, 1)
+    used = anchored_blocks(layout, vars(chunk), "answer", answer_turns=turns)[0]
+    ids, answer = chunk.input_ids[0], chunk.answer_mask[0]
+    span = answer_span_start(answer[None], chunk.doc_ids)[0]
+    assistant = [t["content"] for t in CHAT_ROW["messages"] if t["role"] == "assistant"]
+    spans = sorted({int(span[t]) for t in range(total) if answer[t]})
+    assert len(spans) == 3
+    by_turn = {s: [] for s in spans}
+    for k in torch.nonzero(used).flatten().tolist():
+        e = int(layout.context_end[k])
+        assert answer[e:e + 2].all() and span[e + 1] <= e                  # in one assistant turn
+        turn = spans.index(int(span[e]))
+        by_turn[spans[turn]].append(k)
+        context = tokenizer.decode(ids[:e])
+        for earlier in range(turn):                                          # every earlier exchange
+            assert assistant[earlier] in context
+        assert CHAT_ROW["messages"][2 * turn]["content"] in context          # and this turn's question
+    expected = [True, True, True] if turns == "all" else [False, False, True]
+    assert [bool(by_turn[s]) for s in spans] == expected
+    assert tokenizer.decode(ids[span == spans[2]]).startswith(assistant[2])
+    # the CE of answer anchors counts the same answers (ebft.methods.ebft: answer_tokens)
+    counted = answer_tokens(vars(chunk), turns)[0]
+    assert torch.equal(counted, answer if turns == "all" else answer & (span == spans[2]))
