@@ -114,6 +114,19 @@ def check_renamed(overrides: Sequence[str]) -> None:
 # --------------------------------------------------------------------------- the pieces
 
 
+def check_anchors(prefix: str, anchors: str, min_answer_prefix: int, answer_turns: str) -> None:
+    """The anchor settings of training (``method.``) or evaluation (``eval.``): allowed values, and the
+    knobs of answer anchors only with ``anchors=answer`` (``ebft.core.anchors``)."""
+    _choice(f"{prefix}anchors", anchors, ANCHORS)
+    _choice(f"{prefix}answer_turns", answer_turns, ANSWER_TURNS)
+    _require(isinstance(min_answer_prefix, int) and not isinstance(min_answer_prefix, bool) and min_answer_prefix >= 0,
+             f"{prefix}min_answer_prefix={min_answer_prefix!r} must be a whole number of answer tokens >= 0")
+    _require(anchors == "answer" or (min_answer_prefix == 0 and answer_turns == "all"),
+             f"{prefix}min_answer_prefix={min_answer_prefix} and {prefix}answer_turns={answer_turns} choose among "
+             f"answer blocks, but {prefix}anchors=all uses every block; set {prefix}anchors=answer, or leave them at "
+             "0 and all")
+
+
 @dataclass(frozen=True)
 class TaskSettings:
     """``task``: chunks of T tokens; the first context has C tokens, contexts start every s tokens and
@@ -307,15 +320,7 @@ class EBFTSettings:
     name: str = field(default="ebft", init=False)
 
     def __post_init__(self):
-        _choice("method.anchors", self.anchors, ANCHORS)
-        _choice("method.answer_turns", self.answer_turns, ANSWER_TURNS)
-        prefix = self.min_answer_prefix
-        _require(isinstance(prefix, int) and not isinstance(prefix, bool) and prefix >= 0,
-                 f"method.min_answer_prefix={prefix!r} must be a whole number of answer tokens >= 0")
-        _require(self.anchors == "answer" or (prefix == 0 and self.answer_turns == "all"),
-                 f"method.min_answer_prefix={prefix} and method.answer_turns={self.answer_turns} choose among answer "
-                 "blocks, but method.anchors=all trains on every block; set method.anchors=answer, or leave them at "
-                 "0 and all")
+        check_anchors("method.", self.anchors, self.min_answer_prefix, self.answer_turns)
         if self.ce_on is None:
             object.__setattr__(self, "ce_on", "answer" if self.anchors == "answer" else "all")
         alpha, n = check_alpha(self.alpha), self.sampling.num_samples
@@ -411,7 +416,9 @@ class DecodingSettings:
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    """``eval``'s calibration on held-out chunks: CE, CFM with its whitened proxy, the FM profile."""
+    """``eval``'s calibration on held-out chunks: CE, CFM with its whitened proxy, the FM profile; CFM and
+    the profile score the contexts of ``anchors`` (``min_answer_prefix``, ``answer_turns``: as training's
+    ``method.*``, ``ebft.core.anchors``)."""
 
     seed: int = 43
     cfm_chunks: int | None = None
@@ -422,6 +429,9 @@ class CalibrationSettings:
     profile_lengths: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     profile_chunks: int | None = None
     chunk_batch_size: int = 8
+    anchors: str = "all"
+    min_answer_prefix: int = 0
+    answer_turns: str = "all"
 
     def __post_init__(self):
         for key in ("cfm_chunks", "profile_chunks"):
@@ -429,6 +439,7 @@ class CalibrationSettings:
             _require(value is None or value >= 1, f"eval.{key}={value} must be >= 1, or null for all")
         _require(self.cfm_skip >= 0, f"eval.cfm_skip={self.cfm_skip} must be >= 0")
         _choice("eval.whitening", self.whitening, WHITENING)
+        check_anchors("eval.", self.anchors, self.min_answer_prefix, self.answer_turns)
 
 
 @dataclass(frozen=True)
@@ -601,6 +612,9 @@ class EvaluateSettings:
     def __post_init__(self):
         if self.limit is not None:
             _require(self.limit >= 1, f"limit={self.limit} must be >= 1, or null for all")
+        c = self.eval.calibration
+        check_anchor_geometry(self.task, c.anchors, c.min_answer_prefix, "eval.")
+        check_document_mask(self.data, self.model)
 
 
 # --------------------------------------------------------------------------- the conversion
@@ -617,7 +631,8 @@ NUMBERS = {"alpha": float, "gamma": float, "seed": int, "global_batch": int, "me
            "method.batch_size": int, "method.warmup_ratio": float, "method.weight_decay": float,
            "method.num_samples": int, "method.temperature": float, "method.top_p": float,
            "method.max_new_tokens": int, "method.min_answer_prefix": int, "task.seq_len": int,
-           "task.context_len": int, "task.stride": int, "task.gen_len": int, "trainer.max_steps": int}
+           "task.context_len": int, "task.stride": int, "task.gen_len": int, "trainer.max_steps": int,
+           "eval.min_answer_prefix": int}
 
 
 def validate_numbers(cfg: DictConfig) -> None:
@@ -679,7 +694,8 @@ def eval_settings(cfg: DictConfig) -> EvalSettings:
     calibration = CalibrationSettings(
         seed, _optional_int(e.get("cfm_chunks")), int(e.get("cfm_skip") or 0), int(e.cfm_num_samples),
         float(e.cfm_temperature), str(e.whitening), tuple(int(g) for g in e.profile_lengths),
-        _optional_int(e.get("profile_chunks")), int(e.chunk_batch_size))
+        _optional_int(e.get("profile_chunks")), int(e.chunk_batch_size), str(e.get("anchors", "all")),
+        int(e.get("min_answer_prefix", 0)), str(e.get("answer_turns", "all")))
     benchmarks = BenchmarkSettings(
         seed, float(e.timeout), _optional_int(e.get("workers")), bool(e.get("require_isolation", False)),
         None if e.get("mbpp_path") is None else str(e.mbpp_path), tuple(str(x) for x in e.get("multipl_e") or ()),
@@ -771,8 +787,11 @@ def train_settings(cfg: DictConfig) -> TrainSettings:
         check_anchor_geometry(task, method.anchors, method.min_answer_prefix, "method.")
     data = data_settings(cfg)
     check_document_mask(data, model)
+    evaluation = eval_settings(cfg)
+    c = evaluation.calibration
+    check_anchor_geometry(task, c.anchors, c.min_answer_prefix, "eval.")
     return TrainSettings(method, optim, model, task, data, feature_network_spec(cfg.feature_network),
-                         eval_settings(cfg), in_training_eval(cfg), int(cfg.seed), device_kind(cfg.trainer),
+                         evaluation, in_training_eval(cfg), int(cfg.seed), device_kind(cfg.trainer),
                          recorded_config(cfg) if _output_dir(cfg) is not None else {}, run_settings(cfg))
 
 

@@ -77,10 +77,12 @@ def answer_tokens(chunks: Mapping[str, torch.Tensor], answer_turns: str = "all")
 def anchored_blocks(layout: StridedLayout, chunks: Mapping[str, torch.Tensor], anchors: str = "all",
                     min_answer_prefix: int = 0, answer_turns: str = "all") -> torch.Tensor | None:
     """The blocks (B, NB) of ``chunks`` that ``anchors`` uses: None for ``all`` (every block), else
-    :func:`block_used` of the answers ``answer_turns`` picks."""
+    :func:`block_used` of the answers ``answer_turns`` picks. Chunks longer than the layout's T (the FM
+    profile's cut layouts) are read up to T."""
     if anchors not in ANCHORS:
         raise ValueError(f"anchors={anchors!r} is not one of {ANCHORS}")
     if anchors == "all":
         return None
-    return block_used(layout, answer_tokens(chunks, answer_turns), chunks["doc_ids"], chunks["doc_pos"],
-                      min_answer_prefix)
+    T = layout.seq_len
+    return block_used(layout, answer_tokens(chunks, answer_turns)[:, :T], chunks["doc_ids"][:, :T],
+                      chunks["doc_pos"][:, :T], min_answer_prefix)
