@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 
+from bench.step_cost import ebft_step, synthetic_examples
 from ebft.config import ConfigError, train_settings
 from ebft.core.anchors import anchored_blocks
 from ebft.methods.ebft import EBFTModule
@@ -100,3 +101,21 @@ def test_answer_anchors_with_no_answer_block_are_refused_before_any_model(tmp_pa
     with pytest.raises(ConfigError, match="leaves no block in any of the .* training chunks"):
         train(make_cfg(tmp_path / "run", "method=ebft", "method.anchors=answer", "task.gen_len=8", "data=local",
                        f"data.files={files}"))
+
+
+def test_the_benchmark_step_is_the_training_step_with_answer_anchors_and_document_masks(tmp_path, tokenizer):
+    """``bench/step_cost.py --anchors answer --document-mask`` times the code that trains: the same loss as
+    ``training_step`` on the same batch (synthetic examples) and random numbers."""
+    cfg = make_cfg(tmp_path, "method=ebft", "method.num_samples=3", "method.anchors=answer", "data.document_mask=true")
+    module = EBFTModule(train_settings(cfg), tokenizer)
+    T = module.layout.seq_len
+    ids = torch.randint(0, 200, (2, T), generator=torch.Generator().manual_seed(5))
+    fields = synthetic_examples(2, T, 5, 14)
+    trained = module.training_step({"input_ids": ids, **fields}, 0)
+    _, stats = ebft_step(module.generator, module.feature_network, module.layout, ids, fields["answer_mask"],
+                         module.method, module.sampling_generator(0), fields=fields, document_mask=True)
+    assert stats.loss.item() == trained.item() and torch.isfinite(trained)
+    assert 0 < stats.metrics()["train/blocks_used"] < 1
+    _, plain = ebft_step(module.generator, module.feature_network, module.layout, ids, fields["answer_mask"],
+                         module.method, module.sampling_generator(0), fields=fields)
+    assert plain.loss.item() != trained.item()                     # document masking is not a no-op
