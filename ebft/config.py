@@ -52,6 +52,7 @@ SCALE_REWARDS = ("none", "group", "batch")            # ebft.objectives.baseline
 BASELINES = ("rloo_corrected", "rloo", "group_norm", "reinforce")   # ebft.objectives.baselines (EBFT)
 ANCHORS = ("all", "answer")                           # ebft.core.anchors: which blocks are trained on / scored
 ANSWER_TURNS = ("all", "last")                        # ebft.core.anchors: which assistant turns of a chat are answers
+PACKING = ("stream", "examples")                      # ebft.data.packing: where chunks start
 LOGGERS = ("csv", "tensorboard", "wandb")
 
 FEATURE_NETWORK = "the feature network of training and evaluation is one group, `feature_network`"
@@ -161,7 +162,8 @@ class DataSettings:
     :func:`ebft.data.sources.load_rows` reads it) and the held-out split (``val_size`` rows, ``seed``);
     ``chat_template``: rows rendered with the tokenizer's chat template; ``document_mask``: in every
     strided pass (and plain causal pass over a chunk) a token attends only to tokens of its own example,
-    with position ids restarting at each example (:mod:`ebft.core.documents`)."""
+    with position ids restarting at each example (:mod:`ebft.core.documents`); ``packing``: chunks cut
+    from the token stream every T tokens, or each starting at an example (:mod:`ebft.data.packing`)."""
 
     task: str
     source: Mapping[str, Any]
@@ -169,9 +171,11 @@ class DataSettings:
     seed: int = 43
     chat_template: bool = False
     document_mask: bool = False
+    packing: str = "stream"
 
     def __post_init__(self):
         _require(self.val_size >= 0, f"data.val_size={self.val_size} must be >= 0")
+        _choice("data.packing", self.packing, PACKING)
 
 
 @dataclass(frozen=True)
@@ -665,7 +669,8 @@ def task_settings(task: DictConfig) -> TaskSettings:
 def data_settings(cfg: DictConfig) -> DataSettings:
     data = cfg.data
     return DataSettings(str(cfg.task.name), _plain(data), int(data.get("val_size", 1000)), int(data.get("seed", 43)),
-                        bool(data.get("chat_template", False)), bool(data.get("document_mask", False)))
+                        bool(data.get("chat_template", False)), bool(data.get("document_mask", False)),
+                        str(data.get("packing", "stream")))
 
 
 def feature_network_spec(node: DictConfig) -> FeatureNetworkSettings:

@@ -74,6 +74,7 @@ def test_unknown_group_option_lists_the_choices(group, name):
      "every block would be skipped"),
     (["data.document_mask=true", "model.attn_implementation=flash_attention_2"],
      "data.document_mask=true needs a custom attention mask"),
+    (["data.packing=docs"], "data.packing='docs'"),
 ])
 def test_bad_values_are_refused_with_the_key(overrides, fragment):
     with pytest.raises(ConfigError, match=None) as err:

@@ -12,10 +12,17 @@ context ``x[0 : e]`` (``e = C + k*s``) and ground truth ``x[e : e + G]``, is use
    ``doc_start = t - doc_pos[t] >= 0``, and before ``e`` (``doc_start <= e - 1``: the context holds at
    least one token of the example).
 
-Blocks whose example started in the previous chunk are dropped (not cut at example boundaries: the
-chunk stays the paper's packed text, so the block grid and the tensor shapes never change). The result
-is a boolean ``block_used`` ``(B, NB)`` on the fixed block grid; callers zero what unused blocks would
-contribute (rewards, advantages, policy-gradient weight, metrics).
+Blocks whose example started in the previous chunk are dropped; the block grid and the tensor shapes
+never change. The result is a boolean ``block_used`` ``(B, NB)`` on the fixed block grid; callers zero
+what unused blocks would contribute (rewards, advantages, policy-gradient weight, metrics).
+
+What dropping costs depends on how long examples are against T. Measured on the embedded Q&A code (3,000
+standard-library functions, SmolLM2's tokenizer, C = s = G = 8): with the paper's packing
+(``data.packing=stream``) 8.8% of the blocks are used at T = 128 and 44.1% at T = 1024, where 57.4% lie in
+an answer span: the dropped blocks are 85% and 23% of those. Chunks cut at example boundaries
+(``data.packing=examples``: every chunk starts at an example) use 35.6% (T = 128) and 53.9% (T = 1024) of
+their blocks, with 55% and 15% fewer chunks for the same rows and more answer blocks in all (9,355 against
+5,191 at T = 128; 28,596 against 27,397 at T = 1024).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ The ``data`` config group::
                             # columns; see ebft/data/formats.py)
       chat_template: false  # render rows with the tokenizer's chat template when packing
       document_mask: false  # attend within each example only (ebft/core/documents.py; not recorded)
+      packing: stream       # chunks cut every T tokens | examples: each starts at an example (not recorded)
       fields: {}            # our field -> their column, merged over the preset;
                             # a field mapped to null becomes "" (a dataset without questions)
       mbpp_path: null       # embedded qa_code: MBPP jsonl (default $EBFT_MBPP; none = no MBPP)
@@ -56,8 +57,8 @@ from ebft.models.loading import ModelSourceError, resolve_source
 KINDS = ("embedded", "hub", "local", "synthetic")
 ROW_FIELDS = ("question", "answer", "tests", "test_type", "test_setup", "entry_point", "source_lang", "target_lang")
 CONFIG_KEYS = {"kind", "name", "config", "split", "files", "file_type", "format", "chat_template", "document_mask",
-               "fields", "mbpp_path", "langs", "process", "rows", "row_len", "limit", "val_size", "seed"}
-NOT_RECORDED = {"document_mask"}   # how chunks are attended to, not which rows they hold
+               "packing", "fields", "mbpp_path", "langs", "process", "rows", "row_len", "limit", "val_size", "seed"}
+NOT_RECORDED = {"document_mask", "packing"}   # how chunks are cut and attended to, not which rows they hold
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 

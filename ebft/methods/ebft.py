@@ -71,8 +71,8 @@ class EBFTModule(FineTuneModule):
             raise ConfigError(
                 f"method.anchors=answer leaves no block in any of the {len(used)} training chunks: no G={layout.gen_len} "
                 f"ground-truth tokens lie in one answer after method.min_answer_prefix={m.min_answer_prefix} answer tokens "
-                f"with the example's whole prompt in the chunk; lower method.min_answer_prefix or task.gen_len, or raise "
-                "task.seq_len so that whole examples fit in a chunk")
+                f"with the example's whole prompt in the chunk; lower method.min_answer_prefix or task.gen_len, start "
+                "every chunk at an example (data.packing=examples), or raise task.seq_len so that whole examples fit")
         log.info("method.anchors=answer: %d of %d blocks of the training chunks are used (%.1f%%)",
                  int(used.sum()), used.numel(), 100 * used.float().mean().item())
 
