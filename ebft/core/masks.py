@@ -65,8 +65,9 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def block_mask(layout: StridedLayout, query_rows: slice | torch.Tensor | None = None,
-               num_keys: int | None = None):
-    """FlexAttention ``BlockMask`` of the same rule, on the layout's device (use a CUDA layout)."""
+               num_keys: int | None = None, documents: StridedDocuments | None = None):
+    """FlexAttention ``BlockMask`` of the same rule, on the layout's device (use a CUDA layout); with
+    ``documents``, restricted to each row's document, with their batch size."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     q_rows = torch.arange(layout.length, device=layout.device)
@@ -79,7 +80,14 @@ def block_mask(layout: StridedLayout, query_rows: slice | torch.Tensor | None = 
         q = q_rows[q_idx]
         return (kv_idx < limit[q]) | ((group[q] == group[kv_idx]) & (group[q] >= 0) & (kv_idx <= q))
 
-    return create_block_mask(mask_mod, None, None, len(q_rows), num_keys, device=layout.device)
+    batch = None
+    if documents is not None:
+        segment, strided, batch = documents.segment, mask_mod, documents.batch_size
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return strided(b, h, q_idx, kv_idx) & (segment[b, q_rows[q_idx]] == segment[b, kv_idx])
+
+    return create_block_mask(mask_mod, batch, None, len(q_rows), num_keys, device=layout.device)
 
 
 def strided_mask(layout: StridedLayout, attn_implementation: str, dtype: torch.dtype = torch.float32,
@@ -144,27 +152,9 @@ def document_mask(documents: StridedDocuments, attn_implementation: str, dtype: 
     Built per batch, never cached; sdpa takes it as a plain dense mask (no banded path)."""
     _check_implementation(attn_implementation)
     if attn_implementation == "flex_attention":
-        return _document_block_mask(documents, query_rows, num_keys)
+        return block_mask(documents.layout, query_rows, num_keys, documents)
     allowed = documents.allowed(query_rows, num_keys)[:, None]
     return allowed if attn_implementation == "sdpa" else additive_mask(allowed, dtype)
-
-
-def _document_block_mask(documents: StridedDocuments, query_rows: slice | None, num_keys: int | None):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    layout = documents.layout
-    q_rows = torch.arange(layout.length, device=layout.device)
-    if query_rows is not None:
-        q_rows = q_rows[query_rows]
-    num_keys = layout.length if num_keys is None else num_keys
-    limit, group, segment = layout.row_limit, layout.row_group, documents.segment
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        q = q_rows[q_idx]
-        strided = (kv_idx < limit[q]) | ((group[q] == group[kv_idx]) & (group[q] >= 0) & (kv_idx <= q))
-        return strided & (segment[b, q] == segment[b, kv_idx])
-
-    return create_block_mask(mask_mod, documents.batch_size, None, len(q_rows), num_keys, device=layout.device)
 
 
 def causal_chunk_mask(doc_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype = torch.float32):

@@ -84,8 +84,9 @@ def duplicate_fraction(tokens: Tensor, block_used: Tensor | None = None) -> Tens
 class EBFTStatistics:
     """What one EBFT update measured (detached): the loss and its terms, the rewards (B, NB, n) and
     advantages (B, n, NB), the batch's CFM estimate and the fraction of duplicated rollouts (both over
-    the used blocks), the used blocks (B, NB; None: all) and the flat groups (B, NB: used blocks whose n
-    rewards are all equal, ``ebft.objectives.baselines.flat_groups``)."""
+    the used blocks), the used blocks (B, NB; None: all) and the flat groups (B, NB: blocks whose n
+    rewards are all equal, ``ebft.objectives.baselines.flat_groups``; unused blocks, zeroed, are flat
+    too, and the metric counts the used ones; None for n = 1)."""
 
     loss: Tensor
     pg: Tensor
