@@ -65,6 +65,8 @@ import ebft.objectives.ebft_update as update_module  # noqa: E402
 from ebft.config import EBFTSettings, LoraSettings, compose_config, method_settings  # noqa: E402
 import ebft.objectives.losses as losses_module  # noqa: E402
 import ebft.rollout.sampler as sampler_module  # noqa: E402
+from ebft.core.anchors import anchored_blocks, answer_tokens  # noqa: E402
+from ebft.core.documents import StridedDocuments  # noqa: E402
 from ebft.core.strided import strided_hidden  # noqa: E402
 from ebft.objectives.ebft_update import EBFTStatistics, actor_loss, ebft_update  # noqa: E402
 from ebft.core.compat import decoder_layers  # noqa: E402
@@ -79,6 +81,7 @@ from ebft.rollout.sampler import sample_from_logits as _inverse_cdf  # noqa: E40
 from ebft.app.strategies import GIB, estimate_memory  # noqa: E402
 
 MODELS = ("smollm2-shape", "smollm2", "qwen2.5-1.5b-shape", "tiny")
+ANSWER = " [answer]"   # the pieces of the answer-anchored step (--anchors answer)
 ABLATIONS = ("nocache", "multinomial", "dense_attention", "copies", "full_features", "inference_mode",
              "full_logits", "checkpointed_logprobs", "eager", "mask_build")
 
@@ -179,35 +182,58 @@ class Meter:
 
 
 # ------------------------------------------------------------------------------------------ steps
-def ebft_method(n: int, temperature: float | None = None, whitening: str | None = None) -> EBFTSettings:
+def ebft_method(n: int, temperature: float | None = None, whitening: str | None = None,
+                anchors: str | None = None) -> EBFTSettings:
     """The settings of ``python train.py method=ebft`` (alpha, gamma, whitening, baseline, rl_coef, loss
-    reduction, CE mask, temperature) with ``n`` samples per context and the knobs given here."""
+    reduction, CE mask, temperature, anchors) with ``n`` samples per context and the knobs given here."""
     overrides = ["method=ebft", f"method.num_samples={n}"]
     overrides += [f"method.temperature={temperature}"] if temperature is not None else []
     overrides += [f"method.whitening={whitening}"] if whitening is not None else []
+    overrides += [f"method.anchors={anchors}"] if anchors is not None else []
     return method_settings(compose_config("train", overrides))
 
 
 def ebft_step(generator, feature_network, layout: StridedLayout, ids: torch.Tensor, answer_mask: torch.Tensor,
               method: EBFTSettings, rng: torch.Generator, opt=None, meter: Meter | None = None,
-              record: bool = False) -> tuple[torch.Tensor, EBFTStatistics]:
-    """The EBFT step as ``EBFTModule.training_step`` makes it (sample, features, ``ebft_update``, backward),
-    each piece timed by ``meter`` when given; returns the strided rows and the update's statistics."""
+              record: bool = False, fields: dict | None = None, document_mask: bool = False,
+              suffix: str = "") -> tuple[torch.Tensor, EBFTStatistics]:
+    """The EBFT step as ``EBFTModule.training_step`` makes it (anchored blocks, sample, features,
+    ``ebft_update``, backward), each piece timed by ``meter`` when given (its name + ``suffix``); returns
+    the strided rows and the update's statistics. ``fields``: the batch's other fields (``doc_ids``,
+    ``doc_pos``, ``last_answer_mask``), which answer anchors and ``document_mask`` read."""
     def timed(name):
-        return meter.time(name, record) if meter is not None else contextlib.nullcontext()
+        return meter.time(name + suffix, record) if meter is not None else contextlib.nullcontext()
 
-    s = method.sampling
+    s, m = method.sampling, method
+    batch = {"input_ids": ids, "answer_mask": answer_mask, **(fields or {})}
+    used = anchored_blocks(layout, batch, m.anchors, m.min_answer_prefix, m.answer_turns)
     with timed("ebft sample"):
-        tokens = sample_strided(generator, ids, layout, temperature=s.temperature, top_p=s.top_p, generator=rng)
+        docs = StridedDocuments(layout, batch["doc_ids"]) if document_mask else None
+        tokens = sample_strided(generator, ids, layout, temperature=s.temperature, top_p=s.top_p, generator=rng,
+                                documents=docs)
         row = layout.scatter_generated(ids, tokens)
     with timed("ebft features"):
-        gen_f, gt_f = feature_network.strided_features(row, layout)
+        gen_f, gt_f = feature_network.strided_features(row, layout, docs)
     with timed("ebft update fwd+bwd"):
         if opt is not None:
             opt.zero_grad(set_to_none=True)
-        loss, stats = ebft_update(generator, layout, row, tokens, gen_f, gt_f, method, answer_mask)
+        loss, stats = ebft_update(generator, layout, row, tokens, gen_f, gt_f, method,
+                                  answer_tokens(batch, m.answer_turns), used, docs)
         loss.backward()
     return row, stats
+
+
+def synthetic_examples(batch: int, seq_len: int, prompt_len: int, answer_len: int) -> dict[str, torch.Tensor]:
+    """Chunk fields of a stream of synthetic prompt/answer examples (``--prompt-len`` prompt tokens, then
+    ``--answer-len`` answer tokens, its EOS included; no real text): chunk b is the stream's tokens
+    ``b*T .. (b+1)*T - 1``, so chunks after the first may start inside an example, as packed data does.
+    What answer anchors and document masking read: ``answer_mask``, ``doc_ids``, ``doc_pos``,
+    ``last_answer_mask``."""
+    length = prompt_len + answer_len
+    stream = torch.arange(batch * seq_len).view(batch, seq_len)
+    pos = stream % length
+    answer = pos >= prompt_len
+    return {"answer_mask": answer, "doc_ids": stream // length, "doc_pos": pos, "last_answer_mask": answer}
 
 
 class Bench:
@@ -231,6 +257,8 @@ class Bench:
                                      betas=(0.9, 0.95), weight_decay=0.0)
         self.layout = StridedLayout(args.T, args.C, args.s, args.G, args.n).to(device)
         self.method = ebft_method(args.n, args.temperature, args.whitening)
+        self.answer_method = ebft_method(args.n, args.temperature, args.whitening, anchors="answer")
+        self.blocks_used: float | None = None   # of the last answer-anchored step
         self.rng = torch.Generator(device=device).manual_seed(args.seed)
 
     def autocast(self):
@@ -262,6 +290,20 @@ class Bench:
         with meter.time("ebft optimizer", record):
             self.opt.step()
         return row, stats.advantages
+
+    def answer_step(self, meter: Meter, ids: torch.Tensor, record: bool) -> float:
+        """``--anchors answer``: the EBFT step with answer anchors (and ``--document-mask``) on the synthetic
+        examples of :func:`synthetic_examples`, pieces timed as ``... [answer]``; returns the fraction of
+        blocks used."""
+        a = self.args
+        fields = {k: v.to(self.device) for k, v in synthetic_examples(len(ids), a.T, a.prompt_len, a.answer_len).items()}
+        with self.autocast():
+            _, stats = ebft_step(self.generator, self.feature_network, self.layout, ids, fields["answer_mask"],
+                                 self.answer_method, self.rng, self.opt, meter, record, fields, a.document_mask,
+                                 ANSWER)
+        with meter.time("ebft optimizer" + ANSWER, record):
+            self.opt.step()
+        return stats.block_used.float().mean().item()
 
     # -- baselines and ablations --------------------------------------------------------------------
     def authors_sampling(self, meter, ids, record):
@@ -439,6 +481,13 @@ def parse_args(argv=None):
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--no-authors", action="store_true", help="skip the authors-style sampling baseline")
     p.add_argument("--no-generate", action="store_true", help="skip the per-prefix generate() baseline")
+    p.add_argument("--anchors", default="all", choices=("all", "answer"),
+                   help="answer: also time the step with method.anchors=answer on synthetic prompt/answer examples "
+                        "and print the fraction of blocks used next to the anchors=all step")
+    p.add_argument("--prompt-len", type=int, default=64, help="--anchors answer: prompt tokens per synthetic example")
+    p.add_argument("--answer-len", type=int, default=128, help="--anchors answer: answer tokens per synthetic example")
+    p.add_argument("--document-mask", action="store_true",
+                   help="--anchors answer: with data.document_mask=true (each example attends only to itself)")
     p.add_argument("--ablations", nargs="*", default=[], choices=("all", *ABLATIONS),
                    help="also time the slower variants the step avoids")
     p.add_argument("--find-max-batch", action="store_true",
@@ -619,6 +668,8 @@ def main(argv=None):
     for rep in range(args.warmup + args.repeats):
         record = rep >= args.warmup
         row, adv = bench.ebft_step(meter, ids, record)
+        if args.anchors == "answer":
+            bench.blocks_used = bench.answer_step(meter, ids, record)
         bench.sft_step(meter, ids, record)
         if not args.no_authors:
             bench.authors_sampling(meter, ids, record)
@@ -674,7 +725,11 @@ def report(meter: Meter, args, bench: Bench) -> dict:
     for name in ("sft step", *parts):
         print(f"| {name} | {med[name]:.3f} | {med[name] / sft:.2f} | {meter.peaks[name]:.2f} |")
     print(f"| **ebft step (sum)** | {ebft:.3f} | {ebft / sft:.2f} | {max(meter.peaks[p] for p in parts):.2f} |")
-    for name in sorted(k for k in med if k not in parts and k != "sft step"):
+    answer = sum(med[p + ANSWER] for p in parts) if args.anchors == "answer" else None
+    if answer is not None:
+        print(f"| **ebft step, anchors=answer{', document mask' if args.document_mask else ''} (sum)** | {answer:.3f} "
+              f"| {answer / sft:.2f} | {max(meter.peaks[p + ANSWER] for p in parts):.2f} |")
+    for name in sorted(k for k in med if k not in parts and k != "sft step" and not k.endswith(ANSWER)):
         print(f"| {name} | {med[name]:.3f} | {med[name] / sft:.2f} | {meter.peaks[name]:.2f} |")
     print()
     if "authors sampling" in med:
@@ -693,12 +748,19 @@ def report(meter: Meter, args, bench: Bench) -> dict:
     print(f"generator fwd+bwd (actor): {flops / 1e12:.3f} TFLOP in {med['ebft update fwd+bwd']:.3f} s = "
           f"{achieved / 1e12:.2f} TFLOP/s" + (f", MFU {mfu:.3f} of {peak / 1e12:.0f} TFLOP/s" if mfu else
                                                " (MFU: unknown device peak, give --peak-tflops)"))
+    if answer is not None:
+        print(f"anchors=answer on synthetic examples (prompt {args.prompt_len} + answer {args.answer_len} tokens"
+              f"{', document mask' if args.document_mask else ''}): fraction of blocks used {bench.blocks_used:.3f} "
+              f"(of NB={bench.layout.num_blocks} per chunk); EBFT step {answer:.3f} s vs {ebft:.3f} s with anchors=all "
+              f"(answer_over_all={answer / ebft:.3f})")
     print(f"ebft_over_sft={ebft / sft:.3f}")
     summary = {"model": args.model, "device": str(meter.device), "attn": args.attn, "T": args.T, "n": args.n,
                "batch": args.batch, "strided_tokens": bench.layout.length, "sft_step_s": sft, "ebft_step_s": ebft,
                "actor_s": med["ebft update fwd+bwd"], "sample_s": med["ebft sample"],
                "ebft_over_sft": ebft / sft, "actor_tflops": achieved / 1e12, "actor_mfu": mfu,
                "peak_gib": max(meter.peaks.values())}
+    if answer is not None:
+        summary.update(answer_step_s=answer, blocks_used=bench.blocks_used, document_mask=args.document_mask)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
     return summary

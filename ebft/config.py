@@ -50,6 +50,9 @@ NORMALISATION = ("joint", "per_layer")                # ebft.models.features
 REDUCTIONS = ("token_mean", "sequence_sum")           # ebft.objectives.losses
 SCALE_REWARDS = ("none", "group", "batch")            # ebft.objectives.baselines (GRPO)
 BASELINES = ("rloo_corrected", "rloo", "group_norm", "reinforce")   # ebft.objectives.baselines (EBFT)
+ANCHORS = ("all", "answer")                           # ebft.core.anchors: which blocks are trained on / scored
+ANSWER_TURNS = ("all", "last")                        # ebft.core.anchors: which assistant turns of a chat are answers
+PACKING = ("stream", "examples")                      # ebft.data.packing: where chunks start
 LOGGERS = ("csv", "tensorboard", "wandb")
 
 FEATURE_NETWORK = "the feature network of training and evaluation is one group, `feature_network`"
@@ -114,6 +117,19 @@ def check_renamed(overrides: Sequence[str]) -> None:
 # --------------------------------------------------------------------------- the pieces
 
 
+def check_anchors(prefix: str, anchors: str, min_answer_prefix: int, answer_turns: str) -> None:
+    """The anchor settings of training (``method.``) or evaluation (``eval.``): allowed values, and the
+    knobs of answer anchors only with ``anchors=answer`` (``ebft.core.anchors``)."""
+    _choice(f"{prefix}anchors", anchors, ANCHORS)
+    _choice(f"{prefix}answer_turns", answer_turns, ANSWER_TURNS)
+    _require(isinstance(min_answer_prefix, int) and not isinstance(min_answer_prefix, bool) and min_answer_prefix >= 0,
+             f"{prefix}min_answer_prefix={min_answer_prefix!r} must be a whole number of answer tokens >= 0")
+    _require(anchors == "answer" or (min_answer_prefix == 0 and answer_turns == "all"),
+             f"{prefix}min_answer_prefix={min_answer_prefix} and {prefix}answer_turns={answer_turns} choose among "
+             f"answer blocks, but {prefix}anchors=all uses every block; set {prefix}anchors=answer, or leave them at "
+             "0 and all")
+
+
 @dataclass(frozen=True)
 class TaskSettings:
     """``task``: chunks of T tokens; the first context has C tokens, contexts start every s tokens and
@@ -145,16 +161,23 @@ class TaskSettings:
 @dataclass(frozen=True)
 class DataSettings:
     """``data``: where the rows of ``task`` come from (``source``: the resolved ``data`` node, as
-    :func:`ebft.data.sources.load_rows` reads it) and the held-out split (``val_size`` rows, ``seed``)."""
+    :func:`ebft.data.sources.load_rows` reads it) and the held-out split (``val_size`` rows, ``seed``);
+    ``chat_template``: rows rendered with the tokenizer's chat template; ``document_mask``: in every
+    strided pass (and plain causal pass over a chunk) a token attends only to tokens of its own example,
+    with position ids restarting at each example (:mod:`ebft.core.documents`); ``packing``: chunks cut
+    from the token stream every T tokens, or each starting at an example (:mod:`ebft.data.packing`)."""
 
     task: str
     source: Mapping[str, Any]
     val_size: int = 1000
     seed: int = 43
     chat_template: bool = False
+    document_mask: bool = False
+    packing: str = "stream"
 
     def __post_init__(self):
         _require(self.val_size >= 0, f"data.val_size={self.val_size} must be >= 0")
+        _choice("data.packing", self.packing, PACKING)
 
 
 @dataclass(frozen=True)
@@ -279,7 +302,14 @@ class SFTSettings:
 @dataclass(frozen=True)
 class EBFTSettings:
     """``method=ebft`` (paper §2, Algorithm 1): rewards ``r = AT - alpha DT`` (eq. 7; ``alpha``, ``gamma``:
-    the top-level keys), whitening (eqs. 8-9), loss ``rl_coef * PG + gamma * CE``."""
+    the top-level keys), whitening (eqs. 8-9), loss ``rl_coef * PG + gamma * CE``.
+
+    ``anchors``: ``all`` blocks of a chunk (the paper's), or only ``answer`` blocks, whose G ground-truth
+    tokens lie in one example's answer after ``min_answer_prefix`` answer tokens, with the example's whole
+    prompt in the context (``ebft.core.anchors``); ``answer_turns``: every assistant turn of a chat is an
+    answer (``all``) or only the ``last`` one. ``ce_on`` None follows the anchors (answer tokens for
+    answer anchors, else all tokens). ``skip_flat_groups``: a block whose n rewards are all equal is left
+    out of the policy gradient (``ebft.objectives.baselines.flat_groups``)."""
 
     sampling: SamplingSettings
     alpha: float = 1.0
@@ -287,11 +317,18 @@ class EBFTSettings:
     whitening: str = "reference"
     loss_reduction: str = "token_mean"
     rl_coef: float = 1.0
-    ce_on: str = "all"
+    ce_on: str | None = None
     baseline: str = "rloo_corrected"
+    anchors: str = "all"
+    min_answer_prefix: int = 0
+    answer_turns: str = "all"
+    skip_flat_groups: bool = False
     name: str = field(default="ebft", init=False)
 
     def __post_init__(self):
+        check_anchors("method.", self.anchors, self.min_answer_prefix, self.answer_turns)
+        if self.ce_on is None:
+            object.__setattr__(self, "ce_on", "answer" if self.anchors == "answer" else "all")
         alpha, n = check_alpha(self.alpha), self.sampling.num_samples
         _require(self.gamma >= 0, f"gamma={self.gamma} must be >= 0 (weight of the CE term)")
         _require(n >= 1, f"method.num_samples={n} must be >= 1")
@@ -300,6 +337,9 @@ class EBFTSettings:
                  f"method.num_samples=1: method.baseline={self.baseline} needs n >= 2 samples per context (the "
                  "leave-one-out of paper eq. 94 has no other sample); set method.num_samples>=2, or ask for plain "
                  "REINFORCE without a baseline with method.baseline=reinforce alpha=0")
+        _require(not (n == 1 and self.skip_flat_groups),
+                 "method.skip_flat_groups=true with method.num_samples=1: the one reward of a group is always "
+                 "'all equal', so every block would be skipped; set method.num_samples>=2")
         _require(not (n == 1 and alpha > 0),
                  f"method.num_samples=1 with alpha={alpha}: the diversity term needs n >= 2 samples; "
                  "set method.num_samples>=2 or alpha=0")
@@ -382,7 +422,9 @@ class DecodingSettings:
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    """``eval``'s calibration on held-out chunks: CE, CFM with its whitened proxy, the FM profile."""
+    """``eval``'s calibration on held-out chunks: CE, CFM with its whitened proxy, the FM profile; CFM and
+    the profile score the contexts of ``anchors`` (``min_answer_prefix``, ``answer_turns``: as training's
+    ``method.*``, ``ebft.core.anchors``)."""
 
     seed: int = 43
     cfm_chunks: int | None = None
@@ -393,6 +435,9 @@ class CalibrationSettings:
     profile_lengths: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     profile_chunks: int | None = None
     chunk_batch_size: int = 8
+    anchors: str = "all"
+    min_answer_prefix: int = 0
+    answer_turns: str = "all"
 
     def __post_init__(self):
         for key in ("cfm_chunks", "profile_chunks"):
@@ -400,6 +445,7 @@ class CalibrationSettings:
             _require(value is None or value >= 1, f"eval.{key}={value} must be >= 1, or null for all")
         _require(self.cfm_skip >= 0, f"eval.cfm_skip={self.cfm_skip} must be >= 0")
         _choice("eval.whitening", self.whitening, WHITENING)
+        check_anchors("eval.", self.anchors, self.min_answer_prefix, self.answer_turns)
 
 
 @dataclass(frozen=True)
@@ -572,6 +618,9 @@ class EvaluateSettings:
     def __post_init__(self):
         if self.limit is not None:
             _require(self.limit >= 1, f"limit={self.limit} must be >= 1, or null for all")
+        c = self.eval.calibration
+        check_anchor_geometry(self.task, c.anchors, c.min_answer_prefix, "eval.")
+        check_document_mask(self.data, self.model)
 
 
 # --------------------------------------------------------------------------- the conversion
@@ -587,8 +636,9 @@ def _get(cfg, key: str):
 NUMBERS = {"alpha": float, "gamma": float, "seed": int, "global_batch": int, "method.lr": float,
            "method.batch_size": int, "method.warmup_ratio": float, "method.weight_decay": float,
            "method.num_samples": int, "method.temperature": float, "method.top_p": float,
-           "method.max_new_tokens": int, "task.seq_len": int, "task.context_len": int, "task.stride": int,
-           "task.gen_len": int, "trainer.max_steps": int}
+           "method.max_new_tokens": int, "method.min_answer_prefix": int, "task.seq_len": int,
+           "task.context_len": int, "task.stride": int, "task.gen_len": int, "trainer.max_steps": int,
+           "eval.min_answer_prefix": int}
 
 
 def validate_numbers(cfg: DictConfig) -> None:
@@ -621,7 +671,8 @@ def task_settings(task: DictConfig) -> TaskSettings:
 def data_settings(cfg: DictConfig) -> DataSettings:
     data = cfg.data
     return DataSettings(str(cfg.task.name), _plain(data), int(data.get("val_size", 1000)), int(data.get("seed", 43)),
-                        bool(data.get("chat_template", False)))
+                        bool(data.get("chat_template", False)), bool(data.get("document_mask", False)),
+                        str(data.get("packing", "stream")))
 
 
 def feature_network_spec(node: DictConfig) -> FeatureNetworkSettings:
@@ -650,7 +701,8 @@ def eval_settings(cfg: DictConfig) -> EvalSettings:
     calibration = CalibrationSettings(
         seed, _optional_int(e.get("cfm_chunks")), int(e.get("cfm_skip") or 0), int(e.cfm_num_samples),
         float(e.cfm_temperature), str(e.whitening), tuple(int(g) for g in e.profile_lengths),
-        _optional_int(e.get("profile_chunks")), int(e.chunk_batch_size))
+        _optional_int(e.get("profile_chunks")), int(e.chunk_batch_size), str(e.get("anchors", "all")),
+        int(e.get("min_answer_prefix", 0)), str(e.get("answer_turns", "all")))
     benchmarks = BenchmarkSettings(
         seed, float(e.timeout), _optional_int(e.get("workers")), bool(e.get("require_isolation", False)),
         None if e.get("mbpp_path") is None else str(e.mbpp_path), tuple(str(x) for x in e.get("multipl_e") or ()),
@@ -684,8 +736,12 @@ def method_settings(cfg: DictConfig) -> MethodSettings:
         return SFTSettings(str(m.get("loss_on", "answer")))
     if name == "ebft":
         _require(int(m.num_samples) >= 1, f"method.num_samples={m.num_samples} must be >= 1")
+        ce_on = m.get("ce_on")
         return EBFTSettings(_rollout(m), float(cfg.alpha), float(cfg.gamma), str(m.whitening), str(m.loss_reduction),
-                            float(m.rl_coef), str(m.ce_on), str(m.get("baseline", "rloo_corrected")))
+                            float(m.rl_coef), None if ce_on is None else str(ce_on),
+                            str(m.get("baseline", "rloo_corrected")), str(m.get("anchors", "all")),
+                            int(m.get("min_answer_prefix", 0)), str(m.get("answer_turns", "all")),
+                            bool(m.get("skip_flat_groups", False)))
     if name == "rlvr":
         _require(bool(cfg.task.get("verifiable", False)),
                  f"method=rlvr needs a verifiable reward, and task={cfg.task.name} has no verifier "
@@ -734,9 +790,38 @@ def train_settings(cfg: DictConfig) -> TrainSettings:
         _require("fsdp" not in str(strategy).lower(),
                  "model.lora with trainer=fsdp is not supported (the merged export reads the live, sharded weights); "
                  "use trainer=ddp: with adapters every device holds one frozen bf16 copy and small trainable state")
-    return TrainSettings(method, optim, model, task, data_settings(cfg), feature_network_spec(cfg.feature_network),
-                         eval_settings(cfg), in_training_eval(cfg), int(cfg.seed), device_kind(cfg.trainer),
+    if isinstance(method, EBFTSettings):
+        check_anchor_geometry(task, method.anchors, method.min_answer_prefix, "method.")
+    data = data_settings(cfg)
+    check_document_mask(data, model)
+    evaluation = eval_settings(cfg)
+    c = evaluation.calibration
+    check_anchor_geometry(task, c.anchors, c.min_answer_prefix, "eval.")
+    return TrainSettings(method, optim, model, task, data, feature_network_spec(cfg.feature_network),
+                         evaluation, in_training_eval(cfg), int(cfg.seed), device_kind(cfg.trainer),
                          recorded_config(cfg) if _output_dir(cfg) is not None else {}, run_settings(cfg))
+
+
+def check_anchor_geometry(task: TaskSettings, anchors: str, min_answer_prefix: int, prefix: str) -> None:
+    """Refuse answer anchors whose ``min_answer_prefix`` leaves no block in any chunk: a block's context
+    ``x[0 : C + k*s]`` must hold at least one prompt token and ``min_answer_prefix`` answer tokens, and the
+    longest context is that of the last block, ``C + (NB - 1)*s`` tokens."""
+    if anchors != "answer":
+        return
+    T, C, s, G = task.geometry
+    longest = C + (T - G - C) // s * s
+    _require(min_answer_prefix <= longest - 1,
+             f"{prefix}min_answer_prefix={min_answer_prefix} leaves no block in any chunk: the longest context "
+             f"(C + (NB-1)*s = {longest} tokens of task.seq_len={T}) must hold at least one prompt token and "
+             f"{min_answer_prefix} answer tokens; use {prefix}min_answer_prefix <= {longest - 1} or raise task.seq_len")
+
+
+def check_document_mask(data: DataSettings, model: ModelSettings) -> None:
+    """Document masking needs an attention backend that takes a custom mask (sdpa, eager, flex)."""
+    _require(not (data.document_mask and model.attn_implementation.startswith("flash")),
+             f"data.document_mask=true needs a custom attention mask, which model.attn_implementation="
+             f"{model.attn_implementation} cannot take; use model.attn_implementation=auto (sdpa, or flex for "
+             "strided rows on CUDA), sdpa or eager")
 
 
 def _output_dir(cfg: DictConfig) -> str | None:

@@ -63,6 +63,18 @@ def test_unknown_group_option_lists_the_choices(group, name):
     (["method.num_samples=1", "alpha=0"], "method.baseline=rloo_corrected needs n >= 2 samples per context"),
     (["method.num_samples=1", "method.baseline=rloo", "alpha=0"], "method.baseline=reinforce alpha=0"),
     (["method.baseline=ppo"], "method.baseline='ppo'"),
+    (["method.anchors=prompt"], "method.anchors='prompt'"),
+    (["method.answer_turns=first"], "method.answer_turns='first'"),
+    (["method.min_answer_prefix=4"], "method.anchors=all uses every block; set method.anchors=answer"),
+    (["method.answer_turns=last"], "method.anchors=all uses every block"),
+    (["method.anchors=answer", "method.min_answer_prefix=-1"], "must be a whole number of answer tokens >= 0"),
+    (["method.anchors=answer", "task.seq_len=32", "method.min_answer_prefix=24"],
+     "method.min_answer_prefix=24 leaves no block in any chunk: the longest context (C + (NB-1)*s = 24 tokens"),
+    (["method.num_samples=1", "method.baseline=reinforce", "alpha=0", "method.skip_flat_groups=true"],
+     "every block would be skipped"),
+    (["data.document_mask=true", "model.attn_implementation=flash_attention_2"],
+     "data.document_mask=true needs a custom attention mask"),
+    (["data.packing=docs"], "data.packing='docs'"),
 ])
 def test_bad_values_are_refused_with_the_key(overrides, fragment):
     with pytest.raises(ConfigError, match=None) as err:
@@ -83,3 +95,10 @@ def test_the_recorded_config_names_the_run_directory_relative_to_the_working_dir
     assert validate(cfg).record["output_dir"] == "results/run"       # inside: relative, machine-free
     cfg.output_dir = "/elsewhere/run"
     assert validate(cfg).record["output_dir"] == "/elsewhere/run"    # outside: as given
+
+
+def test_answer_anchors_take_the_ce_over_answers_unless_told_otherwise():
+    assert validate(make("model=tiny")).method.ce_on == "all"
+    answer = validate(make("model=tiny", "method.anchors=answer", "task.seq_len=32", "method.min_answer_prefix=23"))
+    assert (answer.method.anchors, answer.method.ce_on, answer.method.min_answer_prefix) == ("answer", "answer", 23)
+    assert validate(make("model=tiny", "method.anchors=answer", "method.ce_on=all")).method.ce_on == "all"

@@ -80,7 +80,8 @@ class CrashAfter(Callback):
 def _datamodule() -> ChunkDataModule:
     dm = ChunkDataModule(DataSettings("qa_code", {}), tokenizer=None, seq_len=1, batch_size=BATCH, seed=3)
     ids = torch.arange(SIZE).unsqueeze(1)  # chunk i holds token i, so a batch names its chunks
-    dm.train_chunks = PackedChunks(ids, torch.ones_like(ids, dtype=torch.bool), torch.zeros_like(ids))
+    answers = torch.ones_like(ids, dtype=torch.bool)
+    dm.train_chunks = PackedChunks(ids, answers, torch.zeros_like(ids), torch.zeros_like(ids), answers)
     return dm
 
 

@@ -95,3 +95,27 @@ def test_flex_forward_logprobs_and_draws_equal_sdpa(flex_on_cpu, monkeypatch):
         draws[impl] = sample_strided(model, chunk, layout, temperature=1.0, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(logprobs["flex_attention"], logprobs["sdpa"], atol=1e-5, rtol=1e-5)
     assert torch.equal(draws["flex_attention"], draws["sdpa"])
+
+
+def test_flex_forward_with_documents_equals_sdpa(flex_on_cpu, monkeypatch):
+    """Document masking (a BlockMask per batch) under flex gives sdpa's log-probs and draws."""
+    from ebft.core.documents import StridedDocuments
+
+    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", False)
+    layout = StridedLayout(48, 4, 2, 2, 4)
+    docs = StridedDocuments(layout, torch.tensor([[0] * 20 + [1] * 28, [3] * 5 + [4] * 30 + [5] * 13]))
+    models = {impl: build_tiny_model(vocab_size=256, attn_implementation=impl, seed=0).eval()
+              for impl in ("sdpa", "flex_attention")}
+    chunk = torch.randint(0, 256, (2, layout.seq_len))
+    tokens = torch.randint(0, 256, (2, layout.num_samples, layout.num_blocks, layout.gen_len))
+    row = layout.scatter_generated(chunk, tokens)
+    logprobs, draws = {}, {}
+    for impl, model in models.items():
+        with torch.no_grad():
+            hidden = strided_hidden(model, row, layout, docs)
+        head = lm_head(model)
+        logprobs[impl] = token_logprobs(hidden[:, layout.score_index], head.weight, tokens, temperature=0.6)
+        draws[impl] = sample_strided(model, chunk, layout, temperature=1.0, generator=torch.Generator().manual_seed(5),
+                                     documents=docs)
+    torch.testing.assert_close(logprobs["flex_attention"], logprobs["sdpa"], atol=1e-5, rtol=1e-5)
+    assert torch.equal(draws["flex_attention"], draws["sdpa"])

@@ -108,3 +108,25 @@ def test_every_example_and_prompt_starts_as_the_tokenizer_starts_a_text(tokenize
     ids, attention = left_padded(bos_tokenizer, prompts, torch.device("cpu"))
     for row, mask_row, prompt in zip(ids, attention, prompts):
         assert row[mask_row == 1].tolist() == [bos, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+
+
+def test_example_packing_starts_every_chunk_at_an_example(tokenizer):
+    rows = ROWS * 3
+    stream = pack_rows(rows, tokenizer, 1)
+    T = 12
+    chunks = pack_rows(rows, tokenizer, T, packing="examples")
+    starts = [int(i) for i in torch.nonzero(stream.doc_pos[:, 0] == 0).flatten()]
+    assert (chunks.doc_pos[:, 0] == 0).all()
+    # greedy: each chunk is the stream from an example start, the next from the first start after its end
+    expected, end = [], 0
+    for s in starts:
+        if s >= end and s + T <= len(stream):
+            expected.append(s)
+            end = s + T
+    assert len(chunks) == len(expected)
+    for c, s in enumerate(expected):
+        for name in ("input_ids", "answer_mask", "doc_ids", "doc_pos", "last_answer_mask"):
+            assert torch.equal(getattr(chunks, name)[c], getattr(stream, name)[s:s + T, 0]), name
+    assert pack_rows(rows, tokenizer, T, packing="examples", max_chunks=2).input_ids.shape == (2, T)
+    with pytest.raises(DataConfigError, match="data.packing='docs'"):
+        pack_rows(rows, tokenizer, T, packing="docs")

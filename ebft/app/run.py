@@ -83,6 +83,7 @@ def _fit(settings: TrainSettings, output_dir: Path, ckpt_path: Path | None) -> d
     module_cls = get_class(run.module)
     datamodule = module_cls.make_datamodule(settings, tokenizer)
     datamodule.setup("fit")
+    module_cls.check_data(settings, datamodule)
     module = module_cls(settings, tokenizer)
     history, timer = ValidationHistory(), StepTimer()
     last, stop = output_dir / LAST, StopOnSignal()

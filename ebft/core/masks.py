@@ -16,7 +16,10 @@ broadcast over the batch. flash-attention cannot express this mask and is refuse
 
 Masks are built once per (layout, implementation, dtype, query rows, keys) and cached on the layout
 (one cache per device copy of it): callers get the same tensor or BlockMask back and must not
-modify it.
+modify it. Document masking (``ebft.core.documents``) restricts the rule to each row's example; that
+mask depends on the batch, so :func:`document_mask` (strided rows, sampling steps) and
+:func:`causal_chunk_mask` (a plain causal pass over chunks) build it per batch, with batch size B, and
+sdpa takes it as a plain dense mask (not banded).
 
 Banded sdpa (the strided row on CPU). A dense (L, L) mask makes sdpa compute every query-key pair,
 but most are masked: a generated row sees at most ``T + G`` keys of the ``L = T + n*NB*G``. The
@@ -39,6 +42,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from ebft.core.documents import StridedDocuments, causal_document_mask, chunk_segments
 from ebft.core.layout import StridedLayout
 
 IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
@@ -61,8 +65,9 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def block_mask(layout: StridedLayout, query_rows: slice | torch.Tensor | None = None,
-               num_keys: int | None = None):
-    """FlexAttention ``BlockMask`` of the same rule, on the layout's device (use a CUDA layout)."""
+               num_keys: int | None = None, documents: StridedDocuments | None = None):
+    """FlexAttention ``BlockMask`` of the same rule, on the layout's device (use a CUDA layout); with
+    ``documents``, restricted to each row's document, with their batch size."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     q_rows = torch.arange(layout.length, device=layout.device)
@@ -75,7 +80,14 @@ def block_mask(layout: StridedLayout, query_rows: slice | torch.Tensor | None = 
         q = q_rows[q_idx]
         return (kv_idx < limit[q]) | ((group[q] == group[kv_idx]) & (group[q] >= 0) & (kv_idx <= q))
 
-    return create_block_mask(mask_mod, None, None, len(q_rows), num_keys, device=layout.device)
+    batch = None
+    if documents is not None:
+        segment, strided, batch = documents.segment, mask_mod, documents.batch_size
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return strided(b, h, q_idx, kv_idx) & (segment[b, q_rows[q_idx]] == segment[b, kv_idx])
+
+    return create_block_mask(mask_mod, batch, None, len(q_rows), num_keys, device=layout.device)
 
 
 def strided_mask(layout: StridedLayout, attn_implementation: str, dtype: torch.dtype = torch.float32,
@@ -85,10 +97,7 @@ def strided_mask(layout: StridedLayout, attn_implementation: str, dtype: torch.d
     Cached per layout (see the module docstring); a tensor ``query_rows`` is not cached. The
     full-row sdpa mask carries ``strided_layout`` (it selects banded sdpa).
     """
-    if attn_implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"attn_implementation='{attn_implementation}' cannot take the strided attention mask; "
-            f"load the model with one of {', '.join(IMPLEMENTATIONS)} (flash-attention only does plain causal)")
+    _check_implementation(attn_implementation)
     if isinstance(query_rows, torch.Tensor):
         return _build_mask(layout, attn_implementation, dtype, query_rows, num_keys)
     rows_key = None if query_rows is None else (query_rows.start, query_rows.stop, query_rows.step)
@@ -97,6 +106,13 @@ def strided_mask(layout: StridedLayout, attn_implementation: str, dtype: torch.d
     if key not in cache:
         cache[key] = _build_mask(layout, attn_implementation, dtype, query_rows, num_keys)
     return cache[key]
+
+
+def _check_implementation(attn_implementation: str) -> None:
+    if attn_implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"attn_implementation='{attn_implementation}' cannot take the strided attention mask; "
+            f"load the model with one of {', '.join(IMPLEMENTATIONS)} (flash-attention only does plain causal)")
 
 
 def _build_mask(layout: StridedLayout, attn_implementation: str, dtype: torch.dtype,
@@ -118,11 +134,47 @@ def _build_mask(layout: StridedLayout, attn_implementation: str, dtype: torch.dt
     return block_mask(layout, query_rows, num_keys)
 
 
-def step_mask(layout: StridedLayout, step: int, attn_implementation: str, dtype: torch.dtype = torch.float32):
+def step_mask(layout: StridedLayout, step: int, attn_implementation: str, dtype: torch.dtype = torch.float32,
+              documents: StridedDocuments | None = None):
     """Mask of a KV-cached sampling step: queries = the ``n*NB`` tokens of ``step``, keys = the chunk
-    plus every generated row up to and including this step (the cache after feeding it)."""
+    plus every generated row up to and including this step (the cache after feeding it); with
+    ``documents``, restricted to each row's document (:func:`document_mask`)."""
     rows = layout.step_rows(step)
+    if documents is not None:
+        return document_mask(documents, attn_implementation, dtype, query_rows=rows, num_keys=rows.stop)
     return strided_mask(layout, attn_implementation, dtype, query_rows=rows, num_keys=rows.stop)
+
+
+def document_mask(documents: StridedDocuments, attn_implementation: str, dtype: torch.dtype = torch.float32,
+                  query_rows: slice | None = None, num_keys: int | None = None):
+    """The strided rule restricted to documents (``ebft.core.documents``) for ``attn_implementation``:
+    bool ``(B, 1, Q, K)`` (sdpa), additive ``dtype`` (eager) or a BlockMask with batch size B (flex).
+    Built per batch, never cached; sdpa takes it as a plain dense mask (no banded path)."""
+    _check_implementation(attn_implementation)
+    if attn_implementation == "flex_attention":
+        return block_mask(documents.layout, query_rows, num_keys, documents)
+    allowed = documents.allowed(query_rows, num_keys)[:, None]
+    return allowed if attn_implementation == "sdpa" else additive_mask(allowed, dtype)
+
+
+def causal_chunk_mask(doc_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype = torch.float32):
+    """``(mask, position_ids)`` of a plain causal pass over chunks ``doc_ids`` (B, T) with document masking
+    (``ebft.core.documents.causal_document_mask``): bool (sdpa), additive (eager) or a BlockMask (flex)."""
+    _check_implementation(attn_implementation)
+    allowed, positions = causal_document_mask(doc_ids)
+    if attn_implementation == "sdpa":
+        return allowed, positions
+    if attn_implementation == "eager":
+        return additive_mask(allowed, dtype), positions
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    segment = chunk_segments(doc_ids)[0]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (segment[b, q_idx] == segment[b, kv_idx])
+
+    T = doc_ids.shape[1]
+    return create_block_mask(mask_mod, doc_ids.shape[0], None, T, T, device=doc_ids.device), positions
 
 
 # ------------------------------------------------------------------------------------ banded sdpa

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 class ChunkDataset(Dataset):
-    """Indexable view of packed chunks: each item is ``{input_ids, answer_mask}``."""
+    """Indexable view of packed chunks: each item is a dict of every field (``PackedChunks.item``)."""
 
     def __init__(self, chunks: PackedChunks):
         self.chunks = chunks
@@ -36,7 +36,7 @@ class ChunkDataset(Dataset):
         return self.chunks.input_ids.shape[0]
 
     def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.chunks.input_ids[i], "answer_mask": self.chunks.answer_mask[i]}
+        return self.chunks.item(i)
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
@@ -126,12 +126,14 @@ class ChunkDataModule(HeldOutDataModule):
     def __init__(self, data: DataSettings, tokenizer, seq_len: int, batch_size: int, seed: int):
         super().__init__(data, tokenizer, seq_len, batch_size, seed)
         self.train_chunks: PackedChunks | None = None
+        self.train_rows: list[dict] = []
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_chunks is not None:
             return
         split = split_data(self.data, self.tokenizer, self.seq_len, train=CHUNKS, val=CHUNKS)
         self.train_chunks, self.val_chunks, self.val_rows = split.train, split.val, split.val_rows
+        self.train_rows = split.train_rows
         log.info("data: %d train rows -> %d chunks, %d held-out rows -> %d chunks of %d tokens",
                  len(split.train_rows), len(self.train_chunks.input_ids), len(self.val_rows),
                  len(self.val_chunks.input_ids), self.seq_len)
@@ -145,9 +147,7 @@ class ChunkDataModule(HeldOutDataModule):
         order = ResumableBatchSampler(size, self.batch_size * world, self.seed)
         picked = [i for batch in itertools.islice(iter(order), -(-min(count, size) // (self.batch_size * world)))
                   for i in batch][:count]
-        idx = torch.tensor(picked)
-        return PackedChunks(self.train_chunks.input_ids[idx], self.train_chunks.answer_mask[idx],
-                            self.train_chunks.doc_ids[idx])
+        return self.train_chunks.select(torch.tensor(picked))
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(ChunkDataset(self.train_chunks),

@@ -41,7 +41,7 @@ class Split:
 
 def chunks_of(rows: list[dict], data: DataSettings, tokenizer, seq_len: int) -> PackedChunks:
     """One side's rows packed into chunks of ``seq_len`` tokens, as training packs them."""
-    return pack_rows(rows, tokenizer, seq_len, chat_template=data.chat_template)
+    return pack_rows(rows, tokenizer, seq_len, chat_template=data.chat_template, packing=data.packing)
 
 
 def prompts_of(rows: list[dict], data: DataSettings, tokenizer, prompts: PromptSettings) -> Prompts:

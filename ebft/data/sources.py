@@ -14,6 +14,8 @@ The ``data`` config group::
       format: null          # chat | prompt_completion | fields | text (default: from the
                             # columns; see ebft/data/formats.py)
       chat_template: false  # render rows with the tokenizer's chat template when packing
+      document_mask: false  # attend within each example only (ebft/core/documents.py; not recorded)
+      packing: stream       # chunks cut every T tokens | examples: each starts at an example (not recorded)
       fields: {}            # our field -> their column, merged over the preset;
                             # a field mapped to null becomes "" (a dataset without questions)
       mbpp_path: null       # embedded qa_code: MBPP jsonl (default $EBFT_MBPP; none = no MBPP)
@@ -54,8 +56,9 @@ from ebft.models.loading import ModelSourceError, resolve_source
 
 KINDS = ("embedded", "hub", "local", "synthetic")
 ROW_FIELDS = ("question", "answer", "tests", "test_type", "test_setup", "entry_point", "source_lang", "target_lang")
-CONFIG_KEYS = {"kind", "name", "config", "split", "files", "file_type", "format", "chat_template", "fields",
-               "mbpp_path", "langs", "process", "rows", "row_len", "limit", "val_size", "seed"}
+CONFIG_KEYS = {"kind", "name", "config", "split", "files", "file_type", "format", "chat_template", "document_mask",
+               "packing", "fields", "mbpp_path", "langs", "process", "rows", "row_len", "limit", "val_size", "seed"}
+NOT_RECORDED = {"document_mask", "packing"}   # how chunks are cut and attended to, not which rows they hold
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -431,7 +434,7 @@ DATA_RECORD = "training_data.json"
 def data_record(data: DataSettings) -> dict:
     """The settings that decide the rows and the held-out split: ``task.name`` and ``data`` (resolved,
     so an MBPP path taken from ``$EBFT_MBPP`` is recorded as the path)."""
-    return {"task": data.task, "data": {k: v for k, v in data.source.items() if k in CONFIG_KEYS}}
+    return {"task": data.task, "data": {k: v for k, v in data.source.items() if k in CONFIG_KEYS - NOT_RECORDED}}
 
 
 def write_data_record(data: DataSettings, directory: str | os.PathLike) -> None:

@@ -14,10 +14,16 @@ model is scored on the same contexts. Reported values are means over all (chunk,
 with the standard error over chunks (the blocks of one chunk share text, so they are not
 independent).
 
+``eval.anchors=answer`` scores only the answer blocks (``ebft.core.anchors``, as training's
+``method.anchors=answer``): the per-context values of the other blocks are NaN ("not scored"), and
+means and standard errors are over the scored contexts (chunks without one are left out of the SE).
+With ``data.document_mask`` every pass attends within each example (``ebft.core.documents``).
+
 The FM profile (paper Figures 1-2) repeats the CFM estimate for completion lengths ``G`` in a list,
 at fixed ``n`` and temperature. Each ``G`` uses only the first ``NB(G_max)`` blocks, the contexts
 every length has, by cutting the chunk to ``C + (NB - 1)*s + G`` tokens: the curve then changes
-with ``G`` only, never with the set of contexts.
+with ``G`` only, never with the set of contexts (with answer anchors: the blocks whose ``G_max``
+ground truth is an answer block, which are answer blocks at every shorter ``G`` too).
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ebft.core.compat import backbone_forward, get_lm_head, lm_head
+from ebft.core.compat import attn_implementation, backbone_forward, get_lm_head, lm_head, param_dtype
+from ebft.core.documents import StridedDocuments
+from ebft.core.masks import causal_chunk_mask
 from ebft.objectives.losses import token_logprobs
 from ebft.objectives.rewards import cfm_estimate, whitened_fm_proxy
 from ebft.core.layout import StridedLayout
@@ -45,10 +53,13 @@ class Estimate:
 
     @classmethod
     def of(cls, values: torch.Tensor) -> Estimate:
-        """``values`` (chunks, blocks) -> mean over all entries, SE of the per-chunk means."""
-        per_chunk = values.float().mean(-1)
+        """``values`` (chunks, blocks) -> mean over the scored (not NaN) entries, SE of the per-chunk means
+        of the chunks with a scored entry."""
+        values = values.float()
+        scored = ~values.isnan()
+        per_chunk = values.nan_to_num(0).sum(-1)[scored.any(-1)] / scored.sum(-1)[scored.any(-1)]
         se = per_chunk.std().item() / math.sqrt(len(per_chunk)) if len(per_chunk) > 1 else float("nan")
-        return cls(values.float().mean().item(), se)
+        return cls(values[scored].mean().item(), se)
 
 
 def fixed_subset(size: int, limit: int | None, seed: int, skip: int = 0) -> torch.Tensor:
@@ -72,13 +83,14 @@ def _batches(n: int, batch_size: int, desc: str, progress: bool):
 
 @torch.no_grad()
 def chunk_nll(model, input_ids: torch.Tensor, answer_mask: torch.Tensor, batch_size: int = 8,
-              progress: bool = True) -> torch.Tensor:
+              progress: bool = True, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Teacher-forced negative log-likelihood sums per held-out chunk: a (chunks, 4) float64 tensor of
     ``[sum of -log p over all targets, number of targets, sum over answer targets, answer targets]``.
 
     Targets are ``x_1 .. x_{T-1}`` scored by ``-log p(x_t | x_{<t})``; the first token of a chunk is
     never a target. The log-probs are :func:`~ebft.objectives.losses.token_logprobs` (chunked, with
-    the LM head's bias), computed once for both masks.
+    the LM head's bias), computed once for both masks; with ``doc_ids`` (chunks, T) within each
+    example (document masking).
     """
     head = lm_head(model)
     device = head.weight.device
@@ -88,7 +100,12 @@ def chunk_nll(model, input_ids: torch.Tensor, answer_mask: torch.Tensor, batch_s
     try:
         for start in _batches(len(input_ids), batch_size, "held-out CE", progress):
             ids = input_ids[start:start + batch_size].to(device)
-            hidden, _ = backbone_forward(model, ids, torch.arange(ids.shape[1], device=device))
+            if doc_ids is None:
+                hidden, _ = backbone_forward(model, ids, torch.arange(ids.shape[1], device=device))
+            else:
+                mask, positions = causal_chunk_mask(doc_ids[start:start + batch_size].to(device),
+                                                    attn_implementation(model), param_dtype(model))
+                hidden, _ = backbone_forward(model, ids, positions, mask)
             nll = -token_logprobs(hidden[:, :-1], head.weight, ids[:, 1:], lm_head_bias=head.bias,
                                   softcap=head.softcap).double()
             answer = answer_mask[start:start + batch_size, 1:].to(device, torch.float64)
@@ -113,14 +130,17 @@ def validation_ce(sums: torch.Tensor) -> dict[str, float]:
 
 def context_fm(model, feature_network, input_ids: torch.Tensor, layout: StridedLayout, temperature: float = 0.6,
                seed: int = 43, batch_size: int = 8, whitening: str | None = "reference", progress: bool = True,
-               desc: str = "CFM") -> tuple[torch.Tensor, torch.Tensor | None]:
+               desc: str = "CFM", scored: torch.Tensor | None = None,
+               doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """CFM and its whitened proxy per context: two (chunks, NB) tensors (no proxy when ``whitening`` is None).
 
     For every chunk, ``n`` completions of ``G`` tokens per block are drawn from ``model`` with
     :func:`~ebft.rollout.sampler.sample_strided` (one seeded generator for the whole pass) and
     embedded with the frozen ``feature_network`` (a :class:`~ebft.models.features.FeatureNetwork`) in one
     strided pass; then :func:`~ebft.objectives.rewards.cfm_estimate` and
-    :func:`~ebft.objectives.rewards.whitened_fm_proxy` per context.
+    :func:`~ebft.objectives.rewards.whitened_fm_proxy` per context. ``scored`` (chunks, NB): the contexts
+    scored, NaN elsewhere (None: all); ``doc_ids`` (chunks, >= T): sampling and features within each
+    example (document masking).
     """
     if layout.num_samples < 2:
         raise ValueError(f"CFM needs n >= 2 samples per context, got n={layout.num_samples}; raise eval.cfm_num_samples")
@@ -128,13 +148,18 @@ def context_fm(model, feature_network, input_ids: torch.Tensor, layout: StridedL
     generator = torch.Generator(device=device).manual_seed(seed)
     cfm, proxy = [], []
     for start in _batches(len(input_ids), batch_size, desc, progress):
-        ids = input_ids[start:start + batch_size, :layout.seq_len].to(device)
-        tokens = sample_strided(model, ids, layout, temperature=temperature, generator=generator)
-        gen, gt = feature_network.strided_features(layout.scatter_generated(ids, tokens), layout.to(device))
+        part = slice(start, start + batch_size)
+        ids = input_ids[part, :layout.seq_len].to(device)
+        docs = None if doc_ids is None else StridedDocuments(layout, doc_ids[part, :layout.seq_len].to(device))
+        tokens = sample_strided(model, ids, layout, temperature=temperature, generator=generator, documents=docs)
+        gen, gt = feature_network.strided_features(layout.scatter_generated(ids, tokens), layout.to(device), docs)
         cfm.append(cfm_estimate(gen, gt).cpu())
         if whitening is not None:
             proxy.append(whitened_fm_proxy(gen, gt, whitening).cpu())
-    return torch.cat(cfm), torch.cat(proxy) if proxy else None
+    cfm, proxy = torch.cat(cfm), torch.cat(proxy) if proxy else None
+    if scored is None:
+        return cfm, proxy
+    return cfm.masked_fill(~scored, math.nan), None if proxy is None else proxy.masked_fill(~scored, math.nan)
 
 
 def profile_layouts(seq_len: int, context_len: int, stride: int, lengths: Sequence[int],
@@ -154,10 +179,11 @@ def profile_layouts(seq_len: int, context_len: int, stride: int, lengths: Sequen
 
 
 def fm_profile(model, feature_network, input_ids: torch.Tensor, layouts: dict[int, StridedLayout], temperature: float = 0.6,
-               seed: int = 43, batch_size: int = 8, progress: bool = True) -> dict[int, torch.Tensor]:
+               seed: int = 43, batch_size: int = 8, progress: bool = True, scored: torch.Tensor | None = None,
+               doc_ids: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
     """Unwhitened CFM per context (a (chunks, NB) tensor) per completion length ``G`` (layouts from
     :func:`profile_layouts`); every length starts its sampler from ``seed``, so all models see the same
-    contexts and RNG."""
+    contexts and RNG. ``scored`` (the same contexts for every G) and ``doc_ids`` as in :func:`context_fm`."""
     return {g: context_fm(model, feature_network, input_ids, layout, temperature, seed, batch_size, whitening=None,
-                          progress=progress, desc=f"FM profile G={g}")[0]
+                          progress=progress, desc=f"FM profile G={g}", scored=scored, doc_ids=doc_ids)[0]
             for g, layout in layouts.items()}

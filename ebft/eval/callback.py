@@ -14,6 +14,10 @@ Every ``eval.every_n_steps`` optimizer steps (and once before the first step) th
 - with ``eval.downstream_limit > 0``: the task's default benchmark on its first that many problems
   (``val/HumanEval/greedy``, ``val/HumanEval/pass@1``, ``val/BLEU/best-of-4``, ...).
 
+The CFM values score the contexts of ``eval.anchors`` (in ``train.py``: EBFT's ``method.anchors``, so an
+answer-anchored run follows the CFM of its answer blocks) and attend within examples with
+``data.document_mask``; a set with fewer than two contexts to score is left out with a warning.
+
 It runs the functions ``evaluate.py`` runs (:func:`ebft.eval.runner.calibrate`,
 :func:`ebft.eval.runner.run_downstream`). The feature network is the EBFT module's own when it has one
 (``pl_module.feature_network``), else the one ``evaluate.py`` builds from the same spec (``feature_network``,
@@ -36,9 +40,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import FSDPStrategy
 
-from ebft.config import TrainSettings
+from ebft.config import ConfigError, TrainSettings
+from ebft.core.layout import StridedLayout
 from ebft.eval.paired import paired_difference
-from ebft.eval.runner import CALIBRATION, calibrate, held_out, load_benchmarks, plan_metrics, run_downstream, subset
+from ebft.eval.runner import (CALIBRATION, calibrate, held_out, load_benchmarks, plan_metrics, run_downstream,
+                              scored_contexts, subset)
 from ebft.models.features import FeatureNetwork, build_feature_network
 from ebft.models.loading import resolve_dtype
 
@@ -91,11 +97,22 @@ class CalibrationCallback(Callback):
         if chunks is None:
             data = held_out(s.data, pl_module.tokenizer, s.task.seq_len)
             chunks, rows = data.chunks, data.rows
-        self.sets = {"val/cfm": subset(chunks, s.eval.calibration.cfm_chunks, s.seed)}
+        sets = {"val/cfm": subset(chunks, s.eval.calibration.cfm_chunks, s.seed)}
         first_trained = getattr(trainer.datamodule, "first_trained", None)
         if self.train_chunks and first_trained is not None:       # chunk data (SFT, EBFT); RLVR trains on prompts
-            self.sets["train/cfm_fixed"] = first_trained(self.train_chunks)
+            sets["train/cfm_fixed"] = first_trained(self.train_chunks)
+        self.sets = {name: chunks for name, chunks in sets.items() if self._scorable(name, chunks)}
         self.benchmarks = load_benchmarks(s.eval, s.data, self.downstream_metrics, self.limit, rows)
+
+    def _scorable(self, name: str, chunks) -> bool:
+        """Whether ``chunks`` have contexts to score under ``eval.anchors``; a set without is left out with a
+        warning (training goes on)."""
+        try:
+            scored_contexts(chunks, StridedLayout(*self.settings.task.geometry, 2), self.settings.eval.calibration)
+        except ConfigError as err:
+            log.warning("%s is not logged: %s", name, err)
+            return False
+        return True
 
     def run(self, trainer, pl_module) -> dict[str, float]:
         """Compute and log the metrics at the current step; returns them."""
@@ -118,7 +135,8 @@ class CalibrationCallback(Callback):
     def _calibration(self, name: str, model, chunks) -> dict[str, float]:
         """CFM on one fixed set of chunks, and its paired change since the run's first evaluation."""
         scalars, _, units = calibrate(model, self.feature_network, chunks, self.settings.task,
-                                      self.settings.eval.calibration, ("cfm",), progress=False)
+                                      self.settings.eval.calibration, ("cfm",), progress=False,
+                                      document_mask=self.settings.data.document_mask)
         out = {name: scalars["cfm"], f"{name}_se": scalars["cfm_se"]}
         if name == "val/cfm":
             out.update({"val/cfm_whitened": scalars["cfm_whitened"], "val/cfm_whitened_se": scalars["cfm_whitened_se"]})

@@ -18,6 +18,9 @@ Reported per comparison:
 Contexts that share text (the blocks of one chunk) are not independent: pass per-chunk means
 (``cluster`` rows of a ``(chunks, blocks)`` tensor, :func:`paired_by_chunk`) for the conservative
 interval; both are reported by the evaluation.
+
+A unit that is NaN for both models is one neither scored (a context ``eval.anchors=answer`` leaves out)
+and is left out of the comparison; a unit NaN for one model only is an error.
 """
 
 from __future__ import annotations
@@ -51,21 +54,37 @@ class PairedDiff:
         return self.ci_low > 0 or self.ci_high < 0
 
 
-def _as_vector(values: Sequence[float] | torch.Tensor, name: str) -> torch.Tensor:
-    t = torch.as_tensor(values, dtype=torch.float64).flatten()
-    if not torch.isfinite(t).all():
-        raise ValueError(f"paired comparison: {name} holds non-finite values")
-    return t
+def _as_vector(values: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(values, dtype=torch.float64).flatten()
+
+
+def scored_units(a: Sequence[float] | torch.Tensor, b: Sequence[float] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two per-unit arrays flattened, without the units neither model scored (NaN in both)."""
+    a, b = _as_vector(a), _as_vector(b)
+    if a.shape != b.shape:
+        raise ValueError(f"paired comparison needs the same units for both models, got {a.numel()} and "
+                         f"{b.numel()} values: evaluate both with the same held-out chunks, seed and settings")
+    keep = ~(a.isnan() & b.isnan())
+    a, b = a[keep], b[keep]
+    for name, t in (("a", a), ("b", b)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"paired comparison: {name} holds non-finite values")
+    return a, b
+
+
+def chunk_means(values: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """Per-chunk means of ``(chunks, blocks)`` per-context values over the scored (not NaN) contexts; NaN
+    for a chunk with none."""
+    values = torch.as_tensor(values, dtype=torch.float64)
+    scored = ~values.isnan()
+    return values.nan_to_num(0).sum(-1) / scored.sum(-1).where(scored.any(-1), torch.nan)
 
 
 def paired_difference(a: Sequence[float] | torch.Tensor, b: Sequence[float] | torch.Tensor, *,
                       n_permutations: int = 10_000, seed: int = 0) -> PairedDiff:
-    """Paired difference ``a - b`` of two equally long per-unit arrays (units = contexts or chunks);
-    ``n_permutations=0`` skips the p-value (NaN)."""
-    a, b = _as_vector(a, "a"), _as_vector(b, "b")
-    if a.shape != b.shape:
-        raise ValueError(f"paired comparison needs the same units for both models, got {a.numel()} and "
-                         f"{b.numel()} values: evaluate both with the same held-out chunks, seed and settings")
+    """Paired difference ``a - b`` of two equally long per-unit arrays (units = contexts or chunks; units
+    NaN in both are left out); ``n_permutations=0`` skips the p-value (NaN)."""
+    a, b = scored_units(a, b)
     if a.numel() < 2:
         raise ValueError(f"paired comparison needs >= 2 units, got {a.numel()}")
     d = a - b
@@ -94,9 +113,9 @@ def sign_flip_p_value(d: torch.Tensor, n_permutations: int = 10_000, seed: int =
 
 def paired_by_chunk(a: torch.Tensor, b: torch.Tensor, **kwargs) -> PairedDiff:
     """Paired difference with chunks as the units: ``a``, ``b`` are (chunks, blocks) per-context values;
-    each chunk's blocks are averaged first (blocks of one chunk share text)."""
+    each chunk's scored blocks are averaged first (blocks of one chunk share text)."""
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
     if a.dim() != 2 or a.shape != b.shape:
         raise ValueError(f"paired_by_chunk needs two (chunks, blocks) arrays of one shape, got {tuple(a.shape)} "
                          f"and {tuple(b.shape)}")
-    return paired_difference(a.mean(-1), b.mean(-1), **kwargs)
+    return paired_difference(chunk_means(a), chunk_means(b), **kwargs)

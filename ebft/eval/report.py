@@ -24,14 +24,18 @@ from typing import Sequence
 
 import torch
 
-from ebft.eval.paired import paired_by_chunk, paired_difference
+from ebft.eval.paired import chunk_means, paired_by_chunk, paired_difference, scored_units
 from ebft.files import write_csv, write_text
 from ebft.reporting import ProfileCurve, markdown_table, profile_plot
 
 RESULTS_FILE = "results.json"
 UNITS_FILE = "per_context.json"
-PAIRED_SETTINGS = ("seed", "cfm_num_samples", "cfm_temperature", "feature_network", "whitening", "cfm_skip")
-"""Settings two results must share for their per-context values to be paired."""
+PAIRED_SETTINGS = {"seed": None, "cfm_num_samples": None, "cfm_temperature": None, "feature_network": None,
+                   "whitening": None, "cfm_skip": None, "anchors": "all", "min_answer_prefix": 0, "answer_turns": "all",
+                   "document_mask": False}
+"""Settings two results must share for their per-context values to be paired, with the value a result
+recorded before the setting existed stands for (the contexts scored: a comparison never mixes all
+blocks with answer blocks, or attention across examples with attention within them)."""
 CALIBRATION_COLUMNS = {"ce": "CE", "ce_answer": "CE answer", "cfm": "FM", "cfm_whitened": "FM whitened"}
 
 
@@ -115,7 +119,8 @@ def paired_rows(results: Sequence[dict], reference: str | None = None) -> tuple[
     for r in results:
         if r is ref:
             continue
-        differ = [k for k in PAIRED_SETTINGS if r.get("settings", {}).get(k) != ref.get("settings", {}).get(k)]
+        differ = [k for k, default in PAIRED_SETTINGS.items()
+                  if r.get("settings", {}).get(k, default) != ref.get("settings", {}).get(k, default)]
         units = _units(r)
         if differ or not units:
             why = f"settings differ ({', '.join(differ)})" if differ else f"no {UNITS_FILE}"
@@ -131,9 +136,9 @@ def paired_rows(results: Sequence[dict], reference: str | None = None) -> tuple[
                 continue
             d = paired_difference(a, b)
             by_chunk = d if a.dim() == 1 else paired_by_chunk(a, b) if len(a) > 1 else None
-            per_chunk = (a.mean(-1), b.mean(-1)) if a.dim() == 2 else (a, b)
-            unpaired = math.sqrt(sum(x.double().var().item() / len(x) for x in per_chunk))
-            rows.append([label, r["model"], ref["model"], a.double().mean().item(), b.double().mean().item(), d.mean,
+            per_chunk = scored_units(*((chunk_means(a), chunk_means(b)) if a.dim() == 2 else (a, b)))
+            unpaired = math.sqrt(sum(x.var().item() / len(x) for x in per_chunk))
+            rows.append([label, r["model"], ref["model"], a.double().nanmean().item(), b.double().nanmean().item(), d.mean,
                          d.ci_low, d.ci_high, d.p_value, d.se, by_chunk.se if by_chunk else math.nan, unpaired, d.n])
     return rows, notes
 

@@ -59,6 +59,7 @@ from ebft.models.loading import (ModelSourceError, check_weights, load_model, lo
                                  resolve_dtype, resolve_source)
 from ebft.objectives.verifiable import REWARDS, reward_fn_for
 from ebft.files import directory_lock, write_json
+from ebft.core.anchors import anchored_blocks
 from ebft.core.layout import StridedLayout
 
 log = logging.getLogger(__name__)
@@ -150,8 +151,7 @@ def held_out(data: DataSettings, tokenizer, seq_len: int) -> HeldOut:
 def subset(chunks: PackedChunks, limit: int | None, seed: int, skip: int = 0) -> PackedChunks:
     """A fixed random subset of ``limit`` chunks after the first ``skip`` of the fixed order
     (:func:`~ebft.eval.calibration.fixed_subset`)."""
-    idx = fixed_subset(len(chunks), limit, seed, skip)
-    return PackedChunks(chunks.input_ids[idx], chunks.answer_mask[idx], chunks.doc_ids[idx])
+    return chunks.select(fixed_subset(len(chunks), limit, seed, skip))
 
 
 def device_of(evaluation: EvalSettings) -> str:
@@ -222,36 +222,62 @@ def load_benchmarks(evaluation: EvalSettings, data: DataSettings, metrics: Seque
 # --------------------------------------------------------------------------- one model
 
 
+def scored_contexts(chunks: PackedChunks, layout: StridedLayout, c: CalibrationSettings) -> torch.Tensor | None:
+    """The (chunks, NB) contexts CFM scores under ``eval.anchors`` (None: all of them); refused when answer
+    anchors leave fewer than two (no mean with a standard error, nothing to pair)."""
+    scored = anchored_blocks(layout, vars(chunks), c.anchors, c.min_answer_prefix, c.answer_turns)
+    if scored is not None and scored.sum() < 2:
+        raise ConfigError(f"eval.anchors=answer leaves {int(scored.sum())} context(s) to score in the {len(chunks)} "
+                          f"held-out chunks (a G={layout.gen_len} ground truth in one answer after "
+                          f"eval.min_answer_prefix={c.min_answer_prefix} answer tokens, its prompt in the chunk): "
+                          "use eval.anchors=all, lower eval.min_answer_prefix or evaluate more chunks (eval.cfm_chunks)")
+    return scored
+
+
+def check_scored(chunks: PackedChunks, task: TaskSettings, c: CalibrationSettings, metrics: Sequence[str]) -> None:
+    """Before any model loads: the CFM and the FM profile of ``metrics`` have contexts to score."""
+    if "cfm" in metrics:
+        scored_contexts(chunks, StridedLayout(*task.geometry, c.cfm_num_samples), c)
+    if "profile" in metrics:
+        layouts = profile_layouts(task.seq_len, task.context_len, task.stride, list(c.profile_lengths), 2)
+        scored_contexts(chunks.select(torch.arange(len(chunks))[:c.profile_chunks]), layouts[max(layouts)], c)
+
+
 def calibrate(model, feature_network: FeatureNetwork | None, chunks: PackedChunks, task: TaskSettings,
-              c: CalibrationSettings, metrics: Sequence[str],
-              progress: bool = True) -> tuple[dict[str, float], dict | None, dict]:
+              c: CalibrationSettings, metrics: Sequence[str], progress: bool = True,
+              document_mask: bool = False) -> tuple[dict[str, float], dict | None, dict]:
     """Held-out CE, CFM (+ whitened proxy) under ``feature_network`` and the FM profile that ``metrics`` asks for.
 
     Returns the scalar metrics, the profile (``{"G": [...], "cfm": [...], "se": [...], "chunks": N}`` or
     None; it runs on the first ``eval.profile_chunks`` of the chunks) and the per-unit values behind them
     for paired comparisons (:mod:`ebft.eval.paired`): ``ce`` per chunk, ``cfm`` / ``cfm_whitened`` per
-    (chunk, block) context and ``profile`` per G per context, as nested lists.
+    (chunk, block) context and ``profile`` per G per context, as nested lists (NaN: a context that
+    ``eval.anchors=answer`` does not score). ``document_mask``: every pass within each example.
     """
     seed = c.seed
     ids, batch, temperature = chunks.input_ids, c.chunk_batch_size, c.cfm_temperature
+    doc_ids = chunks.doc_ids if document_mask else None
     out: dict[str, float] = {"chunks": len(ids)}
     units: dict = {}
     if "ce" in metrics:
-        sums = chunk_nll(model, ids, chunks.answer_mask, batch, progress)
+        sums = chunk_nll(model, ids, chunks.answer_mask, batch, progress, doc_ids)
         out.update(validation_ce(sums))
         units["ce"] = _rounded(sums[:, 0] / sums[:, 1])
     if "cfm" in metrics:
         layout = StridedLayout(*task.geometry, c.cfm_num_samples)
-        cfm, proxy = context_fm(model, feature_network, ids, layout, temperature, seed, batch, c.whitening, progress)
+        cfm, proxy = context_fm(model, feature_network, ids, layout, temperature, seed, batch, c.whitening, progress,
+                                scored=scored_contexts(chunks, layout, c), doc_ids=doc_ids)
         plain, whitened = Estimate.of(cfm), Estimate.of(proxy)
         out.update(cfm=plain.mean, cfm_se=plain.se, cfm_whitened=whitened.mean, cfm_whitened_se=whitened.se,
-                   contexts=cfm.numel())
+                   contexts=int((~cfm.isnan()).sum()))
         units.update(cfm=_rounded(cfm), cfm_whitened=_rounded(proxy))
     profile = None
     if "profile" in metrics:
         layouts = profile_layouts(task.seq_len, task.context_len, task.stride, list(c.profile_lengths), c.cfm_num_samples)
-        profiled = ids[:c.profile_chunks]
-        values = fm_profile(model, feature_network, profiled, layouts, temperature, seed, batch, progress)
+        profiled = chunks.select(torch.arange(len(chunks))[:c.profile_chunks])
+        values = fm_profile(model, feature_network, profiled.input_ids, layouts, temperature, seed, batch, progress,
+                            scored_contexts(profiled, layouts[max(layouts)], c),
+                            profiled.doc_ids if document_mask else None)
         estimates = {g: Estimate.of(v) for g, v in values.items()}
         profile = {"G": list(estimates), "cfm": [v.mean for v in estimates.values()],
                    "se": [v.se for v in estimates.values()], "chunks": len(profiled)}
@@ -322,12 +348,16 @@ def check_request(s: EvaluateSettings) -> Request:
 
 
 def _settings(s: EvaluateSettings, request: Request) -> dict:
-    """The settings a result records (``feature_network``: its model, one of the keys results are paired on)."""
+    """The settings a result records (``feature_network``: its model, and the contexts CFM scores: ``anchors``,
+    ``min_answer_prefix``, ``answer_turns``, ``document_mask``; keys results are paired on,
+    ``ebft.eval.report.PAIRED_SETTINGS``)."""
     sampling, c = request.sampling, s.eval.calibration
     return {"metrics": request.metrics, "limit": request.limit, "seed": s.seed, "num_samples": sampling.num_samples,
             "temperature": sampling.temperature, "top_p": sampling.top_p, "max_new_tokens": sampling.max_new_tokens,
             "cfm_num_samples": c.cfm_num_samples, "cfm_temperature": c.cfm_temperature, "whitening": c.whitening,
-            "feature_network": s.feature_network.name or s.model.name, "cfm_skip": c.cfm_skip}
+            "feature_network": s.feature_network.name or s.model.name, "cfm_skip": c.cfm_skip, "anchors": c.anchors,
+            "min_answer_prefix": c.min_answer_prefix, "answer_turns": c.answer_turns,
+            "document_mask": s.data.document_mask}
 
 
 def _save(result: dict, outcomes: dict[str, Outcome], units: dict | None, directory: Path) -> None:
@@ -419,6 +449,8 @@ def _evaluate(s: EvaluateSettings, request: Request, report_dir: str | None, job
             if calibration_metrics or {"bleu", "comet", REWARD} & set(metrics) else None)
     chunks = (subset(data.chunks, request.chunk_limit, s.seed, s.eval.calibration.cfm_skip)
               if calibration_metrics else None)
+    if chunks is not None:
+        check_scored(chunks, s.task, s.eval.calibration, metrics)
     benchmarks = load_benchmarks(s.eval, s.data, metrics, request.limit, data.rows if data else (), base_tokenizer)
     dtype, attn = resolve_dtype(s.model.dtype, device), resolve_attn(s.model.attn_implementation, device)
     phi = (build_feature_network(s.feature_network, base, dtype, device, s.model.attn_implementation).to(device)
@@ -452,7 +484,8 @@ def _evaluate(s: EvaluateSettings, request: Request, report_dir: str | None, job
         if chunks is not None:
             part = _done_part(model_dir, "calibration", {**key, "part": "calibration"})
             if part is None:
-                calibration, profile, units = calibrate(model()[0], phi, chunks, s.task, s.eval.calibration, metrics)
+                calibration, profile, units = calibrate(model()[0], phi, chunks, s.task, s.eval.calibration, metrics,
+                                                        document_mask=s.data.document_mask)
                 part = _save_part(model_dir, "calibration", {**key, "part": "calibration"},
                                   {"calibration": calibration, "profile": profile, "units": units})
             result["calibration"], result["profile"], units = part["calibration"], part["profile"], part["units"]

@@ -21,7 +21,8 @@ from ebft.config import ModelSettings, TrainSettings
 from ebft.data.datamodule import ChunkDataModule
 from ebft.data.sources import write_data_record
 from ebft.files import atomic_path
-from ebft.core.compat import lm_head
+from ebft.core.compat import attn_implementation, backbone_forward, lm_head, param_dtype
+from ebft.core.masks import causal_chunk_mask
 from ebft.models.loading import load_model, resolve_attn, resolve_dtype
 from ebft.models.lora import (ADAPTER_SUBDIR, add_adapters, adapter_dir, complete_state, merged_state_dict,
                               target_modules, trainable_state)
@@ -72,6 +73,11 @@ class FineTuneModule(L.LightningModule):
         return ChunkDataModule(settings.data, tokenizer, settings.task.seq_len, settings.optim.batch_size,
                                settings.seed)
 
+    @classmethod
+    def check_data(cls, settings: TrainSettings, datamodule) -> None:
+        """Checks of the settings against the loaded training data, run before any model is loaded;
+        raise :class:`ebft.config.ConfigError`. None by default."""
+
     # ----------------------------------------------------------------- model
     def load_generator(self):
         """The trainable model, in fp32 weights (Lightning's bf16-mixed autocasts on GPU). With
@@ -97,9 +103,18 @@ class FineTuneModule(L.LightningModule):
         gradient checkpointing (and dropout, where a model has any) would be off during training."""
         self.generator.train()
 
-    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Last hidden states of a plain causal forward (batch, T, H)."""
-        return self.generator.get_decoder()(input_ids=input_ids).last_hidden_state
+    def hidden(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Last hidden states of a plain causal forward (batch, T, H); with ``doc_ids`` (batch, T) within
+        each example, positions restarting at each (document masking, ``ebft.core.documents``)."""
+        if doc_ids is None:
+            return self.generator.get_decoder()(input_ids=input_ids).last_hidden_state
+        model = self.generator
+        mask, positions = causal_chunk_mask(doc_ids, attn_implementation(model), param_dtype(model))
+        return backbone_forward(model, input_ids, positions, mask)[0]
+
+    def doc_ids(self, batch: dict) -> torch.Tensor | None:
+        """The batch's document ids when ``data.document_mask`` is on, else None."""
+        return batch["doc_ids"] if self.settings.data.document_mask else None
 
     def sampling_generator(self, batch_idx: int) -> torch.Generator:
         """A per-step RNG for rollouts: the same (seed, step, micro-batch, rank) always draws the same
@@ -107,12 +122,13 @@ class FineTuneModule(L.LightningModule):
         seed = hash((self.settings.seed, self.global_step, batch_idx, self.global_rank)) % (2 ** 62)
         return torch.Generator(device=self.device).manual_seed(seed)
 
-    def chunk_ce(self, input_ids: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
+    def chunk_ce(self, input_ids: torch.Tensor, loss_mask: torch.Tensor | None,
+                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy over the target tokens that ``loss_mask`` marks (the model's own
-        head: bias and final soft-cap included)."""
+        head: bias and final soft-cap included); within documents with ``doc_ids``."""
         head = lm_head(self.generator)
-        return cross_entropy_term(self.hidden(input_ids), head.weight, input_ids, loss_mask, lm_head_bias=head.bias,
-                                  softcap=head.softcap)
+        return cross_entropy_term(self.hidden(input_ids, doc_ids), head.weight, input_ids, loss_mask,
+                                  lm_head_bias=head.bias, softcap=head.softcap)
 
     # ----------------------------------------------------------- finiteness
     def on_before_backward(self, loss: torch.Tensor) -> None:
@@ -157,9 +173,9 @@ class FineTuneModule(L.LightningModule):
 
     # ----------------------------------------------------------- validation
     def validation_step(self, batch, batch_idx):
-        ids = batch["input_ids"]
-        ce_all = self.chunk_ce(ids, None)
-        ce_answer = self.chunk_ce(ids, batch["answer_mask"])
+        ids, docs = batch["input_ids"], self.doc_ids(batch)
+        ce_all = self.chunk_ce(ids, None, docs)
+        ce_answer = self.chunk_ce(ids, batch["answer_mask"], docs)
         self.log("val/ce", ce_all, prog_bar=True, sync_dist=True, batch_size=ids.shape[0])
         self.log("val/ce_answer", ce_answer, sync_dist=True, batch_size=ids.shape[0])
 

@@ -35,6 +35,7 @@ from torch import nn
 
 from ebft.config import NORMALISATION, POOLING, FeatureNetworkSettings
 from ebft.core.compat import backbone_forward, decoder_layers, get_backbone
+from ebft.core.documents import StridedDocuments
 from ebft.core.layout import StridedLayout
 from ebft.core.strided import strided_hidden
 from ebft.models.loading import load_model, resolve_attn
@@ -108,13 +109,15 @@ class FeatureNetwork(nn.Module):
                 hook.remove()
         return [captured[i] for i in self.taps]
 
-    def strided_features(self, row_ids: torch.Tensor, layout: StridedLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    def strided_features(self, row_ids: torch.Tensor, layout: StridedLayout,
+                         documents: StridedDocuments | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Features of every generated and ground-truth window of strided rows ``row_ids`` (batch, length).
 
         Returns ``gen`` (batch, NB, n, D) = phi_c(y_hat_{j,k}) and ``gt`` (batch, NB, D) = phi_c(y_k),
-        from one pass over the row (:func:`ebft.core.strided.strided_hidden`).
+        from one pass over the row (:func:`ebft.core.strided.strided_hidden`; within documents with
+        ``documents``).
         """
-        states = self._taps(lambda: strided_hidden(self.backbone, row_ids, layout))
+        states = self._taps(lambda: strided_hidden(self.backbone, row_ids, layout, documents))
         layout = layout.to(row_ids.device)
         gen = self._pool([h[:, layout.gen_feature_index(self.pooling)] for h in states])
         gt = self._pool([h[:, layout.gt_feature_index(self.pooling)] for h in states])

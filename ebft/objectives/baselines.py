@@ -85,6 +85,27 @@ def fm_advantages(rewards: FMRewards, alpha: float, baseline: str = "rloo_correc
     return reward
 
 
+FLAT_TOLERANCE = 1e-6
+"""Relative tolerance under which a group's rewards count as all equal (float rounding)."""
+
+
+def flat_groups(rewards: Tensor, tolerance: float = FLAT_TOLERANCE) -> Tensor:
+    """``(...)`` bool: the groups of rewards ``(..., n)`` (the n samples of one context) whose rewards are
+    all equal,
+
+        max_j r_j - min_j r_j <= tolerance * max(1, max_j |r_j|).
+
+    Such a group carries no preference between its samples: its advantages are 0 under ``rloo`` and
+    ``group_norm`` (and under ``rloo_corrected`` when the alignment and diversity terms are flat too),
+    so in a token mean its tokens only dilute the other groups' gradient. ``method.skip_flat_groups``
+    leaves these groups out of the policy gradient (DAPO's dynamic sampling without the resampling).
+    """
+    if rewards.ndim < 1:
+        raise ValueError(f"rewards must have shape (..., n); got a scalar {rewards!r}")
+    spread = rewards.amax(-1) - rewards.amin(-1)
+    return spread <= tolerance * rewards.abs().amax(-1).clamp_min(1.0)
+
+
 def group_normalized_advantages(rewards: Tensor, scale_rewards: str = "group", eps: float = 1e-4) -> Tensor:
     """GRPO advantages ``(r_j - mean_group r) / (std + eps)`` for rewards ``(..., n)``.
 

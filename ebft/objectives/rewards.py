@@ -58,6 +58,12 @@ class FMRewards:
     diversity: Tensor
     reward: Tensor
 
+    def kept(self, keep: Tensor) -> FMRewards:
+        """These rewards with every part zeroed in the groups ``keep`` (``(...)`` bool) leaves out."""
+        keep = keep.unsqueeze(-1)
+        return FMRewards(*(torch.where(keep, part, torch.zeros_like(part))
+                           for part in (self.alignment, self.diversity, self.reward)))
+
 
 def _check_inputs(gen: Tensor, gt: Tensor, whitening: str) -> None:
     if whitening not in WHITENING:

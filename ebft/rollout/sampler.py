@@ -25,8 +25,9 @@ from torch import nn
 
 from ebft.core.compat import (LMHead, attn_implementation, backbone_forward, check_strided, lm_head, new_cache,
                                 param_dtype)
+from ebft.core.documents import StridedDocuments
 from ebft.core.layout import StridedLayout
-from ebft.core.masks import step_mask, strided_mask
+from ebft.core.masks import document_mask, step_mask, strided_mask
 
 
 @contextmanager
@@ -90,26 +91,33 @@ def logits_at(head: LMHead, hidden: torch.Tensor, rows: torch.Tensor) -> torch.T
 
 
 def sample_strided(model: nn.Module, input_ids: torch.Tensor, layout: StridedLayout, temperature: float = 0.6,
-                   top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Strided sampling with a KV cache: ``input_ids`` (batch, T) -> tokens (batch, n, NB, G)."""
+                   top_p: float = 1.0, generator: torch.Generator | None = None,
+                   documents: StridedDocuments | None = None) -> torch.Tensor:
+    """Strided sampling with a KV cache: ``input_ids`` (batch, T) -> tokens (batch, n, NB, G). With
+    ``documents`` (``ebft.core.documents``) the prefill and every step attend within each row's document,
+    at the documents' position ids."""
     check_sampling_args(input_ids, layout, temperature, top_p)
     check_strided(model, layout.seq_len)
     layout = layout.to(input_ids.device)
     batch, n, NB, G, T = input_ids.shape[0], layout.num_samples, layout.num_blocks, layout.gen_len, layout.seq_len
     impl, dtype, head = attn_implementation(model), param_dtype(model), lm_head(model)
+    positions = layout.position_ids if documents is None else documents.position_ids
     tokens = torch.empty(batch, n, NB, G, dtype=torch.long, device=input_ids.device)
     with sampling_mode(model):
         cache = new_cache(model)
-        # the chunk's causal mask: the model builds it for sdpa (fused causal kernels); under flex the
-        # layout's cached BlockMask of the chunk rows saves building one per call
-        prefill = strided_mask(layout, impl, dtype, slice(0, T), T) if impl == "flex_attention" else None
-        hidden, cache = backbone_forward(model, input_ids, layout.position_ids[:T], prefill, cache)
+        # the chunk's causal mask (within documents: the batch's own); without documents the model builds
+        # it for sdpa (fused causal kernels), and under flex the layout's cached BlockMask saves building one
+        if documents is not None:
+            prefill = document_mask(documents, impl, dtype, slice(0, T), T)
+        else:
+            prefill = strided_mask(layout, impl, dtype, slice(0, T), T) if impl == "flex_attention" else None
+        hidden, cache = backbone_forward(model, input_ids, positions[..., :T], prefill, cache)
         logits = logits_at(head, hidden, layout.context_end - 1)
         tokens[..., 0] = sample_from_logits(logits.unsqueeze(1).expand(batch, n, NB, -1), temperature, top_p, generator)
         for g in range(G - 1):
             rows = layout.step_rows(g)
-            hidden, cache = backbone_forward(model, tokens[..., g].reshape(batch, n * NB), layout.position_ids[rows],
-                                             step_mask(layout, g, impl, dtype), cache)
+            hidden, cache = backbone_forward(model, tokens[..., g].reshape(batch, n * NB), positions[..., rows],
+                                             step_mask(layout, g, impl, dtype, documents), cache)
             logits = head.logits(hidden).view(batch, n, NB, -1)
             tokens[..., g + 1] = sample_from_logits(logits, temperature, top_p, generator)
     return tokens
