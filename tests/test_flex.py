@@ -76,11 +76,8 @@ def flex_on_cpu():
         pytest.skip(f"FlexAttention does not run on CPU with this torch: {type(err).__name__}: {err}")
 
 
-def test_flex_forward_logprobs_and_draws_equal_sdpa(flex_on_cpu, monkeypatch):
-    # one static compile per shape (3 here): inductor's CPU flex kernel for dynamic shapes, which a
-    # second shape would otherwise trigger, does not compile with torch 2.13 (CUDA uses Triton)
-    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", False)
-    layout = StridedLayout(48, 4, 2, 2, 4)  # the translation C and s; 224 rows (2 x 2 blocks); G = 2 keeps 3 shapes
+def assert_flex_equals_sdpa(layout: StridedLayout, documents=None) -> None:
+    """Strided log-probs and KV-cached draws (same random numbers) of one tiny model under flex and sdpa."""
     models = {impl: build_tiny_model(vocab_size=256, attn_implementation=impl, seed=0).eval()
               for impl in ("sdpa", "flex_attention")}
     chunk = torch.randint(0, 256, (2, layout.seq_len))
@@ -89,12 +86,20 @@ def test_flex_forward_logprobs_and_draws_equal_sdpa(flex_on_cpu, monkeypatch):
     logprobs, draws = {}, {}
     for impl, model in models.items():
         with torch.no_grad():
-            hidden = strided_hidden(model, row, layout)
+            hidden = strided_hidden(model, row, layout, documents)
         head = lm_head(model)
         logprobs[impl] = token_logprobs(hidden[:, layout.score_index], head.weight, tokens, temperature=0.6)
-        draws[impl] = sample_strided(model, chunk, layout, temperature=1.0, generator=torch.Generator().manual_seed(5))
+        draws[impl] = sample_strided(model, chunk, layout, temperature=1.0, generator=torch.Generator().manual_seed(5),
+                                     documents=documents)
     torch.testing.assert_close(logprobs["flex_attention"], logprobs["sdpa"], atol=1e-5, rtol=1e-5)
     assert torch.equal(draws["flex_attention"], draws["sdpa"])
+
+
+def test_flex_forward_logprobs_and_draws_equal_sdpa(flex_on_cpu, monkeypatch):
+    # one static compile per shape (3 here): inductor's CPU flex kernel for dynamic shapes, which a
+    # second shape would otherwise trigger, does not compile with torch 2.13 (CUDA uses Triton)
+    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", False)
+    assert_flex_equals_sdpa(StridedLayout(48, 4, 2, 2, 4))  # the translation C and s; G = 2 keeps 3 shapes
 
 
 def test_flex_forward_with_documents_equals_sdpa(flex_on_cpu, monkeypatch):
@@ -103,19 +108,5 @@ def test_flex_forward_with_documents_equals_sdpa(flex_on_cpu, monkeypatch):
 
     monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", False)
     layout = StridedLayout(48, 4, 2, 2, 4)
-    docs = StridedDocuments(layout, torch.tensor([[0] * 20 + [1] * 28, [3] * 5 + [4] * 30 + [5] * 13]))
-    models = {impl: build_tiny_model(vocab_size=256, attn_implementation=impl, seed=0).eval()
-              for impl in ("sdpa", "flex_attention")}
-    chunk = torch.randint(0, 256, (2, layout.seq_len))
-    tokens = torch.randint(0, 256, (2, layout.num_samples, layout.num_blocks, layout.gen_len))
-    row = layout.scatter_generated(chunk, tokens)
-    logprobs, draws = {}, {}
-    for impl, model in models.items():
-        with torch.no_grad():
-            hidden = strided_hidden(model, row, layout, docs)
-        head = lm_head(model)
-        logprobs[impl] = token_logprobs(hidden[:, layout.score_index], head.weight, tokens, temperature=0.6)
-        draws[impl] = sample_strided(model, chunk, layout, temperature=1.0, generator=torch.Generator().manual_seed(5),
-                                     documents=docs)
-    torch.testing.assert_close(logprobs["flex_attention"], logprobs["sdpa"], atol=1e-5, rtol=1e-5)
-    assert torch.equal(draws["flex_attention"], draws["sdpa"])
+    assert_flex_equals_sdpa(layout, StridedDocuments(layout, torch.tensor([[0] * 20 + [1] * 28,
+                                                                           [3] * 5 + [4] * 30 + [5] * 13])))
