@@ -71,6 +71,7 @@ from ebft.core.strided import strided_hidden  # noqa: E402
 from ebft.objectives.ebft_update import EBFTStatistics, actor_loss, ebft_update  # noqa: E402
 from ebft.core.compat import decoder_layers  # noqa: E402
 from ebft.models.features import FeatureNetwork, tap_layers  # noqa: E402
+from ebft.models.architectures import shipped_config  # noqa: E402
 from ebft.models.loading import resolve_attn  # noqa: E402
 from ebft.models.lora import FAMILY_TARGETS, lora_config  # noqa: E402
 from ebft.objectives.losses import cross_entropy_term  # noqa: E402
@@ -87,34 +88,7 @@ ABLATIONS = ("nocache", "multinomial", "dense_attention", "copies", "full_featur
 
 
 # ------------------------------------------------------------------------------------------ models
-def _rope(config_cls, theta: float) -> dict:
-    """``rope_theta`` in the form this transformers takes (``rope_parameters`` from 5.x on)."""
-    import inspect
-
-    if "rope_parameters" in inspect.signature(config_cls.__init__).parameters:
-        return {"rope_parameters": {"rope_type": "default", "rope_theta": theta}}
-    return {"rope_theta": theta}
-
-
-def qwen25_15b_config():
-    """Qwen2.5-1.5B's architecture (its config.json), for random initialisation."""
-    from transformers import Qwen2Config
-
-    return Qwen2Config(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                       intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True,
-                       max_position_embeddings=32768, rms_norm_eps=1e-6, hidden_act="silu",
-                       use_sliding_window=False, bos_token_id=151643, eos_token_id=151643,
-                       **_rope(Qwen2Config, 1000000.0))
-
-
-def smollm2_config():
-    """SmolLM2-135M-Instruct's architecture (its config.json), for random initialisation (no download)."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                       head_dim=64, intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True,
-                       max_position_embeddings=8192, rms_norm_eps=1e-5, hidden_act="silu",
-                       bos_token_id=1, eos_token_id=2, pad_token_id=2, **_rope(LlamaConfig, 100000.0))
+SHAPES = {"smollm2-shape": "HuggingFaceTB/SmolLM2-135M-Instruct", "qwen2.5-1.5b-shape": "Qwen/Qwen2.5-1.5B"}
 
 
 def build_generator(name: str, device: torch.device, attn: str, seed: int):
@@ -129,7 +103,8 @@ def build_generator(name: str, device: torch.device, attn: str, seed: int):
     elif name == "tiny":
         model = build_tiny_model(attn_implementation=attn, seed=seed)
     else:
-        config = smollm2_config() if name == "smollm2-shape" else qwen25_15b_config()
+        config = shipped_config(SHAPES[name])
+        config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 2  # the SmolLM2 tokenizer's
         with torch.device(device):  # random init directly on the device (1.5B on CPU is slow)
             model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
     model.config.use_cache = False
@@ -564,15 +539,6 @@ def run_arm(bench: Bench, meter: Meter) -> None:
     }), flush=True)
 
 
-def qwen25_7b_config():
-    """Qwen2.5-7B's architecture (its config.json)."""
-    config = qwen25_15b_config()
-    config.update({"hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
-                   "intermediate_size": 18944, "vocab_size": 152064, "tie_word_embeddings": False})
-    config.layer_types = ["full_attention"] * 28
-    return config
-
-
 def estimate_gpu_peak(T: int = 1024, C: int = 8, s: int = 8, G: int = 8, n: int = 4, batch: int = 1,
                       rank: int = 16) -> dict[str, dict[str, float]]:
     """ESTIMATED peak GPU bytes of one EBFT step of Qwen2.5-7B (bf16-mixed, gradient checkpointing, one
@@ -585,7 +551,7 @@ def estimate_gpu_peak(T: int = 1024, C: int = 8, s: int = 8, G: int = 8, n: int 
     bf16, and two fp32 chunks of 1024 x V logits (``token_logprobs``)."""
     from transformers import AutoModelForCausalLM
 
-    config = qwen25_7b_config()
+    config = shipped_config("Qwen/Qwen2.5-7B")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in model.parameters())

