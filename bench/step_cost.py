@@ -103,8 +103,7 @@ def build_generator(name: str, device: torch.device, attn: str, seed: int):
     elif name == "tiny":
         model = build_tiny_model(attn_implementation=attn, seed=seed)
     else:
-        config = shipped_config(SHAPES[name])
-        config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 2  # the SmolLM2 tokenizer's
+        config = shipped_config(SHAPES[name], bos_token_id=1, eos_token_id=2, pad_token_id=2)  # SmolLM2's tokenizer
         with torch.device(device):  # random init directly on the device (1.5B on CPU is slow)
             model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
     model.config.use_cache = False

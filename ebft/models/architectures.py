@@ -72,14 +72,13 @@ def architecture(name: str) -> dict:
     return dict(ARCHITECTURES[key])
 
 
-def shipped_config(name: str, tiny: bool = False, vocab_size: int | None = None):
+def shipped_config(name: str, tiny: bool = False, **fields):
     """A ``transformers`` config of ``name``'s architecture (``tiny``: its family at the tiny shape, the
-    rope scaling and ``max_position_embeddings`` kept); ``vocab_size`` replaces the vocabulary."""
+    rope scaling and ``max_position_embeddings`` kept), with ``fields`` (e.g. ``vocab_size``) replaced."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    fields = architecture(name)
+    config = architecture(name)
     if tiny:
-        fields.update(TINY_SHAPE)
-    if vocab_size is not None:
-        fields["vocab_size"] = vocab_size
-    return CONFIG_MAPPING[fields["model_type"]].from_dict(fields)
+        config.update(TINY_SHAPE)
+    config.update(fields)
+    return CONFIG_MAPPING[config["model_type"]].from_dict(config)

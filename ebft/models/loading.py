@@ -257,10 +257,8 @@ def random_config(src: ModelSource, vocab_size: int | None = None):
     tokens are the SmolLM2 tokenizer's, which these models use."""
     if src.path == TINY:
         return tiny_config(vocab_size or 49152)
-    config = shipped_config(src.path, tiny=src.kind == "tiny",
-                            vocab_size=vocab_size or 49152 if src.kind == "tiny" else None)
-    config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 2
-    return config
+    fields = {"vocab_size": vocab_size or 49152} if src.kind == "tiny" else {}
+    return shipped_config(src.path, tiny=src.kind == "tiny", bos_token_id=1, eos_token_id=2, pad_token_id=2, **fields)
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:

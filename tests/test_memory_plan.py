@@ -1,0 +1,110 @@
+"""The memory planner (``ebft.app.memory``, ``bench/memory.py``): its per-layer activation count equals
+the bytes a real decoder layer saves for its backward; its plan is within 15% of a measured peak of real
+training steps; the documented command runs offline in seconds; the largest micro-batch that fits is
+the boundary of the plan."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ebft.app.memory import (GIB, Precision, attention_extra, largest_micro_batch, layer_bytes, model_shape, plan,
+                             usable_bytes)
+from ebft.app.peak import measure
+from ebft.config import compose_config, train_settings
+from ebft.core.layout import StridedLayout
+from ebft.core.strided import strided_hidden
+from ebft.models.loading import build_random_model, random_config, resolve_source
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FP32 = Precision(weights=4, compute=4, trainable=4, mixed=False)
+
+
+def saved_bytes(model, forward) -> int:
+    """Bytes of the distinct non-parameter tensors autograd saves during ``forward()``."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(seen.values())
+
+
+def per_layer_saved(name: str, lora: bool, layout: StridedLayout | None, tokens: int) -> int:
+    """Saved bytes of a 2-layer minus a 1-layer model of ``name``'s family: one decoder layer's share
+    (the embedding, final norm and masks cancel)."""
+    out = []
+    for layers in (1, 2):
+        config = random_config(resolve_source(name))
+        config.num_hidden_layers = layers
+        model = build_random_model(config)
+        if lora:
+            from peft import LoraConfig, get_peft_model
+            model = get_peft_model(model, LoraConfig(r=4, target_modules=TARGETS)).base_model.model
+        ids = torch.randint(0, 1000, (1, tokens))
+        if layout is None:
+            forward = lambda: model.model(input_ids=ids)   # noqa: E731
+        else:
+            forward = lambda: strided_hidden(model, ids, layout)   # noqa: E731
+        out.append(saved_bytes(model, forward))
+    return out[1] - out[0]
+
+
+@pytest.mark.parametrize("name,lora,strided", [("tiny:Qwen/Qwen2.5-0.5B", False, True),
+                                               ("tiny:Qwen/Qwen2.5-0.5B", True, True),
+                                               ("tiny:meta-llama/Llama-3.2-1B", False, False)])
+def test_layer_count_equals_what_a_real_layer_saves(name, lora, strided):
+    layout = StridedLayout(64, 8, 8, 8, 4) if strided else None
+    tokens = layout.length if strided else 96
+    shape = model_shape(name, 4 if lora else None, TARGETS)
+    planned = tokens * layer_bytes(shape, FP32, not lora, 4 if lora else 0)
+    planned += attention_extra(shape, FP32, "banded" if strided else "causal", 1, layout)
+    measured = per_layer_saved(name, lora, layout, tokens)
+    assert abs(planned / measured - 1) < 0.02, (planned, measured)
+
+
+def train_cfg(*overrides: str):
+    return train_settings(compose_config("train", [*overrides, "trainer.accelerator=cpu", "output_dir=unused"]))
+
+
+def test_plan_is_within_15_percent_of_measured_steps():
+    overrides = ["model.name=tiny:Qwen/Qwen2.5-0.5B", "task.seq_len=128", "data.limit=200", "data.val_size=20"]
+    measured = measure(overrides, timeout=600)["step_peak_bytes"][-1]
+    planned = plan(train_cfg(*overrides)).total
+    assert abs(planned / measured - 1) < 0.15, (planned / GIB, measured / GIB)
+
+
+def test_documented_command_runs_offline_in_seconds_and_itemises():
+    done = subprocess.run([sys.executable, "bench/memory.py", "experiment=paper_qa_code", "model=qwen2.5-7b",
+                           "model.lora.rank=16", "--card-gib", "80"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "Qwen/Qwen2.5-7B (7.62B parameters)" in out and "strided rows of 5088 tokens" in out
+    for item in ("| weights |", "| gradients |", "| adam |", "| frozen |", "KV cache", "checkpointed layer inputs",
+                 "feature network: the base with the adapters off", "largest micro-batch that fits"):
+        assert item in out, item
+
+
+def test_full_fine_tuning_of_7b_does_not_fit_one_card_but_fsdp_over_8_does():
+    full = train_cfg("experiment=paper_qa_code", "model=qwen2.5-7b")
+    assert plan(full).total > 80 * GIB and largest_micro_batch(full, 80) == 0
+    sharded = train_cfg("experiment=paper_qa_code", "model=qwen2.5-7b", "trainer=fsdp", "trainer.devices=8")
+    assert plan(sharded).total < plan(full).total / 3
+    assert largest_micro_batch(sharded, 80) >= 1
+
+
+def test_largest_micro_batch_is_the_boundary_of_the_plan():
+    settings = train_cfg("experiment=paper_qa_code", "model=qwen2.5-1.5b", "model.lora.rank=16")
+    fits = largest_micro_batch(settings, 24)
+    assert fits >= 1
+    assert plan(settings, fits).total <= usable_bytes(24) < plan(settings, fits + 1).total
