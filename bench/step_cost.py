@@ -56,7 +56,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -70,7 +69,7 @@ from ebft.core.documents import StridedDocuments  # noqa: E402
 from ebft.core.strided import strided_hidden  # noqa: E402
 from ebft.objectives.ebft_update import EBFTStatistics, actor_loss, ebft_update  # noqa: E402
 from ebft.core.compat import decoder_layers  # noqa: E402
-from ebft.models.features import FeatureNetwork, tap_layers  # noqa: E402
+from ebft.models.features import FeatureNetwork  # noqa: E402
 from ebft.models.architectures import shipped_config  # noqa: E402
 from ebft.models.loading import resolve_attn  # noqa: E402
 from ebft.models.lora import FAMILY_TARGETS, lora_config  # noqa: E402
@@ -79,7 +78,6 @@ from ebft.core import masks  # noqa: E402
 from ebft.core.layout import StridedLayout  # noqa: E402
 from ebft.rollout.sampler import sample_strided  # noqa: E402
 from ebft.rollout.sampler import sample_from_logits as _inverse_cdf  # noqa: E402
-from ebft.app.strategies import GIB, estimate_memory  # noqa: E402
 
 MODELS = ("smollm2-shape", "smollm2", "qwen2.5-1.5b-shape", "tiny")
 ANSWER = " [answer]"   # the pieces of the answer-anchored step (--anchors answer)
@@ -538,44 +536,8 @@ def run_arm(bench: Bench, meter: Meter) -> None:
     }), flush=True)
 
 
-def estimate_gpu_peak(T: int = 1024, C: int = 8, s: int = 8, G: int = 8, n: int = 4, batch: int = 1,
-                      rank: int = 16) -> dict[str, dict[str, float]]:
-    """ESTIMATED peak GPU bytes of one EBFT step of Qwen2.5-7B (bf16-mixed, gradient checkpointing, one
-    device), full fine-tuning vs LoRA. Model state: ``ebft.app.strategies.estimate_memory`` (what a training
-    run prints: fp32 trainable weights, gradients, 2 Adam moments, bf16 copies; frozen weights). Full
-    fine-tuning's frozen part is the bf16 feature network (embeddings + layers up to the deepest tap);
-    LoRA's is the bf16 base, which is also the feature network. Activations of the actor's backward (the
-    step's peak), R = the strided row's length: the checkpointed layer inputs L*B*R*H, one layer's
-    recomputed activations and their gradients 2*B*R*(6H + 4I), the additive strided mask B*R^2, all
-    bf16, and two fp32 chunks of 1024 x V logits (``token_logprobs``)."""
-    from transformers import AutoModelForCausalLM
-
-    config = shipped_config("Qwen/Qwen2.5-7B")
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    total = sum(p.numel() for p in model.parameters())
-    layer = sum(p.numel() for p in model.model.layers[0].parameters())
-    embed = model.model.embed_tokens.weight.numel()
-    targets = FAMILY_TARGETS[config.model_type]
-    adapters = sum(rank * (m.in_features + m.out_features) for name, m in model.named_modules()
-                   if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets)
-    depth = max(tap_layers(config.num_hidden_layers, (0.25, 0.5, 0.75)))
-    H, I, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
-    R = StridedLayout(T, C, s, G, n).length
-    activations = 2 * (L * batch * R * H + 2 * batch * R * (6 * H + 4 * I) + batch * R * R) + 2 * 1024 * V * 4
-    out = {}
-    for arm, (trainable, frozen) in {"full": (total, 2 * (embed + depth * layer)),
-                                     "lora": (adapters, 2 * total)}.items():
-        parts = estimate_memory(trainable, 4, frozen, "replicated", 1, mixed=True)
-        parts["activations"] = activations
-        parts["total"] += activations
-        out[arm] = {"trainable_params": trainable, **parts}
-    out["geometry"] = {"T": T, "row": R, "batch": batch, "rank": rank, "params": total}
-    return out
-
-
 def compare_lora(args, argv: list[str]) -> None:
-    """``--lora``: each side in its own process (so resident memory is its own), then the 7B estimate."""
+    """``--lora``: each side in its own process (so resident memory is its own)."""
     arms = {}
     for arm in ("full", "lora"):
         cmd = [sys.executable, __file__, *[a for a in argv if a != "--lora"], "--arm", arm]
@@ -594,15 +556,7 @@ def compare_lora(args, argv: list[str]) -> None:
     for label, fn in (("trainable weights + AdamW state, MiB", lambda a: (a["trainable_bytes"] + a["adam_bytes"]) / 2 ** 20),
                       ("feature network's own weights, MiB", lambda a: a["feature_network_bytes"] / 2 ** 20)):
         print(f"| {label} | {fn(arms['full']):.1f} | {fn(arms['lora']):.1f} |")
-    est = estimate_gpu_peak(rank=args.lora_rank)
-    g = est.pop("geometry")
-    print(f"\nESTIMATE, not measured: peak GPU memory of one EBFT step of Qwen2.5-7B ({g['params'] / 1e9:.2f}B params), "
-          f"T={g['T']} (strided row {g['row']} tokens), micro-batch {g['batch']}, bf16-mixed, gradient checkpointing, "
-          f"one device (GiB)\n")
-    keys = [k for k in est["full"] if k not in ("trainable_params", "total")]
-    print("| | " + " | ".join(keys) + " | **total** |\n|---|" + "---:|" * (len(keys) + 1))
-    for arm, label in (("full", "full fine-tuning"), ("lora", f"LoRA r={g['rank']}")):
-        print(f"| {label} | " + " | ".join(f"{est[arm][k] / GIB:.2f}" for k in keys) + f" | **{est[arm]['total'] / GIB:.1f}** |")
+    print("\nThe planned peak of a run at any shape, itemised: python bench/memory.py <train.py overrides>")
 
 
 def main(argv=None):
