@@ -20,7 +20,6 @@ from ebft.models.loading import build_random_model, random_config, resolve_sourc
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-FP32 = Precision(weights=4, compute=4, trainable=4, mixed=False)
 
 
 def saved_bytes(model, forward) -> int:
@@ -39,36 +38,58 @@ def saved_bytes(model, forward) -> int:
     return sum(seen.values())
 
 
-def per_layer_saved(name: str, lora: bool, layout: StridedLayout | None, tokens: int) -> int:
+def per_layer_saved(name: str, lora: bool, layout: StridedLayout | None, tokens: int, base: torch.dtype,
+                    autocast: bool) -> int:
     """Saved bytes of a 2-layer minus a 1-layer model of ``name``'s family: one decoder layer's share
-    (the embedding, final norm and masks cancel)."""
+    (the embedding, final norm and masks cancel). ``base``: the weights' dtype (LoRA: the frozen base's;
+    the adapters are fp32, as ``ebft.models.lora`` makes them); ``autocast``: bf16 autocast, as
+    bf16-mixed on CUDA (here on the CPU)."""
     out = []
     for layers in (1, 2):
         config = random_config(resolve_source(name))
         config.num_hidden_layers = layers
-        model = build_random_model(config)
+        model = build_random_model(config, dtype=base)
         if lora:
             from peft import LoraConfig, get_peft_model
             model = get_peft_model(model, LoraConfig(r=4, target_modules=TARGETS)).base_model.model
+            for key, param in model.named_parameters():
+                if "lora_" in key:
+                    param.data = param.data.float()
         ids = torch.randint(0, 1000, (1, tokens))
         if layout is None:
             forward = lambda: model.model(input_ids=ids)   # noqa: E731
         else:
             forward = lambda: strided_hidden(model, ids, layout)   # noqa: E731
-        out.append(saved_bytes(model, forward))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out.append(saved_bytes(model, forward))
     return out[1] - out[0]
 
 
-@pytest.mark.parametrize("name,lora,strided", [("tiny:Qwen/Qwen2.5-0.5B", False, True),
-                                               ("tiny:Qwen/Qwen2.5-0.5B", True, True),
-                                               ("tiny:meta-llama/Llama-3.2-1B", False, False)])
-def test_layer_count_equals_what_a_real_layer_saves(name, lora, strided):
+CASES = {  # (model, LoRA, strided rows, weights dtype, bf16 autocast)
+    "qwen full fp32 strided": ("tiny:Qwen/Qwen2.5-0.5B", False, True, torch.float32, False),
+    "qwen lora fp32 strided": ("tiny:Qwen/Qwen2.5-0.5B", True, True, torch.float32, False),
+    "llama full fp32 causal": ("tiny:meta-llama/Llama-3.2-1B", False, False, torch.float32, False),
+    "llama lora bf16 base causal": ("tiny:meta-llama/Llama-3.2-1B", True, False, torch.bfloat16, False),
+    "qwen lora bf16 base strided": ("tiny:Qwen/Qwen2.5-0.5B", True, True, torch.bfloat16, False),
+    "llama full autocast causal": ("tiny:meta-llama/Llama-3.2-1B", False, False, torch.float32, True),
+    "llama lora bf16 base autocast causal": ("tiny:meta-llama/Llama-3.2-1B", True, False, torch.bfloat16, True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_layer_count_equals_what_a_real_layer_saves(case):
+    name, lora, strided, base, autocast = CASES[case]
     layout = StridedLayout(64, 8, 8, 8, 4) if strided else None
     tokens = layout.length if strided else 96
     shape = model_shape(name, 4 if lora else None, TARGETS)
-    planned = tokens * layer_bytes(shape, FP32, not lora, 4 if lora else 0)
-    planned += attention_extra(shape, FP32, "banded" if strided else "causal", 1, layout)
-    measured = per_layer_saved(name, lora, layout, tokens)
+    weights = base.itemsize
+    p = Precision(weights=weights, compute=2 if autocast else weights, trainable=4, mixed=autocast)
+    planned = tokens * layer_bytes(shape, p, not lora, 4 if lora else 0)
+    planned += attention_extra(shape, p, "banded" if strided else "causal", 1, layout, lora)
+    if autocast:   # the layer's bf16 weight copies, saved too: the plan counts them once, as "bf16 copies"
+        trained = shape.lora_params[4] // shape.layers if lora else shape.layer_params - 2 * shape.hidden
+        planned += 2 * trained
+    measured = per_layer_saved(name, lora, layout, tokens, base, autocast)
     assert abs(planned / measured - 1) < 0.02, (planned, measured)
 
 

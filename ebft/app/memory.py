@@ -71,7 +71,8 @@ class ModelShape:
     head_dim: int
     vocab: int
     lora_params: dict = field(default_factory=dict)   # rank -> adapter parameters of the targets
-    lora_layer_targets: int = 0                        # targeted linear layers per decoder layer
+    lora_layer_targets: int = 0                        # adapted linear layers per decoder layer
+    lora_layer_inputs: int = 0                         # the sum of their input widths
 
     @property
     def kv_dim(self) -> int:
@@ -101,20 +102,21 @@ def model_shape(name: str, lora_rank: int | None = None, lora_targets=None) -> M
     layers = model.model.layers
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    lora, per_layer = {}, 0
+    lora, per_layer = {}, []
     if lora_rank:
         targets = set(lora_targets)
 
         def targeted(module):
             return [m for n, m in module.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets]
         lora[lora_rank] = sum(lora_rank * (m.in_features + m.out_features) for m in targeted(model))
-        per_layer = len(targeted(layers[0]))
+        per_layer = targeted(layers[0])
     return ModelShape(params=sum(p.numel() for p in model.parameters()),
                       layer_params=sum(p.numel() for p in layers[0].parameters()),
                       embed_params=model.get_input_embeddings().weight.numel(), hidden=config.hidden_size,
                       intermediate=config.intermediate_size, layers=len(layers), heads=heads,
                       kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
-                      vocab=config.vocab_size, lora_params=lora, lora_layer_targets=per_layer)
+                      vocab=config.vocab_size, lora_params=lora, lora_layer_targets=len(per_layer) if lora else 0,
+                      lora_layer_inputs=sum(m.in_features for m in per_layer) if lora else 0)
 
 
 @dataclass(frozen=True)
@@ -143,30 +145,49 @@ def precision_of(settings: TrainSettings) -> Precision:
     return Precision(weights=weights, compute=compute, trainable=4 if not full else weights, mixed=mixed)
 
 
+def lora_casts(p: Precision, lora: bool) -> bool:
+    """Whether each adapted projection saves its own copy of its input: ``peft`` casts the input to the
+    fp32 adapters' dtype (a copy unless the activations are fp32) and autocast casts it back."""
+    return lora and (p.mixed or p.weights != 4)
+
+
 def layer_bytes(shape: ModelShape, p: Precision, trains_norms: bool, lora_rank: int = 0) -> int:
     """Bytes per token that one decoder layer saves for its backward (the Llama / Qwen2 layer of
     ``transformers``; autograd saves an operand only when the other one needs a gradient):
 
     - each of the two RMSNorms: its input in fp32 ``4 H`` (the residual stream itself when it is fp32,
-      else its fp32 copy), the normalised input ``4 H`` when the norm's weight trains (full
-      fine-tuning), and its output as the projections' input in the compute dtype ``H``;
+      else its fp32 copy) and its ``rsqrt``, and the normalised input ``4 H`` when the norm's weight
+      trains (full fine-tuning);
     - attention: rotated queries ``H``, rotated keys and values ``2 H_kv``, the attention output ``H``
-      (which causal sdpa lays out as ``o_proj`` reads it), in the compute dtype (plus
-      :func:`attention_extra`);
-    - the SwiGLU MLP: gate, up, silu(gate) and their product, ``4 I`` in the compute dtype;
-    - small fp32 rows: the attention's log-sum-exp per head and the norms' ``rsqrt``;
-    - LoRA: each adapted projection's ``A x`` (``lora_rank`` wide) in the compute dtype.
+      (which causal sdpa lays out as ``o_proj`` reads it; :func:`attention_extra` for the rest), and
+      the log-sum-exp per head in fp32;
+    - the SwiGLU MLP: gate, up and silu(gate), ``3 I``;
+    - the projections' inputs: the two norms' outputs and the MLP product ``2 H + I``; under autocast
+      with fp32 weights each of q, k, v, gate and up casts the norm output itself (``5 H + I``); under
+      LoRA with a cast (:func:`lora_casts`) each adapted projection saves its own copy (the sum of their
+      input widths), in the compute dtype under autocast, else in fp32;
+    - LoRA: each adapted projection's ``A x`` (``lora_rank`` wide).
     """
     H, I, kv = shape.hidden, shape.intermediate, shape.kv_dim
-    norms = 2 * (4 * H + (4 * H if trains_norms else 0) + p.compute * H + 4)
-    adapters = lora_rank * shape.lora_layer_targets
-    return norms + p.compute * (2 * H + 2 * kv + 4 * I + adapters) + 4 * shape.heads
+    lora = lora_rank > 0
+    norms = 2 * (4 * H + (4 * H if trains_norms else 0) + 4)
+    adapter_bytes = p.compute if p.mixed else 4
+    if lora_casts(p, lora):
+        inputs = adapter_bytes * shape.lora_layer_inputs
+    elif p.mixed and p.weights == 4:
+        inputs = p.compute * (5 * H + I)
+    else:
+        inputs = p.weights * (2 * H + I)
+    adapters = adapter_bytes * lora_rank * shape.lora_layer_targets
+    return norms + p.compute * (2 * H + 2 * kv + 3 * I) + 4 * shape.heads + inputs + adapters
 
 
-def attention_extra(shape: ModelShape, p: Precision, attention: str, rows: int, layout: StridedLayout | None) -> int:
+def attention_extra(shape: ModelShape, p: Precision, attention: str, rows: int, layout: StridedLayout | None,
+                    lora: bool = False) -> int:
     """Bytes per layer that the attention implementation saves beyond :func:`layer_bytes`, for ``rows``
     rows of ``layout`` (None: plain causal rows, for which causal sdpa saves nothing more). The strided
-    implementations copy the attention output into ``o_proj``'s layout (``H`` per token); ``flex_attention``
+    implementations copy the attention output into ``o_proj``'s layout (``H`` per token; saved unless
+    a LoRA cast saves its own copy, :func:`lora_casts`); ``flex_attention``
     (the strided rows on CUDA) saves nothing else. The banded sdpa of strided rows on CPU (``ebft.core.masks.banded_sdpa``)
     saves the queries of the generated rows in block-major order, each band's keys and values (the
     chunk prefix of its last context and its own rows) and each band's mask, which sdpa turns from bool
@@ -174,7 +195,7 @@ def attention_extra(shape: ModelShape, p: Precision, attention: str, rows: int, 
     the keys and values to every query head."""
     if layout is None:
         return 0
-    output_copy = rows * p.compute * layout.length * shape.hidden
+    output_copy = 0 if lora_casts(p, lora) else rows * p.compute * layout.length * shape.hidden
     if attention == "flex_attention":
         return output_copy
     generated = layout.length - layout.seq_len
@@ -307,7 +328,7 @@ def plan(settings: TrainSettings, micro_batch: int | None = None) -> MemoryPlan:
     H, L, V = shape.hidden, shape.layers, shape.vocab
     tokens, scored, geo, describe = _geometry(settings, b)
     attention = settings_attention(settings)
-    per_layer = tokens * layer_bytes(shape, p, full, 0 if full else m.lora.rank) + attention_extra(shape, p, attention, b, geo)
+    per_layer = tokens * layer_bytes(shape, p, full, 0 if full else m.lora.rank) + attention_extra(shape, p, attention, b, geo, not full)
     residual = tokens * H * p.weights
     final = tokens * 4 * H * (2 if full else 1) + residual + scored * H * p.weights
     head = head_bytes(shape, p, scored)
