@@ -208,7 +208,7 @@ def test_bad_quantization_settings_are_refused(tmp_path, overrides, message):
 
 
 def test_bitsandbytes_must_run_on_the_training_device():
-    assert "cpu" in bitsandbytes_backends()        # bitsandbytes >= 0.46 runs 4-bit layers on CPU
+    assert "cpu" in bitsandbytes_backends()        # the pinned bitsandbytes (>= 0.50) runs 4-bit layers on CPU
     check_quantization("4bit", "cpu")
     check_quantization("4bit", "cuda", backends={"cpu", "cuda"})
     check_quantization(None, "cuda", backends=())

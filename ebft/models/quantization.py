@@ -22,8 +22,8 @@ adapters, ``W_hat + (alpha / r) B A``: the trained function up to the compute dt
 original full-precision base plus the adapters.
 
 ``bitsandbytes`` must be installed and able to run on the training device (:func:`check_quantization`):
-CUDA needs its CUDA library to load, CPU works with ``bitsandbytes >= 0.46`` (slowly: tests and dry runs).
-"""
+CUDA needs its CUDA library to load; CPU works with the pinned ``bitsandbytes >= 0.50`` (slowly: tests and
+dry runs)."""
 
 from __future__ import annotations
 
