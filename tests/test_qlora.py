@@ -1,8 +1,11 @@
 """QLoRA (``model.quantization=4bit``) on the tiny random model with the real ``bitsandbytes`` (CPU) and ``peft``:
 the feature network is the 4-bit base with the adapters off (not a full-precision copy), one training step of
 every method changes only the adapters, a resumed run continues exactly, the export is a plain model that
-computes what was trained, and bad settings are refused before any model loads."""
+computes what was trained, and bad settings are refused before any model loads. Two ``gpu`` tests (run by
+``bench/gpu_check.sh``) check the same on CUDA: quantised on the GPU, the feature network is that base, and two
+EBFT steps in bf16 with flex_attention change only the adapters."""
 
+import importlib.util
 import sys
 
 import pytest
@@ -22,8 +25,10 @@ from ebft.methods.ebft import EBFTModule
 from ebft.methods.rlvr import RLVRModule, completion_logprobs
 from ebft.models import features as features_module
 from ebft.models.features import FeatureNetwork
-from ebft.models.loading import build_tiny_model, load_model
-from ebft.models.quantization import bitsandbytes_backends, check_quantization, quantized_linears
+from ebft.models.loading import build_tiny_model, load_model, load_tokenizer
+from ebft.models.quantization import bitsandbytes_backends, check_quantization, dequantized_weight, quantized_linears
+from tests.test_gpu import VOCAB, tiny_run  # noqa: F401  (a fixture: the GPU tests' local tiny model and rows)
+from tests.test_gpu import overrides as gpu_overrides
 from tests.test_lora import LORA, frozen_copy, strided_row
 from tests.test_train import Crash, CrashAt, make_cfg, train, train_losses, validate
 
@@ -233,3 +238,69 @@ def test_the_card_of_a_full_precision_run_says_nothing_of_quantisation(tmp_path)
     assert "4-bit" not in lora and "dequantised" not in lora
     qlora = model_card(validate(make_cfg(tmp_path, "method=sft", *QLORA)), {}, 1, "python train.py")
     assert "| base in training | 4-bit NF4 (QLoRA: bitsandbytes, double quantisation), compute dtype float32" in qlora
+
+
+
+# --------------------------------------------------------------------- on a GPU (bench/gpu_check.sh runs these)
+# test_gpu's tiny local model (a BPE tokenizer trained on the spot: no hub and no GGUF on the device) and code rows
+
+def on_gpu(test):
+    """gpu-marked, skipped without CUDA (first: the dry run's reason) or without bitsandbytes."""
+    marks = [pytest.mark.gpu,
+             pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA device: run bench/gpu_check.sh on a GPU machine"),
+             pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                                reason="bitsandbytes is not installed (bench/gpu_check.sh installs it from carried "
+                                       "wheels)")]
+    for mark in reversed(marks):
+        test = mark(test)
+    return test
+
+
+@on_gpu
+def test_qlora_on_cuda_quantises_there_and_the_feature_network_is_that_base(tiny_run, tmp_path):
+    """In fp32 compute (so that equality is exact): the base quantised on the GPU is the one a separate
+    load gives, and the feature network's features are that 4-bit model's, not the full-precision one's."""
+    model_dir, data = tiny_run
+    assert "cuda" in bitsandbytes_backends()
+    settings = validate(make_cfg(tmp_path, base=gpu_overrides(model_dir, data, *QLORA, "model.dtype=float32",
+                                                             "model.attn_implementation=sdpa")))
+    tokenizer = load_tokenizer(str(model_dir))
+    module = EBFTModule(settings, tokenizer).cuda()
+    layers = quantized_linears(module.generator)
+    assert len(layers) == ALL_LINEARS and all(m.weight.device.type == "cuda" for m in layers.values())
+    alone = load_model(str(model_dir), dtype=torch.float32, quantization="4bit", device="cuda")
+    for (name, layer), other in zip(layers.items(), quantized_linears(alone).values()):
+        assert torch.equal(layer.weight.data, other.weight.data), name                # the same 4-bit codes
+        assert torch.equal(dequantized_weight(layer), dequantized_weight(other)), name  # and scales
+    randomise_adapters(module.generator)
+    spec = settings.feature_network
+    kwargs = {"layers": spec.layers, "pooling": spec.pooling, "normalisation": spec.normalisation}
+    layout, g = module.layout, torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (2, layout.seq_len), generator=g)
+    tokens = torch.randint(0, VOCAB, (2, layout.num_samples, layout.num_blocks, layout.gen_len), generator=g)
+    row = layout.scatter_generated(ids, tokens).cuda()
+    got = module.feature_network.strided_features(row, module.layout)
+    want = FeatureNetwork(alone, **kwargs).strided_features(row, module.layout)
+    full = FeatureNetwork(load_model(str(model_dir), dtype=torch.float32).cuda(), **kwargs).strided_features(
+        row, module.layout)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (got[1] - full[1]).abs().max() > 1e-3
+
+
+@on_gpu
+def test_qlora_ebft_steps_on_cuda_train_only_the_adapters(tiny_run, tmp_path, monkeypatch, loads):
+    """Two EBFT steps as a GPU run takes them: bf16 compute over the 4-bit base, flex_attention, bf16-mixed."""
+    weights, original = BaseWeights(), run_module.build_trainer
+    monkeypatch.setattr(run_module, "build_trainer", lambda settings, out, cbs: original(settings, out, [weights, *cbs]))
+    summary = train(make_cfg(tmp_path, base=gpu_overrides(*tiny_run, *QLORA, "trainer.max_steps=2")))
+    assert summary["steps"] == 2 and loads == [(str(tiny_run[0]), "4bit")]
+    assert weights.quantised == ALL_LINEARS
+    frozen = [k for k in weights.before if ".lora_" not in k]
+    assert all(torch.equal(weights.before[k], weights.after[k]) for k in frozen)
+    assert any(not torch.equal(weights.before[k], weights.after[k]) for k in weights.before if ".lora_B." in k)
+    losses = train_losses(tmp_path, "train/loss")
+    assert sorted(losses) == [0, 1] and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_model", dtype="auto")
+    assert not quantized_linears(exported) and {p.dtype for p in exported.parameters()} == {torch.bfloat16}
