@@ -164,6 +164,14 @@ def test_qlora_checkpoints_hold_adapters_only_and_resume_exactly(qlora_runs):
         torch.testing.assert_close(resumed[k], full[k], rtol=1e-6, atol=1e-7)
 
 
+def test_resuming_over_another_base_is_refused(qlora_runs, tmp_path, loads):
+    crashed = qlora_runs / "crashed"
+    with pytest.raises(ConfigError, match=r"was trained with model.quantization=4bit, not null: its adapters belong "
+                                          r"to that base; resume it with model.quantization=4bit"):
+        train(make_cfg(tmp_path / "a", "method=sft", *LORA, f"ckpt_path={crashed}"))
+    assert loads == []
+
+
 def test_qlora_export_is_a_plain_model_computing_the_trained_function(qlora_runs, tokenizer):
     run = qlora_runs / "full"
     exported = AutoModelForCausalLM.from_pretrained(run / "hf_model").eval()

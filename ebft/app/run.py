@@ -71,7 +71,8 @@ def train(settings: TrainSettings) -> dict:
             require_isolation(settings.eval.benchmarks.require_isolation)
         # rank 0 holds the run directory; the other ranks of a multi-process run share it
         with directory_lock(output_dir, "training run") if rank_zero_only.rank == 0 else nullcontext():
-            output_dir, ckpt_path = prepare_output_dir(settings.run, settings.method.name, settings.model.name)
+            output_dir, ckpt_path = prepare_output_dir(settings.run, settings.method.name, settings.model.name,
+                                                       settings.model.quantization)
             try:
                 return _fit(settings, output_dir, ckpt_path)
             except BaseException:
