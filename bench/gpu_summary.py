@@ -2,7 +2,8 @@
 """The summary table of ``bench/gpu_check.sh``: one row per gpu-marked test (from pytest's JUnit XML)
 and one per ``step_cost.py --json`` result (ebft_over_sft, the generator's fwd+bwd MFU).
 
-    python bench/gpu_summary.py --junit OUT/gpu_tests.xml [OUT/qlora_tests.xml] --step-cost OUT/step_cost_*.json [--seconds S]
+    python bench/gpu_summary.py --junit OUT/gpu_tests.xml [OUT/qlora_tests.xml ...] \
+        --step-cost OUT/step_cost_*.json [--seconds S]
 
 Missing files (a stage that timed out or crashed) become rows saying so, so the table always prints.
 Exit status 0 when every test passed or was skipped and every step-cost result exists, else 1.

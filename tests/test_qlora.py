@@ -116,7 +116,8 @@ def test_one_step_of_each_method_trains_only_the_adapters(method, tmp_path, monk
     monkeypatch.setattr(rlvr, "reward_fn_for", lambda task: lambda texts, rows: [t.count("e") / (1 + len(t))
                                                                                  for t in texts])
     weights, original = BaseWeights(), run_module.build_trainer
-    monkeypatch.setattr(run_module, "build_trainer", lambda settings, out, cbs: original(settings, out, [weights, *cbs]))
+    monkeypatch.setattr(run_module, "build_trainer",
+                        lambda settings, out, cbs: original(settings, out, [weights, *cbs]))
     summary = train(make_cfg(tmp_path, *METHOD_STEP[method], *QLORA, "trainer.max_steps=1"))
     assert summary["steps"] == 1
     assert loads == [("tiny", "4bit")]              # the generator, once, in 4 bits: no other copy anywhere
@@ -213,7 +214,8 @@ def test_rlvr_warm_started_from_a_qlora_run_has_its_initial_policy_as_reference(
     (["model.quantization=4bit"], r"model.quantization=4bit freezes the base in 4 bits and trains LoRA adapters over "
                                   r"it, but LoRA is off: set model.lora.rank \(e.g. model.lora.rank=16\)"),
     (["model.quantization=8bit", "model.lora.rank=4"], r"model.quantization='8bit' is not one of null, 4bit"),
-    (["model.quantization=4bit", "model.lora.rank=4", "trainer=fsdp"], r"model.lora with trainer=fsdp is not supported"),
+    (["model.quantization=4bit", "model.lora.rank=4", "trainer=fsdp"],
+     r"model.lora with trainer=fsdp is not supported"),
 ])
 def test_bad_quantization_settings_are_refused(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -301,7 +303,8 @@ def test_qlora_on_cuda_quantises_there_and_the_feature_network_is_that_base(tiny
 def test_qlora_ebft_steps_on_cuda_train_only_the_adapters(tiny_run, tmp_path, monkeypatch, loads):
     """Two EBFT steps as a GPU run takes them: bf16 compute over the 4-bit base, flex_attention, bf16-mixed."""
     weights, original = BaseWeights(), run_module.build_trainer
-    monkeypatch.setattr(run_module, "build_trainer", lambda settings, out, cbs: original(settings, out, [weights, *cbs]))
+    monkeypatch.setattr(run_module, "build_trainer",
+                        lambda settings, out, cbs: original(settings, out, [weights, *cbs]))
     summary = train(make_cfg(tmp_path, base=gpu_overrides(*tiny_run, *QLORA, "trainer.max_steps=2")))
     assert summary["steps"] == 2 and loads == [(str(tiny_run[0]), "4bit")]
     assert weights.quantised == ALL_LINEARS

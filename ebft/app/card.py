@@ -6,8 +6,9 @@ paper's knobs ``alpha`` (eq. 7's diversity weight), ``gamma`` (the CE weight) an
 the run and the library version) and ``config.yaml`` (the run's resolved config), so a
 checkpoint shared on its own says what it is. A LoRA run's card names the adapters; a QLoRA run's
 (``model.quantization=4bit``) says that the base was trained in 4-bit NF4 and that the weights are that
-base dequantised plus the merged adapters, not the original full-precision base. With ``hub.push=true hub.repo_id=<owner/name>`` the
-folder is uploaded with ``huggingface_hub`` at the end of the run.
+base dequantised plus the merged adapters, not the original full-precision base. With
+``hub.push=true hub.repo_id=<owner/name>`` the folder is uploaded with ``huggingface_hub`` at the end
+of the run.
 """
 
 from __future__ import annotations

@@ -21,9 +21,9 @@ answer-anchored run follows the CFM of its answer blocks) and attend within exam
 It runs the functions ``evaluate.py`` runs (:func:`ebft.eval.runner.calibrate`,
 :func:`ebft.eval.runner.run_downstream`). The feature network is the EBFT module's own when it has one
 (``pl_module.feature_network``), else the one ``evaluate.py`` builds from the same spec (``feature_network``,
-:func:`ebft.models.features.build_feature_network`), built once: with LoRA over the base model the generator's
-own layers with the adapters disabled (no copy; with ``model.quantization=4bit`` the 4-bit base), else loaded. Training is left exactly as
-it was: every RNG (torch CPU and CUDA, Python ``random``, NumPy) is restored afterwards, and so is
+:func:`ebft.models.features.build_feature_network`), built once: with LoRA over the base model the
+generator's own layers with the adapters disabled (no copy; with ``model.quantization=4bit`` the 4-bit
+base), else loaded. Training is left exactly as it was: every RNG (torch CPU and CUDA, Python ``random``, NumPy) is restored afterwards, and so is
 the generator's train/eval mode. Validation CE is logged by the module itself (``val/ce``).
 
 Under ``trainer=fsdp`` the callback switches itself off with a warning: it calls the generator
