@@ -2,7 +2,8 @@
 """The summary table of ``bench/gpu_check.sh``: one row per gpu-marked test (from pytest's JUnit XML)
 and one per ``step_cost.py --json`` result (ebft_over_sft, the generator's fwd+bwd MFU).
 
-    python bench/gpu_summary.py --junit OUT/gpu_tests.xml --step-cost OUT/step_cost_*.json [--seconds S]
+    python bench/gpu_summary.py --junit OUT/gpu_tests.xml [OUT/qlora_tests.xml ...] \
+        --step-cost OUT/step_cost_*.json [--seconds S]
 
 Missing files (a stage that timed out or crashed) become rows saying so, so the table always prints.
 Exit status 0 when every test passed or was skipped and every step-cost result exists, else 1.
@@ -63,11 +64,14 @@ def table(rows: list[tuple[str, str, str]]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--junit", type=Path, required=True, help="pytest --junitxml file of the gpu tests")
+    p.add_argument("--junit", type=Path, nargs="+", required=True, help="pytest --junitxml files of the gpu tests")
     p.add_argument("--step-cost", type=Path, nargs="*", default=[], help="step_cost.py --json files")
     p.add_argument("--seconds", type=float, default=None, help="wall time of the whole check")
     args = p.parse_args(argv)
-    tests, tests_ok = test_rows(args.junit)
+    tests, tests_ok = [], True
+    for junit in args.junit:
+        rows, ok = test_rows(junit)
+        tests, tests_ok = tests + rows, tests_ok and ok
     costs, costs_ok = step_cost_rows(args.step_cost)
     rows = tests + costs
     if args.seconds is not None:

@@ -54,6 +54,7 @@ ANCHORS = ("all", "answer")                           # ebft.core.anchors: which
 ANSWER_TURNS = ("all", "last")                        # ebft.core.anchors: which assistant turns of a chat are answers
 PACKING = ("stream", "examples")                      # ebft.data.packing: where chunks start
 LOGGERS = ("csv", "tensorboard", "wandb")
+QUANTIZATION = ("4bit",)                              # ebft.models.quantization (QLoRA); null = none
 
 FEATURE_NETWORK = "the feature network of training and evaluation is one group, `feature_network`"
 SAMPLES = "samples per context (or prompt, or problem) are `num_samples` everywhere"
@@ -213,7 +214,9 @@ class LoraSettings:
 class ModelSettings:
     """``model`` (+ ``init_from`` and ``method.gradient_checkpointing``): the base model ``name`` (the
     tokenizer's and, by default, the feature network's), its dtype and attention backend, LoRA (None:
-    full fine-tuning) and the warm start."""
+    full fine-tuning), the warm start and ``quantization`` (None, or ``4bit``: the frozen base in 4-bit
+    NF4 under the LoRA adapters, QLoRA, ``ebft.models.quantization``; ``dtype`` is then the compute
+    dtype and that of the layers left unquantised)."""
 
     name: str
     dtype: str = "auto"
@@ -221,6 +224,18 @@ class ModelSettings:
     lora: LoraSettings | None = None
     init_from: str | None = None
     gradient_checkpointing: bool = False
+    quantization: str | None = None
+
+    def __post_init__(self):
+        if self.quantization is None:
+            return
+        _require(self.quantization in QUANTIZATION,
+                 f"model.quantization={self.quantization!r} is not one of null, {', '.join(QUANTIZATION)} "
+                 "(4bit: a frozen NF4 base under LoRA adapters, QLoRA)")
+        _require(self.lora is not None,
+                 f"model.quantization={self.quantization} freezes the base in 4 bits and trains LoRA adapters over it, "
+                 "but LoRA is off: set model.lora.rank (e.g. model.lora.rank=16), or model.quantization=null "
+                 "for full fine-tuning")
 
 
 @dataclass(frozen=True)
@@ -691,9 +706,11 @@ def model_settings(cfg: DictConfig) -> ModelSettings:
     else:
         lora = None
     method = cfg.get("method") or {}
+    quantization = m.get("quantization")
     return ModelSettings(str(m.name), str(m.get("dtype", "auto")), str(m.get("attn_implementation", "auto")), lora,
                          None if cfg.get("init_from") is None else str(cfg.init_from),
-                         bool(method.get("gradient_checkpointing", False)))
+                         bool(method.get("gradient_checkpointing", False)),
+                         None if quantization is None else str(quantization))
 
 
 def eval_settings(cfg: DictConfig) -> EvalSettings:

@@ -27,7 +27,7 @@ def test_dry_run_runs_every_stage_and_prints_the_summary(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "dry run: the wheels in .whl" in done.stdout
     tests = [line for line in summary.splitlines() if line.startswith("| test_")]
-    assert len(tests) == 6 and all("| skipped | needs a CUDA device" in line for line in tests)
+    assert len(tests) == 8 and all("| skipped | needs a CUDA device" in line for line in tests)  # 6 + 2 QLoRA
     assert "| step_cost tiny (cpu, sdpa, T=32, batch 1) | ebft_over_sft=" in summary
     assert "| wall time |" in summary
     result = json.loads((tmp_path / "step_cost_tiny.json").read_text())

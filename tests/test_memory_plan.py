@@ -19,7 +19,7 @@ from ebft.core.strided import strided_hidden
 from ebft.models.loading import build_random_model, random_config, resolve_source
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def saved_bytes(model, forward) -> int:
@@ -51,7 +51,7 @@ def per_layer_saved(name: str, lora: bool, layout: StridedLayout | None, tokens:
         model = build_random_model(config, dtype=base)
         if lora:
             from peft import LoraConfig, get_peft_model
-            model = get_peft_model(model, LoraConfig(r=4, target_modules=TARGETS)).base_model.model
+            model = get_peft_model(model, LoraConfig(r=4, target_modules=list(TARGETS))).base_model.model
             for key, param in model.named_parameters():
                 if "lora_" in key:
                     param.data = param.data.float()
@@ -122,6 +122,17 @@ def test_full_fine_tuning_of_7b_does_not_fit_one_card_but_fsdp_over_8_does():
     sharded = train_cfg("experiment=paper_qa_code", "model=qwen2.5-7b", "trainer=fsdp", "trainer.devices=8")
     assert plan(sharded).total < plan(full).total / 3
     assert largest_micro_batch(sharded, 80) >= 1
+
+
+def test_a_4bit_base_saves_what_its_weights_save():
+    lora = ["experiment=paper_qa_code", "model=qwen2.5-7b", "model.lora.rank=16", "method.batch_size=1",
+            "model.dtype=bfloat16"]
+    bf16, nf4 = plan(train_cfg(*lora)), plan(train_cfg(*lora, "model.quantization=4bit"))
+    shape = model_shape("Qwen/Qwen2.5-7B")
+    linear = shape.layers * (shape.layer_params - 2 * shape.hidden)      # the decoder's projections
+    saved = bf16.state["frozen"] - nf4.state["frozen"]
+    assert saved == pytest.approx(linear * (2 - (0.5 + 1 / 64 + 4 / (64 * 256))), rel=1e-9)
+    assert 9 * GIB < saved < 10 * GIB
 
 
 def test_largest_micro_batch_is_the_boundary_of_the_plan():

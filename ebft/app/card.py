@@ -4,8 +4,11 @@ A run's ``hf_model/`` gets ``README.md`` (a Hugging Face model card: base model,
 paper's knobs ``alpha`` (eq. 7's diversity weight), ``gamma`` (the CE weight) and the whitening
 (eqs. 8-9), the data, the steps, the final validation CE and CFM, the command that reproduces
 the run and the library version) and ``config.yaml`` (the run's resolved config), so a
-checkpoint shared on its own says what it is. With ``hub.push=true hub.repo_id=<owner/name>`` the
-folder is uploaded with ``huggingface_hub`` at the end of the run.
+checkpoint shared on its own says what it is. A LoRA run's card names the adapters; a QLoRA run's
+(``model.quantization=4bit``) says that the base was trained in 4-bit NF4 and that the weights are that
+base dequantised plus the merged adapters, not the original full-precision base. With
+``hub.push=true hub.repo_id=<owner/name>`` the folder is uploaded with ``huggingface_hub`` at the end
+of the run.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from omegaconf import OmegaConf
 import ebft
 from ebft.config import TrainSettings
 from ebft.files import write_text
+from ebft.models.loading import resolve_dtype
+from ebft.models.quantization import DOUBLE_QUANT, QUANT_TYPE
 
 CARD = "README.md"
 CONFIG = "config.yaml"
@@ -59,6 +64,19 @@ def model_card(settings: TrainSettings, metrics: dict[str, float], steps: int, c
     rows = [("base model", f"`{settings.model.name}`"), ("method", method.upper())]
     if settings.model.init_from:
         rows.append(("warm start", f"`{settings.model.init_from}`"))
+    lora, note = settings.model.lora, ""
+    if lora is not None:
+        targets = ", ".join(lora.target_modules) if lora.target_modules else "the attention and MLP projections"
+        rows.append(("LoRA", f"rank {lora.rank}, lora_alpha {lora.scale_alpha:g} on {targets}, merged into these "
+                             "weights (the adapter alone: `adapter/` beside this folder)"))
+    if settings.model.quantization is not None:
+        dtype = str(resolve_dtype(settings.model.dtype, settings.device)).removeprefix("torch.")
+        rows.append(("base in training", f"4-bit {QUANT_TYPE.upper()} (QLoRA: bitsandbytes"
+                                         f"{', double quantisation' if DOUBLE_QUANT else ''}), compute dtype {dtype}; "
+                                         f"these weights: that base dequantised to {dtype} + the merged adapters"))
+        note = (f"\nThe base model was trained quantised to 4-bit {QUANT_TYPE.upper()} (QLoRA): these weights are that "
+                f"4-bit base dequantised to {dtype} with the LoRA adapters merged, the trained function up to "
+                f"{dtype} rounding, not the original full-precision base plus the adapters.\n")
     if method == "ebft":
         rows += [("alpha (diversity weight, eq. 7)", str(m.alpha)), ("gamma (CE weight)", str(m.gamma)),
                  ("whitening (eqs. 8-9)", str(m.whitening))]
@@ -79,7 +97,7 @@ def model_card(settings: TrainSettings, metrics: dict[str, float], steps: int, c
 
 Fine-tuned with `ebft` (SFT, EBFT: energy-based fine-tuning by feature matching of strided
 block-parallel rollouts, paper section 2, or RLVR), method `{method}`.
-
+{note}
 | | |
 |---|---|
 {table}

@@ -37,6 +37,7 @@ against measured peaks (``ebft.app.peak``).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +51,7 @@ from ebft.models.loading import load_config, random_config, resolve_dtype, resol
 GIB = 2 ** 30
 LOGPROB_CHUNK = 1024          # rows of the LM head at a time (token_logprobs' chunk_size)
 CUDA_RESERVED = 0.75 * GIB    # CUDA context, cuBLAS workspace: memory of the card no tensor gets
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)   # 4-bit codes, an 8-bit scale per 64, an fp32 scale per 256 scales
 FRAGMENTATION = 0.05          # share of the card the caching allocator may hold in unusable blocks
 
 # Strategy name (trainer.strategy or its _target_) -> the sharding of estimate_memory.
@@ -92,8 +94,10 @@ def planning_config(name: str):
     return load_config(name)
 
 
-def model_shape(name: str, lora_rank: int | None = None, lora_targets=None) -> ModelShape:
-    """The :class:`ModelShape` of ``name``, counted on the meta device (no memory, no download)."""
+@functools.lru_cache(maxsize=32)
+def model_shape(name: str, lora_rank: int | None = None, lora_targets: tuple[str, ...] | None = None) -> ModelShape:
+    """The :class:`ModelShape` of ``name``, counted on the meta device (no memory, no download); with
+    ``lora_rank``, also the adapters on the linear layers named ``lora_targets``."""
     from transformers import AutoModelForCausalLM
 
     config = planning_config(name)
@@ -299,7 +303,7 @@ def plan(settings: TrainSettings, micro_batch: int | None = None) -> MemoryPlan:
     b = micro_batch or settings.optim.batch_size
     targets = None
     if m.lora is not None:
-        targets = list(m.lora.target_modules) if m.lora.target_modules else _family_targets(m.name)
+        targets = tuple(m.lora.target_modules) if m.lora.target_modules else _family_targets(m.name)
     shape = model_shape(m.name, m.lora.rank if m.lora else None, targets)
     p = precision_of(settings)
     layout_kind, world = strategy_layout(settings)
@@ -310,6 +314,11 @@ def plan(settings: TrainSettings, micro_batch: int | None = None) -> MemoryPlan:
     # ---- state that lives across steps
     trainable = shape.params if full else shape.lora_params[m.lora.rank]
     frozen = 0 if full else shape.params * base_bytes
+    quantised = shape.layers * (shape.layer_params - 2 * shape.hidden) if m.quantization else 0
+    if quantised:   # QLoRA: the decoder's linear weights in 4-bit NF4 (ebft.models.quantization)
+        frozen -= quantised * (base_bytes - NF4_BYTES)
+        notes.append(f"4-bit base: {quantised / 1e9:.2f}B linear weights at {8 * NF4_BYTES:.2f} bits, the rest in "
+                     f"{resolve_dtype(m.dtype, device)}")
     if isinstance(method, EBFTSettings) and full:
         from ebft.models.features import tap_layers
         depth = max(tap_layers(shape.layers, settings.feature_network.layers))
@@ -340,6 +349,8 @@ def plan(settings: TrainSettings, micro_batch: int | None = None) -> MemoryPlan:
         actor.update({"saved activations": L * per_layer,
                       "one layer's backward": tokens * layer_backward_bytes(shape, p)})
     actor.update({"final norm, its output and the scored rows": final, "LM head (log-prob blocks)": head})
+    if quantised:
+        actor["one dequantised weight"] = shape.hidden * shape.intermediate * p.compute
     if layout_kind == "full_shard":
         actor["gathered weights of two layers (sharded)"] = 2 * shape.layer_params * p.compute
     phases = {"actor forward+backward": actor}
@@ -360,8 +371,8 @@ def plan(settings: TrainSettings, micro_batch: int | None = None) -> MemoryPlan:
     phases["optimizer step"] = {"AdamW temporaries": optimizer_bytes(shape, trainable // (world if layout_kind != "replicated" else 1),
                                                                       p.trainable, device)}
     if not full:
-        notes.append(f"LoRA rank {m.lora.rank}: {trainable / 1e6:.1f}M trainable parameters; the base is frozen in "
-                     f"{resolve_dtype(m.dtype, device)}")
+        base = "4-bit NF4" if quantised else str(resolve_dtype(m.dtype, device))
+        notes.append(f"LoRA rank {m.lora.rank}: {trainable / 1e6:.1f}M trainable parameters; the base is frozen in {base}")
     where = "one device" if world == 1 else f"{world} devices, {layout_kind}"
     return MemoryPlan(state=state, phases=phases, notes=notes,
                       describe=f"{m.name} ({shape.params / 1e9:.2f}B parameters), {describe}; {where}; {device}",
@@ -381,9 +392,9 @@ def settings_attention(settings: TrainSettings) -> str:
     return attn
 
 
-def _family_targets(name: str) -> list[str]:
+def _family_targets(name: str) -> tuple[str, ...]:
     from ebft.models.lora import FAMILY_TARGETS
-    return list(FAMILY_TARGETS[planning_config(name).model_type])
+    return tuple(FAMILY_TARGETS[planning_config(name).model_type])
 
 
 def usable_bytes(card_gib: float) -> float:

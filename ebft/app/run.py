@@ -30,14 +30,16 @@ from ebft.execution.sandbox import require_isolation
 from ebft.files import directory_lock, disk_full_names
 from ebft.models import lora as lora_module
 from ebft.models.loading import HF_SUBDIR, ModelSourceError, load_tokenizer, resolve_source
+from ebft.models.quantization import check_quantization
 
 log = logging.getLogger(__name__)
 
 
 def validate(settings: TrainSettings) -> None:
     """The checks of the settings (:func:`ebft.config.train_settings`) that read files: model sources,
-    ``init_from`` and ``ckpt_path``, and LoRA's target modules against the model's config (no weights
-    loaded) and a LoRA warm start's adapter. Raises :class:`ConfigError`."""
+    ``init_from`` and ``ckpt_path``, LoRA's target modules against the model's config (no weights
+    loaded) and a LoRA warm start's adapter, and that bitsandbytes can run ``model.quantization`` on the
+    training device. Raises :class:`ConfigError`."""
     model, ckpt_path = settings.model, settings.run.ckpt_path
     for key, value in (("model.name", model.name), ("feature_network.name", settings.feature_network.name)):
         if value:
@@ -50,6 +52,7 @@ def validate(settings: TrainSettings) -> None:
     if ckpt_path and ckpt_path != "last" and not Path(ckpt_path).exists():
         raise ConfigError(f"ckpt_path={ckpt_path} does not exist; give a .ckpt file, a run dir with "
                           "checkpoints/last.ckpt, or 'last' (this run dir's, with hydra.run.dir=<run dir>)")
+    check_quantization(model.quantization, settings.device)
     if model.lora is not None:
         targets = lora_module.target_modules(model.name, model.lora)
         warm = lora_module.adapter_dir(model.init_from)
@@ -68,7 +71,8 @@ def train(settings: TrainSettings) -> dict:
             require_isolation(settings.eval.benchmarks.require_isolation)
         # rank 0 holds the run directory; the other ranks of a multi-process run share it
         with directory_lock(output_dir, "training run") if rank_zero_only.rank == 0 else nullcontext():
-            output_dir, ckpt_path = prepare_output_dir(settings.run, settings.method.name, settings.model.name)
+            output_dir, ckpt_path = prepare_output_dir(settings.run, settings.method.name, settings.model.name,
+                                                       settings.model.quantization)
             try:
                 return _fit(settings, output_dir, ckpt_path)
             except BaseException:

@@ -67,8 +67,10 @@ def checkpoint_step(path: Path) -> int:
     """The optimizer steps a checkpoint was saved after (read without loading the weights)."""
     return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("global_step", 0))
 
-def check_checkpoint(path: Path, method: str, model: str) -> None:
-    """``path`` is a readable checkpoint of ``method`` and ``model`` (read without loading the weights)."""
+def check_checkpoint(path: Path, method: str, model: str, quantization: str | None = None) -> None:
+    """``path`` is a readable checkpoint of ``method`` and ``model``, trained over a base quantised as
+    ``quantization`` (``model.quantization``: its adapters belong to that base) (read without loading the
+    weights)."""
     if not path.is_file():
         raise ConfigError(f"ckpt_path: {path} does not exist; give a .ckpt file or a run dir with {LAST}")
     fix = "resume from another checkpoint of the run (checkpoints/), or start a new run without ckpt_path"
@@ -86,14 +88,21 @@ def check_checkpoint(path: Path, method: str, model: str) -> None:
             raise ConfigError(f"ckpt_path: {path} is a checkpoint of {group}.name={was}, not {group}.name={now}: "
                               f"resume it with {group}={was if group == 'method' else '<its model config>'}, or "
                               "start a new run without ckpt_path")
+    if "model" in saved_cfg:
+        was = saved_cfg["model"].get("quantization")
+        if was != quantization:
+            raise ConfigError(f"ckpt_path: {path} was trained with model.quantization={was or 'null'}, not "
+                              f"{quantization or 'null'}: its adapters belong to that base; resume it with "
+                              f"model.quantization={was or 'null'}, or start a new run without ckpt_path")
 
-def prepare_output_dir(run: RunSettings, method: str, model: str) -> tuple[Path, Path | None]:
+def prepare_output_dir(run: RunSettings, method: str, model: str,
+                       quantization: str | None = None) -> tuple[Path, Path | None]:
     """The run directory and the checkpoint to resume from. A directory holding another run is refused
     unless this run resumes it in place; stale ``*.tmp`` files of a crashed run are removed."""
     output_dir = Path(run.output_dir)
     ckpt_path = resolve_ckpt_path(run.ckpt_path, output_dir)
     if ckpt_path is not None:
-        check_checkpoint(ckpt_path, method, model)
+        check_checkpoint(ckpt_path, method, model, quantization)
     in_place = ckpt_path is not None and ckpt_path.resolve().parent.parent == output_dir.resolve()
     earlier = previous_run(output_dir)
     if earlier and not in_place and not (output_dir / LAST).is_file():

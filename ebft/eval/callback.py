@@ -21,8 +21,9 @@ answer-anchored run follows the CFM of its answer blocks) and attend within exam
 It runs the functions ``evaluate.py`` runs (:func:`ebft.eval.runner.calibrate`,
 :func:`ebft.eval.runner.run_downstream`). The feature network is the EBFT module's own when it has one
 (``pl_module.feature_network``), else the one ``evaluate.py`` builds from the same spec (``feature_network``,
-:func:`ebft.models.features.build_feature_network`), built once. Training is left exactly as
-it was: every RNG (torch CPU and CUDA, Python ``random``, NumPy) is restored afterwards, and so is
+:func:`ebft.models.features.build_feature_network`), built once: with LoRA over the base model the
+generator's own layers with the adapters disabled (no copy; with ``model.quantization=4bit`` the 4-bit
+base), else loaded. Training is left exactly as it was: every RNG (torch CPU and CUDA, Python ``random``, NumPy) is restored afterwards, and so is
 the generator's train/eval mode. Validation CE is logged by the module itself (``val/ce``).
 
 Under ``trainer=fsdp`` the callback switches itself off with a warning: it calls the generator
@@ -90,8 +91,11 @@ class CalibrationCallback(Callback):
         feature_network = getattr(pl_module, "feature_network", None)
         if not isinstance(feature_network, FeatureNetwork):
             device, model = pl_module.device.type, s.model
+            base = getattr(pl_module, "base_adapters", None)   # LoRA over the base: its own layers, adapters off
             feature_network = build_feature_network(s.feature_network, model.name, resolve_dtype(model.dtype, device),
-                                                    device, model.attn_implementation)
+                                                    device, model.attn_implementation,
+                                                    generator=pl_module.generator if base is not None else None,
+                                                    adapters=base, quantization=model.quantization)
         self.feature_network = feature_network.to(pl_module.device)
         chunks, rows = (getattr(trainer.datamodule, key, None) for key in ("val_chunks", "val_rows"))
         if chunks is None:

@@ -5,7 +5,8 @@ A method is one subclass of :class:`FineTuneModule` implementing
 names the class. The base class owns: the generator (loaded from ``model.name``
 or the ``init_from`` warm start), AdamW with betas (0.9, 0.95) and a warmup +
 constant / cosine schedule, validation cross-entropy (all tokens and answer
-tokens), and saving the final model in Hugging Face format.
+tokens), and saving the final model in Hugging Face format (with LoRA: the merged model, and with
+``model.quantization=4bit`` the dequantised base plus the merged adapters, ``ebft.models.quantization``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ebft.core.masks import causal_chunk_mask
 from ebft.models.loading import load_model, resolve_attn, resolve_dtype
 from ebft.models.lora import (ADAPTER_SUBDIR, add_adapters, adapter_dir, complete_state, merged_state_dict,
                               target_modules, trainable_state)
+from ebft.models.quantization import is_quantized, plain_model
 from ebft.objectives.losses import cross_entropy_term
 
 
@@ -65,6 +67,10 @@ class FineTuneModule(L.LightningModule):
         self.save_hyperparameters({"cfg": dict(settings.record)})  # the run's resolved config, for the record
         self.generator = self.load_generator()
         self.train_dtype = next(self.generator.parameters()).dtype
+        # The peft model when the generator with its adapters disabled IS the base model (LoRA over model.name,
+        # not over a warm start's weights): the feature network and the KL reference run it, no copy is loaded.
+        object.__setattr__(self, "base_adapters",
+                           self.adapters if generator_source(settings.model) == settings.model.name else None)
         self._step_losses: list[torch.Tensor] = []
 
     @classmethod
@@ -82,14 +88,16 @@ class FineTuneModule(L.LightningModule):
     def load_generator(self):
         """The trainable model, in fp32 weights (Lightning's bf16-mixed autocasts on GPU). With
         ``model.lora`` the weights stay frozen in ``model.dtype`` and ``self.adapters`` is the ``peft``
-        model around the generator with its fp32 adapters (``ebft.models.lora``); else it is None."""
+        model around the generator with its fp32 adapters (``ebft.models.lora``); else it is None. With
+        ``model.quantization=4bit`` the frozen weights are loaded in 4-bit NF4 on the training device, computing
+        in ``model.dtype`` (``ebft.models.quantization``)."""
         m, device = self.settings.model, self.settings.device
         dtype = resolve_dtype(m.dtype, device)
         targets = target_modules(m.name, m.lora) if m.lora is not None else None  # before the weights
         train_dtype = torch.float32 if dtype == torch.bfloat16 and m.lora is None else dtype
         model = load_model(generator_source(m), dtype=train_dtype,
                            attn_implementation=resolve_attn(m.attn_implementation, device, strided=self.strided_rows),
-                           vocab_size=len(self.tokenizer))
+                           vocab_size=len(self.tokenizer), quantization=m.quantization, device=device)
         if m.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -187,18 +195,21 @@ class FineTuneModule(L.LightningModule):
         ``module_state`` is this module's full state dict when the live weights are sharded
         (FSDP: ``trainer.strategy.lightning_module_state_dict()`` gathers it on rank 0). With LoRA
         the model written has the adapters merged into its weights, and the adapter alone goes to
-        ``adapter/`` next to ``directory``.
+        ``adapter/`` next to ``directory``; over a 4-bit base it is a plain model of the dequantised
+        base weights plus the merged adapters.
         """
-        state = None
+        model, state = self.generator, None
         if self.adapters is not None:
             _replace_dir(Path(directory).with_name(ADAPTER_SUBDIR), self.adapters.save_pretrained)
             state = merged_state_dict(self.adapters)
+            if is_quantized(self.generator):
+                model, state = plain_model(self.generator, state), None
         elif module_state is not None:
             prefix = "generator."
             state = {k[len(prefix):]: v for k, v in module_state.items() if k.startswith(prefix)}
 
         def write(tmp: Path) -> None:
-            self.generator.save_pretrained(tmp, state_dict=state)
+            model.save_pretrained(tmp, state_dict=state)
             self.tokenizer.save_pretrained(tmp)
             write_data_record(self.settings.data, tmp)
 

@@ -52,7 +52,7 @@ class EBFTModule(FineTuneModule):
         self.feature_network = build_feature_network(
             settings.feature_network, model.name, resolve_dtype(model.dtype, device), device,
             model.attn_implementation, generator=self.generator if base_weights else None,
-            adapters=self.adapters if base_weights else None)
+            adapters=self.base_adapters, quantization=model.quantization)
 
     @classmethod
     def check_data(cls, settings: TrainSettings, datamodule) -> None:

@@ -27,7 +27,9 @@ One training step on a micro-batch of ``B`` prompts (``ebft.data.prompts``), ``n
    ``k3`` is Schulman's non-negative, unbiased estimator of ``KL(p_T || p_ref)`` per sampled token;
    the reference is the initial generator, used only when ``kl_coef > 0`` (paper: 0): a frozen copy,
    or with LoRA the generator itself with its adapters disabled (no copy; a warm start from a LoRA run
-   starts from its adapter, so there the reference is a frozen copy of that run's merged model).
+   starts from its adapter, so there the reference is a frozen copy of that run's merged model, and with
+   ``model.quantization=4bit`` the 4-bit base loaded again under a frozen copy of that adapter: the
+   initial policy exactly, never a full-precision copy).
    Without the KL term a completion with ``A = 0`` (every completion of a group whose rewards are all
    equal) adds exactly 0 to the loss and its gradient, so the forward scores only the completions
    with ``A != 0`` (one, with a zero gradient, when none has) and still divides by the ``N`` tokens
@@ -52,7 +54,7 @@ from ebft.data.datamodule import PromptDataModule
 from ebft.methods.base import FineTuneModule
 from ebft.core.compat import backbone_forward, lm_head
 from ebft.models.loading import load_model, resolve_attn
-from ebft.models.lora import adapter_dir, adapters_disabled
+from ebft.models.lora import adapter_dir, adapters_disabled, frozen_adapter
 from ebft.objectives.baselines import group_normalized_advantages
 from ebft.objectives.losses import grpo_loss, token_logprobs
 from ebft.objectives.verifiable import reward_fn_for
@@ -145,11 +147,16 @@ class RLVRModule(FineTuneModule):
         return self.adapters is not None and adapter_dir(self.settings.model.init_from) is None
 
     def load_reference(self):
-        """A frozen copy of the initial generator (the warm start when given) for the KL penalty."""
-        m = self.settings.model
-        model = load_model(m.init_from or m.name, dtype=self.train_dtype,
-                           attn_implementation=resolve_attn(m.attn_implementation, self.settings.device),
-                           vocab_size=len(self.tokenizer))
+        """A frozen copy of the initial generator (the warm start when given) for the KL penalty; with
+        ``model.quantization`` loaded in 4 bits, and from a LoRA run the 4-bit base under its adapter
+        (its merged ``hf_model/`` quantised again would not be the initial policy)."""
+        m, device = self.settings.model, self.settings.device
+        kwargs = {"dtype": self.train_dtype, "attn_implementation": resolve_attn(m.attn_implementation, device),
+                  "vocab_size": len(self.tokenizer), "quantization": m.quantization, "device": device}
+        warm = adapter_dir(m.init_from)
+        if m.quantization is not None and self.adapters is not None and warm is not None:
+            return frozen_adapter(load_model(m.name, **kwargs), warm)
+        model = load_model(m.init_from or m.name, **kwargs)
         model.eval().requires_grad_(False)
         return model
 

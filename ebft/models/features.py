@@ -79,9 +79,13 @@ class FeatureNetwork(nn.Module):
         self.eval()
 
     @classmethod
-    def from_name(cls, name: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", **kwargs):
-        """Feature network from a model name (hub id, local dir, .gguf, embedded, tiny)."""
-        return cls(load_model(name, dtype=dtype, attn_implementation=attn_implementation), **kwargs)
+    def from_name(cls, name: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
+                  quantization: str | None = None, device: str = "cpu", **kwargs):
+        """Feature network from a model name (hub id, local dir, .gguf, embedded, tiny); with ``quantization``
+        (``4bit``) loaded with 4-bit linear layers on ``device`` (``ebft.models.quantization``)."""
+        model = load_model(name, dtype=dtype, attn_implementation=attn_implementation, quantization=quantization,
+                           device=device)
+        return cls(model, **kwargs)
 
     def train(self, mode: bool = True) -> FeatureNetwork:
         """Always eval: the network is frozen, so a parent's ``.train()`` must not switch on dropout."""
@@ -169,7 +173,7 @@ class FeatureNetwork(nn.Module):
 
 def build_feature_network(spec: FeatureNetworkSettings, base: str, dtype: torch.dtype, device: str,
                           attn: str = "auto", generator: nn.Module | None = None,
-                          adapters: nn.Module | None = None) -> FeatureNetwork:
+                          adapters: nn.Module | None = None, quantization: str | None = None) -> FeatureNetwork:
     """THE feature network of training and evaluation, from the one spec (``feature_network``).
 
     ``spec.name`` when set, else the base model ``base`` (paper §2: phi is a frozen copy of the base
@@ -177,13 +181,16 @@ def build_feature_network(spec: FeatureNetworkSettings, base: str, dtype: torch.
     holds the base weights (a deep copy of its backbone; with LoRA, ``adapters`` = the ``peft`` model
     around it, the generator's own layers with the adapters disabled, no copy), else loaded. In
     ``dtype``, with the attention backend ``attn`` resolved for strided rows on ``device``; the caller
-    moves it to its device (shared LoRA layers are not moved)."""
+    moves it to its device (shared LoRA layers are not moved). ``quantization`` (``model.quantization``
+    of a QLoRA run): a loaded network is loaded in 4 bits as the generator's base is (a shared one
+    already is), so training never holds a full-precision copy."""
     kwargs = {"layers": spec.layers, "pooling": spec.pooling, "normalisation": spec.normalisation}
     if spec.name is None and generator is not None:
         network = FeatureNetwork(generator, adapters=adapters, **kwargs)
     else:
         network = FeatureNetwork.from_name(spec.name or base, dtype=dtype,
-                                           attn_implementation=resolve_attn(attn, device, strided=True), **kwargs)
+                                           attn_implementation=resolve_attn(attn, device, strided=True),
+                                           quantization=quantization, device=device, **kwargs)
     return network.to(dtype)
 
 

@@ -14,6 +14,9 @@ settings apply, so ``PIP_NO_INDEX=1 PIP_FIND_LINKS=<dir>`` takes it from a folde
 A GGUF file is dequantised by ``transformers`` once and cached as a normal HF
 directory under ``$EBFT_CACHE`` (default ``~/.cache/ebft``), so later loads
 take a second instead of half a minute.
+
+``load_model(..., quantization="4bit")`` loads any of these sources with its linear layers in
+4-bit NF4 (QLoRA, ``ebft.models.quantization``).
 """
 
 from __future__ import annotations
@@ -306,27 +309,55 @@ def load_config(name: str):
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
-               vocab_size: int | None = None):
-    """An ``AutoModelForCausalLM`` for ``name`` (hub id, local dir, .gguf, embedded, tiny or random)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+               vocab_size: int | None = None, quantization: str | None = None, device: str = "cpu"):
+    """An ``AutoModelForCausalLM`` for ``name`` (hub id, local dir, .gguf, embedded, tiny or random).
 
-    from ebft.core.compat import attention_for
+    ``quantization="4bit"`` (``model.quantization``): the linear layers in 4-bit NF4 computing in ``dtype``,
+    quantised on ``device`` (``ebft.models.quantization``); a random model is saved to a temporary
+    directory and loaded back quantised, as any other source."""
+    from transformers import AutoConfig
 
     src = resolve_source(name)
-    if src.kind == "tiny" and src.path == TINY:
-        return build_tiny_model(vocab_size=vocab_size or 49152, attn_implementation=attn_implementation).to(dtype)
     if src.kind in ("tiny", "random"):
-        return build_random_model(random_config(src, vocab_size), attn_implementation=attn_implementation, dtype=dtype)
+        if src.path == TINY:
+            model = build_tiny_model(vocab_size=vocab_size or 49152, attn_implementation=attn_implementation).to(dtype)
+        else:
+            model = build_random_model(random_config(src, vocab_size), attn_implementation=attn_implementation,
+                                       dtype=dtype)
+        if quantization is None:
+            return model
+        with tempfile.TemporaryDirectory(prefix="ebft-quantize-") as tmp:
+            model.save_pretrained(tmp)
+            config, origin = model.config, model.name_or_path
+            del model
+            model = _from_pretrained(tmp, config, dtype, attn_implementation, quantization, device)
+        model.name_or_path = model.config.name_or_path = origin   # not the deleted directory (peft records it)
+        return model
     path = _materialise_gguf(src) if src.kind in ("gguf", "embedded") else src.path
     check_weights(name)
     try:
-        config = AutoConfig.from_pretrained(path)
-        return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
-                                                    attn_implementation=attention_for(config, attn_implementation))
+        return _from_pretrained(path, AutoConfig.from_pretrained(path), dtype, attn_implementation, quantization,
+                                device)
     except OSError as err:
         if src.kind == "hub":
             _hub_guard(name)(err)
         raise
+
+
+def _from_pretrained(path, config, dtype: torch.dtype, attn_implementation: str, quantization: str | None,
+                     device: str):
+    from transformers import AutoModelForCausalLM
+
+    from ebft.core.compat import attention_for
+    from ebft.models.quantization import keep_quantized_weights, quantization_config, quantization_device
+
+    kwargs = {}
+    if quantization is not None:
+        kwargs = {"quantization_config": quantization_config(dtype), "device_map": {"": quantization_device(device)}}
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
+                                                 attn_implementation=attention_for(config, attn_implementation),
+                                                 **kwargs)
+    return model if quantization is None else keep_quantized_weights(model)
 
 
 def check_weights(name: str) -> None:

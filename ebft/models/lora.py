@@ -17,6 +17,11 @@ weights, ``W + (alpha / r) B A``, which ``evaluate.py`` and any HF tool load. Li
 keep only the trainable weights (the adapters) and the optimizer state; the base weights are loaded
 again from their source on resume.
 
+With ``model.quantization=4bit`` (QLoRA, ``ebft.models.quantization``) W is the frozen 4-bit NF4 base
+``W_hat``: everything above holds with W = W_hat (the feature network and the KL reference are the
+quantised base), and ``hf_model/`` holds ``W_hat`` dequantised to ``model.dtype`` plus the merged
+adapters, a plain model.
+
 A warm start from a LoRA run (``init_from=<run with adapter/>``) with LoRA on keeps the base model
 under the adapters and continues training the run's adapter.
 """
@@ -31,6 +36,7 @@ from torch import nn
 
 from ebft.config import ConfigError, LoraSettings
 from ebft.models.loading import load_config
+from ebft.models.quantization import dequantized_weight, quantized_linears
 
 ADAPTER_SUBDIR = "adapter"
 _PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -126,19 +132,37 @@ def adapters_disabled(peft_model):
 @torch.no_grad()
 def merged_state_dict(peft_model) -> dict[str, torch.Tensor]:
     """The base model's state dict under its own names with every adapter folded in,
-    ``W + (alpha / r) B A`` (in W's dtype); the live model is not changed."""
+    ``W + (alpha / r) B A`` (in W's dtype); a 4-bit layer's W is its dequantised ``W_hat`` (in the dtype
+    it was quantised from), its quantisation state is dropped: a plain model's state dict. The live
+    model is not changed."""
     from peft.tuners.lora import LoraLayer
 
     base = peft_model.get_base_model()
     deltas = {f"{name}.weight": module.get_delta_weight(module.active_adapters[0])
               for name, module in base.named_modules() if isinstance(module, LoraLayer)}
+    dense = {f"{name}.weight".replace(".base_layer.", "."): dequantized_weight(module)
+             for name, module in quantized_linears(base).items()}
+    quant_state = tuple(f"{key}." for key in dense)   # <weight>.absmax, .quant_map, ... of a 4-bit weight
     state = {}
     for key, value in base.state_dict().items():
         if ".lora_" in key:
             continue
         key = key.replace(".base_layer.", ".")
+        if key.startswith(quant_state):
+            continue
+        value = dense.get(key, value)
         state[key] = (value.float() + deltas[key].float()).to(value.dtype) if key in deltas else value
     return state
+
+
+def frozen_adapter(model: nn.Module, directory: Path) -> nn.Module:
+    """``model`` (its layers changed in place) running the saved adapter of ``directory`` (a run's
+    ``adapter/``), every weight frozen, eval mode: a fixed policy without merging the adapter into the
+    base weights (which a 4-bit base cannot hold)."""
+    from peft import PeftModel
+
+    PeftModel.from_pretrained(model, str(directory), is_trainable=False)
+    return model.eval().requires_grad_(False)
 
 
 def trainable_state(module: nn.Module, state: dict) -> dict:
@@ -149,11 +173,16 @@ def trainable_state(module: nn.Module, state: dict) -> dict:
 
 def complete_state(module: nn.Module, state: dict) -> None:
     """Fill a checkpoint's ``state`` (trainable weights only) with ``module``'s frozen weights, in place;
-    raise when a trainable weight is missing (the checkpoint is not from this LoRA setting)."""
+    raise when a trainable weight is missing (the checkpoint is not from this LoRA setting). A 4-bit
+    weight's quantisation state (``<weight>.absmax``, ...: extra entries of its state dict, which
+    ``load_state_dict`` does not take back) is left out: the live quantised base stays as it is."""
     own = module.state_dict()
     missing = [k for k in trainable_state(module, own) if k not in state]
     if missing:
         raise ConfigError(f"the checkpoint has no weights for {len(missing)} adapter parameter(s) (e.g. {missing[0]}); "
                           "resume with the model.lora settings of the run that wrote it")
+    loadable = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    loadable |= {name for name, _ in module.named_buffers(remove_duplicate=False)}
     for key, value in own.items():
-        state.setdefault(key, value)
+        if key in loadable:
+            state.setdefault(key, value)
