@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device acceptance check on one CUDA GPU (sized for an H100/H200: under 9 minutes, no internet).
+# Device acceptance check on one CUDA GPU (sized for an H100/H200: under 11 minutes, no internet).
 #
 #   bash bench/gpu_check.sh                 # on the GPU machine, from anywhere in the repository
 #   bash bench/gpu_check.sh --dry-run       # on a CPU machine: the same stages, CPU-sized (tests skip)
@@ -15,7 +15,9 @@
 #      feature network equal to that 4-bit base (fp32), 2 EBFT steps (bf16, flex) training only the adapters;
 #   4. bench/step_cost.py --device cuda at the SmolLM2-135M and Qwen2.5-1.5B shapes (random weights):
 #      ebft_over_sft and the generator's fwd+bwd MFU;
-#   5. one summary table (bench/gpu_summary.py), also written to OUT/summary.md.
+#   5. bench/memory.py --measure: the memory planner against two optimizer steps of the paper's Q&A code
+#      recipe at the Qwen2.5-1.5B shape (random weights, bf16-mixed, flex, gradient checkpointing);
+#   6. one summary table (bench/gpu_summary.py), also written to OUT/summary.md.
 # Outputs go to --out DIR (default: $OUT when set, else gpu_check_out/). Exit status 0 when every
 # stage passed (skipped tests count as passed).
 set -uo pipefail
@@ -77,13 +79,17 @@ print(f"== torch {torch.__version__}, transformers {transformers.__version__}, {
 EOF
 
 if [ "$DRY" = 1 ]; then
-  DEVICE=cpu; TEST_LIMIT=300; QLORA_LIMIT=300; COST_LIMIT=300
+  DEVICE=cpu; TEST_LIMIT=300; QLORA_LIMIT=300; COST_LIMIT=300; MEMORY_LIMIT=300
   COSTS=("--model tiny --T 32 --repeats 1 --warmup 0")
   NAMES=(tiny)
+  MEMORY=("model=tiny task.seq_len=64 data.limit=200 data.val_size=20")
+  MEMORY_NAMES=(tiny)
 else
-  DEVICE=cuda; TEST_LIMIT=280; QLORA_LIMIT=100; COST_LIMIT=80
+  DEVICE=cuda; TEST_LIMIT=280; QLORA_LIMIT=100; COST_LIMIT=80; MEMORY_LIMIT=120
   COSTS=("--model smollm2-shape --repeats 2 --warmup 1" "--model qwen2.5-1.5b-shape --repeats 2 --warmup 1")
   NAMES=(smollm2-shape qwen2.5-1.5b-shape)
+  MEMORY=("experiment=paper_qa_code data=embedded data.limit=2000 data.val_size=20 model.name=random:Qwen/Qwen2.5-1.5B")
+  MEMORY_NAMES=(qwen2.5-1.5b)
 fi
 
 echo "== pytest -m gpu (limit ${TEST_LIMIT}s)"
@@ -105,6 +111,18 @@ for i in "${!COSTS[@]}"; do
     --json "$json" 2>&1 | tee "$OUTDIR/step_cost_${NAMES[$i]}.log" | tail -16
 done
 
+MEMORY_JSONS=()
+for i in "${!MEMORY[@]}"; do
+  json="$OUTDIR/memory_${MEMORY_NAMES[$i]}.json"
+  rm -f "$json"
+  MEMORY_JSONS+=("$json")
+  echo "== memory.py --measure ${MEMORY[$i]} (limit ${MEMORY_LIMIT}s)"
+  # shellcheck disable=SC2086  # the overrides are words
+  timeout "$MEMORY_LIMIT" $PY bench/memory.py ${MEMORY[$i]} --measure --json "$json" 2>&1 \
+    | tee "$OUTDIR/memory_${MEMORY_NAMES[$i]}.log" | tail -3
+done
+
 echo "== summary"
 $PY bench/gpu_summary.py --junit "$OUTDIR/gpu_tests.xml" "$OUTDIR/qlora_tests.xml" --step-cost "${JSONS[@]}" \
+  --memory "${MEMORY_JSONS[@]}" \
   --seconds $(( $(date +%s) - START )) | tee "$OUTDIR/summary.md"

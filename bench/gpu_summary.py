@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""The summary table of ``bench/gpu_check.sh``: one row per gpu-marked test (from pytest's JUnit XML)
-and one per ``step_cost.py --json`` result (ebft_over_sft, the generator's fwd+bwd MFU).
+"""The summary table of ``bench/gpu_check.sh``: one row per gpu-marked test (from pytest's JUnit XML),
+one per ``step_cost.py --json`` result (ebft_over_sft, the generator's fwd+bwd MFU) and one per
+``memory.py --measure --json`` result (the planned against the measured peak; FAILED beyond 15%).
 
     python bench/gpu_summary.py --junit OUT/gpu_tests.xml [OUT/qlora_tests.xml ...] \
-        --step-cost OUT/step_cost_*.json [--seconds S]
+        --step-cost OUT/step_cost_*.json [--memory OUT/memory_*.json] [--seconds S]
 
 Missing files (a stage that timed out or crashed) become rows saying so, so the table always prints.
 Exit status 0 when every test passed or was skipped and every step-cost result exists, else 1.
@@ -56,6 +57,22 @@ def step_cost_rows(paths: list[Path]) -> tuple[list[tuple[str, str, str]], bool]
     return rows, ok
 
 
+def memory_rows(paths: list[Path]) -> tuple[list[tuple[str, str, str]], bool]:
+    rows, ok = [], True
+    for path in paths:
+        if not path.is_file():
+            rows.append((f"memory plan {path.stem}", "MISSING", "no result: the run timed out or failed (see its log)"))
+            ok = False
+            continue
+        r = json.loads(path.read_text())
+        within = abs(r["error"]) <= r["tolerance"]
+        ok &= within
+        rows.append((f"memory plan: {r['describe']}", "passed" if within else "FAILED",
+                     f"planned {r['planned_gib']:.2f} GiB, measured {r['measured_gib']:.2f} GiB ({r['error']:+.1%}; "
+                     f"tolerance {r['tolerance']:.0%})"))
+    return rows, ok
+
+
 def table(rows: list[tuple[str, str, str]]) -> str:
     lines = ["| check | result | detail |", "|---|---|---|"]
     lines += [f"| {name} | {outcome} | {detail.replace('|', '/')} |" for name, outcome, detail in rows]
@@ -66,6 +83,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--junit", type=Path, nargs="+", required=True, help="pytest --junitxml files of the gpu tests")
     p.add_argument("--step-cost", type=Path, nargs="*", default=[], help="step_cost.py --json files")
+    p.add_argument("--memory", type=Path, nargs="*", default=[], help="memory.py --measure --json files")
     p.add_argument("--seconds", type=float, default=None, help="wall time of the whole check")
     args = p.parse_args(argv)
     tests, tests_ok = [], True
@@ -73,11 +91,12 @@ def main(argv=None) -> int:
         rows, ok = test_rows(junit)
         tests, tests_ok = tests + rows, tests_ok and ok
     costs, costs_ok = step_cost_rows(args.step_cost)
-    rows = tests + costs
+    memory, memory_ok = memory_rows(args.memory)
+    rows = tests + costs + memory
     if args.seconds is not None:
         rows.append(("wall time", f"{args.seconds / 60:.1f} min", "whole check, wheels and compilation included"))
     print(table(rows))
-    return 0 if tests_ok and costs_ok else 1
+    return 0 if tests_ok and costs_ok and memory_ok else 1
 
 
 if __name__ == "__main__":

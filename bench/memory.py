@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="plan for this device (default cuda)")
     parser.add_argument("--card-gib", type=float, help="also the largest micro-batch that fits a card of this many GiB")
     parser.add_argument("--measure", action="store_true", help="also measure two optimizer steps on this machine")
+    parser.add_argument("--json", type=Path, help="--measure: also write the plan and the measurement here")
     parser.add_argument("--check", action="store_true", help="plan vs measured peaks at the shapes of CHECKS (CPU)")
     parser.add_argument("--only", nargs="+", help="--check: only these shapes (names of CHECKS)")
     parser.add_argument("--results", type=Path, default=Path("bench/memory_check.json"),
@@ -109,7 +110,11 @@ def main(argv=None) -> int:
     print(format_plan(result, args.card_gib, fits))
     if args.measure:
         measured = measure(args.overrides)["step_peak_bytes"][-1]
-        print(f"\nmeasured on this machine: {measured / GIB:.2f} GiB ({result.total / measured - 1:+.1%} planned)")
+        error = result.total / measured - 1
+        print(f"\nmeasured on this machine: {measured / GIB:.2f} GiB ({error:+.1%} planned)")
+        if args.json:
+            write_json({"describe": result.describe, "planned_gib": result.total / GIB, "measured_gib": measured / GIB,
+                        "error": error, "tolerance": TOLERANCE, "overrides": args.overrides}, args.json)
     return 0
 
 

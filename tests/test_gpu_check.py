@@ -64,6 +64,21 @@ def test_summary_marks_failures_skips_and_missing_results(tmp_path, capsys):
     assert gpu_summary.main(["--junit", str(tmp_path / "none.xml")]) == 1
 
 
+def test_summary_fails_a_memory_plan_off_by_more_than_its_tolerance(tmp_path, capsys):
+    near, far = tmp_path / "near.json", tmp_path / "far.json"
+    for path, measured in ((near, 30.0), (far, 40.0)):
+        path.write_text(json.dumps({"describe": "Qwen2.5-1.5B, EBFT", "planned_gib": 33.0, "measured_gib": measured,
+                                    "error": 33.0 / measured - 1, "tolerance": 0.15}))
+    junit = tmp_path / "t.xml"
+    junit.write_text('<testsuites><testsuite name="pytest"><testcase classname="t" name="test_a" time="1"/>'
+                     '</testsuite></testsuites>')
+    assert gpu_summary.main(["--junit", str(junit), "--memory", str(near)]) == 0
+    assert "| memory plan: Qwen2.5-1.5B, EBFT | passed | planned 33.00 GiB, measured 30.00 GiB (+10.0%" \
+        in capsys.readouterr().out
+    assert gpu_summary.main(["--junit", str(junit), "--memory", str(near), str(far)]) == 1
+    assert "| FAILED | planned 33.00 GiB, measured 40.00 GiB (-17.5%" in capsys.readouterr().out
+
+
 def test_actor_flops_of_a_hand_worked_case():
     # T=4, C=2, s=1, G=1, n=1: NB=2, row of 6; allowed pairs: chunk 1+2+3+4 = 10, block 0 sees 2 chunk
     # rows + itself = 3, block 1 sees 3 + 1 = 4: 17 pairs; 2 scoring rows + 3 CE rows = 5
