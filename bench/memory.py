@@ -34,21 +34,24 @@ TOLERANCE = 0.15
 # runs two steps (from the second on, AdamW's moments and the previous gradients are alive); under LoRA
 # those are the adapters' (0.1 GiB at 1B), so one step of the 1B model's paper recipe is measured.
 PAPER_SHAPE = "Llama-3.2-1B, paper translation recipe (T=1024, rows of 9,168 tokens), LoRA r=16, bf16 base"
+SMALL_DATA = ("data.limit=400", "data.val_size=20")   # rows of the embedded data: train and held out
 CHECKS = {
-    "SmolLM2-135M, T=256, full": (["model.name=random:HuggingFaceTB/SmolLM2-135M-Instruct", "task.seq_len=256"], 2),
+    "SmolLM2-135M, T=256, full": (["model.name=random:HuggingFaceTB/SmolLM2-135M-Instruct", "task.seq_len=256",
+                                   *SMALL_DATA], 2),
     "SmolLM2-135M, T=1024, SFT": (["model.name=random:HuggingFaceTB/SmolLM2-135M-Instruct", "task.seq_len=1024",
-                                   "method=sft"], 2),
-    "Qwen2.5-0.5B, T=256, full": (["model.name=random:Qwen/Qwen2.5-0.5B", "task.seq_len=256", "method.batch_size=1"], 2),
+                                   "method=sft", *SMALL_DATA], 2),
+    "Qwen2.5-0.5B, T=256, full": (["model.name=random:Qwen/Qwen2.5-0.5B", "task.seq_len=256", "method.batch_size=1",
+                                   *SMALL_DATA], 2),
     "Llama-3.2-1B, T=256, LoRA r=16, bf16 base": (["model.name=random:meta-llama/Llama-3.2-1B", "task.seq_len=256",
                                                    "model.lora.rank=16", "model.dtype=bfloat16",
-                                                   "method.batch_size=1"], 2),
+                                                   "method.batch_size=1", *SMALL_DATA], 2),
     PAPER_SHAPE: (["experiment=paper_translation", "data=embedded", "model.name=random:meta-llama/Llama-3.2-1B",
-                   "model.lora.rank=16", "model.dtype=bfloat16", "global_batch=null", "method.batch_size=1"], 1),
+                   "model.lora.rank=16", "model.dtype=bfloat16", "global_batch=null", "method.batch_size=1",
+                   "data.limit=400", "data.val_size=80"], 1),   # the held-out pairs must fill a chunk of 1,024
     "SmolLM2-135M, T=1024, full, checkpointing": (["model.name=random:HuggingFaceTB/SmolLM2-135M-Instruct",
                                                    "task.seq_len=1024", "method.gradient_checkpointing=true",
-                                                   "method.batch_size=1"], 2),
+                                                   "method.batch_size=1", *SMALL_DATA], 2),
 }
-CHECK_DATA = ["data.limit=400", "data.val_size=20"]
 
 
 def settings_of(overrides: list[str], device: str):
@@ -64,7 +67,7 @@ def check(results_path: Path, only: list[str] | None = None) -> list[dict]:
     for name, (overrides, steps) in CHECKS.items():
         if only and name not in only:
             continue
-        args = [*overrides, *CHECK_DATA]
+        args = list(overrides)
         if name not in results or results[name]["overrides"] != args:
             print(f"measuring {name} ...", flush=True)
             results[name] = {"overrides": args, **measure(args, steps)}
