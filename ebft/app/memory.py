@@ -215,19 +215,19 @@ def attention_extra(shape: ModelShape, p: Precision, attention: str, rows: int, 
 def layer_backward_bytes(shape: ModelShape, p: Precision) -> int:
     """Bytes per token in flight while one layer runs its backward, beyond what it saved: the gradient
     of its output and input (the residual, ``2 H`` in the weights' dtype) and of its widest
-    intermediates (the MLP's ``2 I``, fp32)."""
-    return p.weights * 2 * shape.hidden + 4 * 2 * shape.intermediate
+    intermediates (the MLP's ``2 I``, in the compute dtype)."""
+    return p.weights * 2 * shape.hidden + p.compute * 2 * shape.intermediate
 
 
 def head_bytes(shape: ModelShape, p: Precision, rows: int) -> int:
     """The LM head's working set over ``rows`` scored rows, a block of at most 1,024 rows at a time: the
-    forward holds the block's logits in fp32 (cast from the compute dtype) and one fp32 temporary of the
-    log-sum-exp; the backward recomputes the block and forms its gradient in place, which takes no more.
-    Plus the head weight's copy in the compute dtype when it differs from the weights'."""
+    forward holds the block's logits in fp32 (the compute-dtype product is freed once cast) and one fp32
+    temporary of the log-sum-exp, 8 bytes per logit; the backward recomputes the block and forms its
+    gradient in place, which takes no more. Plus the head weight's copy in the compute dtype when it
+    differs from the weights'."""
     block = min(rows, LOGPROB_CHUNK) * shape.vocab
     weight_copy = shape.vocab * shape.hidden * p.compute if p.compute != p.weights else 0
-    fp32_copy = 4 if p.compute != 4 else 0
-    return block * (p.compute + fp32_copy + 4) + weight_copy
+    return block * 8 + weight_copy
 
 
 @dataclass
