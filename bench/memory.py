@@ -48,9 +48,6 @@ CHECKS = {
     PAPER_SHAPE: (["experiment=paper_translation", "data=embedded", "model.name=random:meta-llama/Llama-3.2-1B",
                    "model.lora.rank=16", "model.dtype=bfloat16", "global_batch=null", "method.batch_size=1",
                    "data.limit=400", "data.val_size=80"], 1),   # the held-out pairs must fill a chunk of 1,024
-    "SmolLM2-135M, T=1024, full, checkpointing": (["model.name=random:HuggingFaceTB/SmolLM2-135M-Instruct",
-                                                   "task.seq_len=1024", "method.gradient_checkpointing=true",
-                                                   "method.batch_size=1", *SMALL_DATA], 2),
 }
 
 
