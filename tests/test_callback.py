@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ebft.config import ConfigError, train_settings
+from ebft.eval.calibration import chunk_nll, validation_ce
 from ebft.eval.callback import CalibrationCallback, preserved_state
 from ebft.eval.runner import calibrate, subset
 from ebft.methods.ebft import EBFTModule
@@ -90,6 +91,19 @@ def test_callback_logs_what_evaluate_computes(tmp_path, module_cls, downstream):
     trainer.global_step = 4
     callback.on_train_batch_end(trainer, module, None, None, 0)   # not a multiple of 3
     assert len(logged) == 1
+
+
+def test_validation_step_logs_the_held_out_ce_evaluate_computes(tmp_path):
+    settings = make_settings(tmp_path, "method=sft")
+    module, trainer, _ = module_and_trainer(settings, SFTModule)
+    chunks = trainer.datamodule.val_chunks
+    logged = {}
+    module.log = lambda name, value, **kwargs: logged.update({name: float(value)})
+    with torch.no_grad():
+        module.validation_step(vars(chunks), 0)
+    expected = validation_ce(chunk_nll(module.generator, chunks.input_ids, chunks.answer_mask, progress=False))
+    assert 0 < expected["ce_answer"] != expected["ce"]
+    assert logged == pytest.approx({"val/ce": expected["ce"], "val/ce_answer": expected["ce_answer"]}, rel=1e-5)
 
 
 def test_first_trained_chunks_are_the_first_batches_of_the_run(tmp_path):

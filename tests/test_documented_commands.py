@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_paper_recipes import write_stand_in
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PROGRAMS = ("python train.py", "python evaluate.py", "python -m experiments.")
@@ -54,6 +56,7 @@ EXPERIMENT_MINIMAL = {"experiments.repro": ["--quick", "--out", "repro_quick"],
                       "experiments.collect": []}
 
 MBPP = os.environ.get("EBFT_MBPP", "")
+QA_HUB = "sjelassi/opencode-instruct_100k_200tok"   # the Q&A recipe's dataset: a copy of it for the rehearsal
 # Placeholders of the docs -> what the scratch directory holds (see ``workspace``).
 RUNS = {"sft": "outputs/qa_code/sft/run", "ebft": "outputs/qa_code/ebft/run", "rlvr": "outputs/qa_code/rlvr/run"}
 PLACEHOLDERS = {
@@ -64,6 +67,7 @@ PLACEHOLDERS = {
     "<the same overrides>": "", "/path/to/hf_dir": RUNS["sft"] + "/hf_model",
     "multirun/qa_code/<date>": "multirun/qa_code/sweep", "multirun/qa_code/<time>": "multirun/qa_code/sweep",
     "<sweep dir>": "multirun/qa_code/sweep", "<your copy of mbpp.jsonl>": MBPP, "<mbpp.jsonl>": MBPP,
+    "<your copy>.parquet": f"{QA_HUB}/data/train-00000-of-00001.parquet",
 }
 
 
@@ -154,6 +158,7 @@ def workspace(tmp_path_factory) -> Path:
     """A scratch working directory holding what the docs' placeholders name: a tiny SFT, EBFT and
     RLVR run, a two-job sweep, and the data files the examples read."""
     work = tmp_path_factory.mktemp("documented")
+    write_stand_in(work, QA_HUB)
     rows = [{"prompt": f"def f{i}(x):\n    \"\"\"Return x plus {i}.\"\"\"\n", "completion": f"    return x + {i}\n"}
             for i in range(300)]
     (work / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

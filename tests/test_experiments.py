@@ -14,6 +14,8 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import open_dict
 
+from ebft.config import train_settings
+from ebft.eval.calibration import fixed_subset
 from tests.test_train import validate
 from experiments.collect import collect, find_runs
 
@@ -82,6 +84,16 @@ def test_method_rlvr_gives_the_table_5_recipe(experiment, rollout_batch):
     m = cfg.method
     assert (m.name, m.lr, m.temperature, m.num_samples, m.max_new_tokens) == ("rlvr", 1e-6, 1.0, 8, 1024)
     assert cfg.global_batch == rollout_batch and cfg.trainer.max_epochs == 1
+
+
+@pytest.mark.parametrize("experiment", sorted(TASKS))
+def test_in_training_cfm_is_bounded_however_long_the_held_out_rows(experiment):
+    """Validation runs before the first optimizer step and every 50, and CFM samples n completions per
+    context (several times the cost of CE per chunk): on a fixed subset of at most 256 held-out chunks. A
+    held-out row of unstructured code is a whole source file, so its 1k rows are thousands of chunks (about
+    3,900 for files of the standard library's sizes); the 1k rows of the other tasks fill fewer than 256."""
+    settings = train_settings(make(f"experiment={experiment}"))
+    assert len(fixed_subset(3900, settings.eval.calibration.cfm_chunks, settings.seed)) == 256
 
 
 @pytest.mark.parametrize("method", ["ebft", "sft"])

@@ -89,6 +89,8 @@ def test_allowed_matches_slow_rule(geometry):
     for g in range(lay.gen_len):
         rows = lay.step_rows(g)
         assert torch.equal(lay.allowed(rows, rows.stop), full[rows, : rows.stop])
+    keys = torch.randperm(lay.length, generator=torch.Generator().manual_seed(0))[: lay.length // 2]
+    assert torch.equal(lay.allowed(lay.step_rows(0), key_rows=keys), full[lay.step_rows(0)][:, keys])
 
 
 def test_num_blocks_formula():

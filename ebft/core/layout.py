@@ -108,15 +108,17 @@ class StridedLayout:
         start = self.seq_len + step * width
         return slice(start, start + width)
 
-    def allowed(self, query_rows: slice | torch.Tensor | None = None, num_keys: int | None = None) -> torch.Tensor:
-        """Bool attention matrix (True = may attend) for ``query_rows`` x the first ``num_keys`` rows.
+    def allowed(self, query_rows: slice | torch.Tensor | None = None, num_keys: int | None = None,
+                key_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Bool attention matrix (True = may attend) for ``query_rows`` x the first ``num_keys`` rows
+        (or x the rows ``key_rows`` lists, in its order).
 
         Defaults give the full ``(length, length)`` matrix. The incremental mask of sampling step g is
         ``allowed(step_rows(g), step_rows(g).stop)``: the keys a KV cache holds after feeding step g.
         """
         rows = torch.arange(self.length, device=self.device)
         q = rows if query_rows is None else rows[query_rows]
-        kv = rows[: self.length if num_keys is None else num_keys]
+        kv = rows[: self.length if num_keys is None else num_keys] if key_rows is None else key_rows
         limit, group = self.row_limit[q][:, None], self.row_group[q][:, None]
         return (kv[None, :] < limit) | ((group == self.row_group[kv][None, :]) & (group >= 0) & (kv[None, :] <= q[:, None]))
 

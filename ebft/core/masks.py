@@ -238,7 +238,7 @@ def band_plan(layout: StridedLayout, band_rows: int | None = None) -> list[tuple
             rows = order[k0 * per_block: k1 * per_block]
             end = int(layout.context_end[k1 - 1])
             keys = torch.cat([torch.arange(end, device=layout.device), rows])
-            plan.append((len(rows), end, layout.allowed(rows, None)[:, keys][None, None]))
+            plan.append((len(rows), end, layout.allowed(rows, key_rows=keys)[None, None]))
         cache[key] = plan
     return cache[key]
 
@@ -265,7 +265,7 @@ def step_band_plan(layout: StridedLayout, step: int,
             end = int(layout.context_end[k1 - 1])
             past = (T + torch.arange(step + 1, device=device)[:, None] * width + own[None, :]).reshape(-1)
             keys = torch.cat([torch.arange(end, device=device), past])
-            plan.append((len(own), keys, layout.allowed(query_rows, None)[:, keys][None, None]))
+            plan.append((len(own), keys, layout.allowed(query_rows, key_rows=keys)[None, None]))
         cache[key] = plan
     return cache[key]
 

@@ -106,6 +106,10 @@ class CalibrationCallback(Callback):
         if self.train_chunks and first_trained is not None:       # chunk data (SFT, EBFT); RLVR trains on prompts
             sets["train/cfm_fixed"] = first_trained(self.train_chunks)
         self.sets = {name: chunks for name, chunks in sets.items() if self._scorable(name, chunks)}
+        log.info("in-training CFM before the first optimizer step and every %d: %s (%d samples per context; "
+                 "eval.cfm_chunks, eval.cfm_train_chunks)", self.every,
+                 ", ".join(f"{name} on {len(chunks)} chunks" for name, chunks in self.sets.items()),
+                 s.eval.calibration.cfm_num_samples)
         self.benchmarks = load_benchmarks(s.eval, s.data, self.downstream_metrics, self.limit, rows)
 
     def _scorable(self, name: str, chunks) -> bool:

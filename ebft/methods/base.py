@@ -28,7 +28,7 @@ from ebft.models.loading import load_model, resolve_attn, resolve_dtype
 from ebft.models.lora import (ADAPTER_SUBDIR, add_adapters, adapter_dir, complete_state, merged_state_dict,
                               target_modules, trainable_state)
 from ebft.models.quantization import is_quantized, plain_model
-from ebft.objectives.losses import cross_entropy_term
+from ebft.objectives.losses import cross_entropy_term, token_logprobs
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float):
@@ -181,11 +181,15 @@ class FineTuneModule(L.LightningModule):
 
     # ----------------------------------------------------------- validation
     def validation_step(self, batch, batch_idx):
-        ids, docs = batch["input_ids"], self.doc_ids(batch)
-        ce_all = self.chunk_ce(ids, None, docs)
-        ce_answer = self.chunk_ce(ids, batch["answer_mask"], docs)
-        self.log("val/ce", ce_all, prog_bar=True, sync_dist=True, batch_size=ids.shape[0])
-        self.log("val/ce_answer", ce_answer, sync_dist=True, batch_size=ids.shape[0])
+        """``val/ce`` over every target token and ``val/ce_answer`` over the answer tokens (0 when there are
+        none), from one forward and one pass of the LM head."""
+        ids, head = batch["input_ids"], lm_head(self.generator)
+        nll = -token_logprobs(self.hidden(ids, self.doc_ids(batch))[:, :-1], head.weight, ids[:, 1:],
+                              lm_head_bias=head.bias, softcap=head.softcap)
+        answer = batch["answer_mask"][:, 1:].to(nll.dtype)
+        self.log("val/ce", nll.mean(), prog_bar=True, sync_dist=True, batch_size=ids.shape[0])
+        self.log("val/ce_answer", (nll * answer).sum() / answer.sum().clamp_min(1), sync_dist=True,
+                 batch_size=ids.shape[0])
 
     # --------------------------------------------------------------- export
     def save_hf(self, directory: str | os.PathLike, module_state: dict | None = None) -> Path:

@@ -238,16 +238,19 @@ def cross_entropy_term(hidden: Tensor, lm_head_weight: Tensor, input_ids: Tensor
 
     ``CE = mean over counted t in 0..T-2 of -log p(x_{t+1} | x_{<=t})`` (temperature 1), with
     ``hidden (..., T, H)`` the final hidden states of ``input_ids (..., T)``. ``loss_mask``
-    ``(..., T)`` marks the TARGET tokens that count (all ones: every token, the authors'
-    choice; an answer mask: answer tokens only); the first token is never a target. The mean
-    runs over all counted tokens of the batch; none counted gives 0. ``lm_head_bias`` and
-    ``softcap`` as in :func:`token_logprobs`.
+    ``(..., T)`` marks the TARGET tokens that count (None: every token, the authors' choice; an
+    answer mask: answer tokens only); the first token is never a target. The LM head runs on the
+    counted targets only. The mean runs over all counted tokens of the batch; none counted gives 0.
+    ``lm_head_bias`` and ``softcap`` as in :func:`token_logprobs`.
     """
     if hidden.shape[:-1] != input_ids.shape or input_ids.ndim < 1:
         raise ValueError(f"hidden {tuple(hidden.shape)} must be input_ids {tuple(input_ids.shape)} + (H,)")
-    logprobs = token_logprobs(hidden[..., :-1, :], lm_head_weight, input_ids[..., 1:],
-                              chunk_size=chunk_size, lm_head_bias=lm_head_bias, softcap=softcap)
     if loss_mask is not None and loss_mask.shape != input_ids.shape:
         raise ValueError(f"loss_mask {tuple(loss_mask.shape)} must have the input_ids shape {tuple(input_ids.shape)}")
-    weights = torch.ones_like(logprobs) if loss_mask is None else loss_mask[..., 1:].to(logprobs.dtype)
-    return -(logprobs * weights).sum() / weights.sum().clamp_min(1)
+    hidden, targets = hidden[..., :-1, :], input_ids[..., 1:]
+    if loss_mask is not None:
+        counted = loss_mask[..., 1:].bool()
+        hidden, targets = hidden[counted], targets[counted]
+    logprobs = token_logprobs(hidden, lm_head_weight, targets, chunk_size=chunk_size, lm_head_bias=lm_head_bias,
+                              softcap=softcap)
+    return -logprobs.sum() / max(logprobs.numel(), 1)
